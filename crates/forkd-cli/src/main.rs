@@ -1,0 +1,3 @@
+fn main() {
+    println!("forkd {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,1 @@
+//! Snapshot manifest, local store and pack format.
