@@ -1,0 +1,58 @@
+//! How errors and logs reach the user: `error:` / `Caused by:` / `hint:`.
+
+use std::fmt::Write as _;
+
+pub fn init_tracing(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "forkd=debug,info",
+        (false, _) => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+/// A hint attached to an error chain with `.context(Hint("..."))` is printed as `hint:`.
+#[derive(Debug)]
+pub struct Hint(pub String);
+
+impl std::fmt::Display for Hint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Hint {}
+
+pub fn format_error(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut hints = Vec::new();
+    let mut first = true;
+    for cause in err.chain() {
+        if let Some(h) = cause.downcast_ref::<Hint>() {
+            hints.push(h.0.clone());
+            continue;
+        }
+        if first {
+            let _ = writeln!(out, "error: {cause}");
+            first = false;
+        } else {
+            let _ = writeln!(out, "  Caused by: {cause}");
+        }
+    }
+    for h in hints {
+        let _ = writeln!(out, "hint: {h}");
+    }
+    out
+}
+
+pub fn print_error(err: &anyhow::Error) {
+    eprint!("{}", format_error(err));
+}
