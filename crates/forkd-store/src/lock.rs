@@ -1,0 +1,94 @@
+//! Advisory file locks (std's `File::lock`), with a notice when we have to wait.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use crate::fsutil::{IoContext, PathError};
+
+/// An exclusive lock, released on drop.
+#[derive(Debug)]
+pub(crate) struct FileLock {
+    file: File,
+    #[allow(dead_code)]
+    path: PathBuf,
+}
+
+impl FileLock {
+    /// Take the exclusive lock on `path` (created if missing), blocking if another process holds
+    /// it. Before blocking, `on_wait(path)` is called once so the user learns why nothing happens.
+    pub(crate) fn exclusive(path: &Path, on_wait: &dyn Fn(&Path)) -> Result<FileLock, PathError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .at("cannot open lock file", path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                on_wait(path);
+                file.lock().at("cannot lock", path)?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e).at("cannot lock", path),
+        }
+        Ok(FileLock {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Try to take the lock on an existing file without waiting. `Ok(None)` when it is held by
+    /// someone else or the file does not exist.
+    pub(crate) fn try_existing(path: &Path) -> Result<Option<FileLock>, PathError> {
+        let file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).at("cannot open lock file", path),
+        };
+        match file.try_lock() {
+            Ok(()) => Ok(Some(FileLock {
+                file,
+                path: path.to_path_buf(),
+            })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e).at("cannot lock", path),
+        }
+    }
+
+    /// Create a new lock file (must not exist) and lock it.
+    pub(crate) fn create_new(path: &Path) -> Result<FileLock, PathError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .at("cannot create lock file", path)?;
+        file.try_lock()
+            .map_err(|e| match e {
+                std::fs::TryLockError::WouldBlock => {
+                    std::io::Error::from(std::io::ErrorKind::WouldBlock)
+                }
+                std::fs::TryLockError::Error(e) => e,
+            })
+            .at("cannot lock", path)?;
+        Ok(FileLock {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
+}
+
+/// The default notice: a warning that is shown without -v.
+pub(crate) fn warn_waiting(path: &Path) {
+    tracing::warn!(
+        "waiting for lock on {} (held by another forkd process)...",
+        path.display()
+    );
+}

@@ -1,0 +1,360 @@
+//! The local store under `$FORKD_HOME` (layout in docs/ARCHITECTURE.md).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::fsutil::{IoContext, PathError, disk_usage, sync_dir, unique_name};
+use crate::lock::{FileLock, warn_waiting};
+use crate::manifest::{MANIFEST_NAME, Manifest, ManifestError};
+use crate::staging::Staging;
+use crate::tag::Tag;
+
+/// The newest store layout this forkd understands.
+pub const LAYOUT_VERSION: i64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Io(#[from] PathError),
+    #[error(
+        "the store at {} uses layout {found}; this forkd understands up to {LAYOUT_VERSION} — upgrade forkd",
+        path.display()
+    )]
+    LayoutTooNew { path: PathBuf, found: i64 },
+    #[error("{} is not a valid forkd store file: {reason}", path.display())]
+    BadLayout { path: PathBuf, reason: String },
+    #[error("no image tagged `{0}` in the local store")]
+    NotFound(Tag),
+    #[error("an image tagged `{0}` already exists; pass --force to overwrite it")]
+    Exists(Tag),
+    #[error("image `{tag}` has a bad manifest")]
+    Manifest {
+        tag: String,
+        #[source]
+        source: ManifestError,
+    },
+    #[error("cannot install: {0}")]
+    Staging(String),
+    #[error("cannot find the store: set FORKD_HOME, XDG_DATA_HOME or HOME")]
+    NoHome,
+}
+
+/// Whether `commit` may replace an existing tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overwrite {
+    /// An existing tag is an error that names `--force`.
+    No,
+    /// Replace the existing tag atomically.
+    Yes,
+}
+
+/// One installed image.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub tag: Tag,
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Snapshot {
+    /// Path of one file of the snapshot, e.g. `snapshot.path("memory.bin")`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// An installed image with its sizes, as listed by [`Store::list`].
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    pub tag: Tag,
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// Sum of the files' logical sizes (what `ls -l` shows).
+    pub apparent_size: u64,
+    /// Bytes actually allocated on disk (holes excluded).
+    pub disk_size: u64,
+}
+
+type WaitHook = Arc<dyn Fn(&Path) + Send + Sync>;
+
+/// A handle on the local store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    home: PathBuf,
+    on_wait: WaitHook,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("home", &self.home).finish()
+    }
+}
+
+/// `$FORKD_HOME`, else `$XDG_DATA_HOME/forkd`, else `~/.local/share/forkd`.
+pub fn default_home() -> Result<PathBuf, StoreError> {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(h) = nonempty("FORKD_HOME") {
+        return Ok(PathBuf::from(h));
+    }
+    if let Some(x) = nonempty("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(x).join("forkd"));
+    }
+    if let Some(h) = nonempty("HOME") {
+        return Ok(PathBuf::from(h).join(".local/share/forkd"));
+    }
+    Err(StoreError::NoHome)
+}
+
+impl Store {
+    /// Open (creating if needed) the store at `home`, and sweep stale staging leftovers.
+    pub fn open(home: &Path) -> Result<Store, StoreError> {
+        fs::create_dir_all(home).at("cannot create store directory", home)?;
+        let store = Store {
+            home: home.to_path_buf(),
+            on_wait: Arc::new(warn_waiting),
+        };
+        store.check_layout()?;
+        for d in ["images", "tmp", "locks"] {
+            let p = home.join(d);
+            fs::create_dir_all(&p).at("cannot create directory", &p)?;
+        }
+        store.sweep_tmp();
+        Ok(store)
+    }
+
+    /// Open the store at [`default_home`].
+    pub fn open_default() -> Result<Store, StoreError> {
+        Store::open(&default_home()?)
+    }
+
+    /// Replace what happens when the store lock is busy (default: a `tracing::warn!`).
+    pub fn with_lock_notice(mut self, f: impl Fn(&Path) + Send + Sync + 'static) -> Store {
+        self.on_wait = Arc::new(f);
+        self
+    }
+
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    pub(crate) fn images_dir(&self) -> PathBuf {
+        self.home.join("images")
+    }
+
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
+        self.home.join("tmp")
+    }
+
+    /// Take the store-wide exclusive lock (telling the user if we have to wait).
+    pub(crate) fn lock(&self) -> Result<FileLock, StoreError> {
+        let path = self.home.join("locks").join("store.lock");
+        Ok(FileLock::exclusive(&path, &*self.on_wait)?)
+    }
+
+    fn check_layout(&self) -> Result<(), StoreError> {
+        let path = self.home.join("store.toml");
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let tmp = self.home.join(unique_name(".store.toml.tmp-"));
+                fs::write(&tmp, format!("layout = {LAYOUT_VERSION}\n")).at("cannot write", &tmp)?;
+                fs::File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .at("cannot sync", &tmp)?;
+                fs::rename(&tmp, &path).at("cannot create", &path)?;
+                sync_dir(&self.home)?;
+                return Ok(());
+            }
+            Err(e) => return Err(e).at("cannot read", &path)?,
+        };
+        let bad = |reason: String| StoreError::BadLayout {
+            path: path.clone(),
+            reason,
+        };
+        let table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.message().to_string()))?;
+        match table.get("layout") {
+            Some(toml::Value::Integer(v)) if *v > LAYOUT_VERSION => {
+                Err(StoreError::LayoutTooNew { path, found: *v })
+            }
+            Some(toml::Value::Integer(v)) if *v >= 1 => Ok(()),
+            _ => Err(bad("expected `layout = 1`".into())),
+        }
+    }
+
+    /// Remove leftovers in tmp/ whose owner is gone (their `.lock` file can be locked).
+    fn sweep_tmp(&self) {
+        let tmp = self.tmp_dir();
+        let Ok(entries) = fs::read_dir(&tmp) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if let Some(base) = name.strip_suffix(".lock") {
+                // An orphan lock (its directory is gone): remove it when old and unlocked.
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() > 60);
+                if old
+                    && !tmp.join(base).exists()
+                    && let Ok(Some(_l)) = FileLock::try_existing(&path)
+                {
+                    let _ = fs::remove_file(&path);
+                }
+                continue;
+            }
+            let lock_path = tmp.join(format!("{name}.lock"));
+            let held = if lock_path.exists() {
+                match FileLock::try_existing(&lock_path) {
+                    Ok(Some(l)) => Some(l),
+                    _ => continue, // a live process owns it
+                }
+            } else {
+                None // owners create the lock before the entry, so no lock means no owner
+            };
+            tracing::debug!("removing stale {}", path.display());
+            let r = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            if let Err(e) = r {
+                tracing::warn!("cannot remove stale {}: {e}", path.display());
+                continue;
+            }
+            if held.is_some() {
+                let _ = fs::remove_file(&lock_path);
+            }
+        }
+    }
+
+    /// Every complete image in the store, sorted by tag. Anything else in images/ is ignored.
+    pub fn list(&self) -> Result<Vec<ImageInfo>, StoreError> {
+        let dir = self.images_dir();
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).at("cannot read", &dir)? {
+            let entry = entry.at("cannot read", &dir)?;
+            let name = entry.file_name();
+            let Some(tag) = name.to_str().and_then(|n| Tag::parse(n).ok()) else {
+                tracing::debug!("ignoring {:?} in {}", name, dir.display());
+                continue;
+            };
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let snap = match self.get(&tag) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("ignoring image `{tag}`: {e}");
+                    continue;
+                }
+            };
+            let (mut apparent, mut disk) = (0u64, 0u64);
+            for name in snap
+                .manifest
+                .files
+                .keys()
+                .map(String::as_str)
+                .chain([MANIFEST_NAME])
+            {
+                if let Ok(m) = fs::metadata(snap.path(name)) {
+                    apparent += m.len();
+                    disk += disk_usage(&m);
+                }
+            }
+            out.push(ImageInfo {
+                tag: snap.tag,
+                dir: snap.dir,
+                manifest: snap.manifest,
+                apparent_size: apparent,
+                disk_size: disk,
+            });
+        }
+        out.sort_by(|a, b| a.tag.cmp(&b.tag));
+        Ok(out)
+    }
+
+    /// The installed image `tag`.
+    pub fn get(&self, tag: &Tag) -> Result<Snapshot, StoreError> {
+        let dir = self.images_dir().join(tag.as_str());
+        let mpath = dir.join(MANIFEST_NAME);
+        let text = match fs::read_to_string(&mpath) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound(tag.clone()));
+            }
+            Err(e) => return Err(e).at("cannot read", &mpath)?,
+        };
+        let manifest = Manifest::parse(&text).map_err(|source| StoreError::Manifest {
+            tag: tag.to_string(),
+            source,
+        })?;
+        Ok(Snapshot {
+            tag: tag.clone(),
+            dir,
+            manifest,
+        })
+    }
+
+    /// Remove the image `tag` (atomically: it disappears at once, then is deleted).
+    pub fn remove(&self, tag: &Tag) -> Result<(), StoreError> {
+        let dir = self.images_dir().join(tag.as_str());
+        let aside = {
+            let _lock = self.lock()?;
+            if !dir.join(MANIFEST_NAME).exists() {
+                return Err(StoreError::NotFound(tag.clone()));
+            }
+            let aside = self.move_aside(&dir)?;
+            sync_dir(&self.images_dir())?;
+            aside
+        };
+        aside.delete();
+        Ok(())
+    }
+
+    /// Rename `dir` into tmp/ under a fresh locked name; the caller holds the store lock.
+    pub(crate) fn move_aside(&self, dir: &Path) -> Result<Aside, StoreError> {
+        let name = unique_name("old-");
+        let lock = FileLock::create_new(&self.tmp_dir().join(format!("{name}.lock")))?;
+        let path = self.tmp_dir().join(&name);
+        fs::rename(dir, &path).at("cannot move aside", dir)?;
+        Ok(Aside { path, lock })
+    }
+
+    /// A new staging directory in tmp/ to write a snapshot into.
+    pub fn stage(&self) -> Result<Staging, StoreError> {
+        Staging::new(self.clone())
+    }
+}
+
+/// A directory moved into tmp/ to be deleted; its lock keeps the sweeper off.
+pub(crate) struct Aside {
+    path: PathBuf,
+    lock: FileLock,
+}
+
+impl Aside {
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn delete(self) {
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            tracing::warn!("cannot delete {}: {e}", self.path.display());
+            return;
+        }
+        let _ = fs::remove_file(lock_path_of(&self.path));
+        drop(self.lock);
+    }
+}
+
+/// `tmp/<id>` -> `tmp/<id>.lock`
+pub(crate) fn lock_path_of(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}

@@ -1,0 +1,78 @@
+//! Helpers shared by the store tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use forkd_store::{EngineInfo, FileEntry, Manifest, Overwrite, Snapshot, Store, Tag};
+use sha2::{Digest, Sha256};
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+pub fn engine() -> EngineInfo {
+    EngineInfo {
+        name: "qemu".into(),
+        version: "7.2.0".into(),
+        machine_type: "pc-i440fx-7.2".into(),
+        cpu_model: "qemu64".into(),
+        accel_hint: Some("tcg".into()),
+    }
+}
+
+/// A valid manifest listing `files` (name, content).
+pub fn manifest_for(name: &str, files: &[(&str, &[u8])]) -> Manifest {
+    let mut m = Manifest::new(name, "1.0", 256, engine());
+    m.description = "test image".into();
+    m.base_image = "debian:bookworm".into();
+    for (n, data) in files {
+        m.files.insert(
+            n.to_string(),
+            FileEntry {
+                size: data.len() as u64,
+                sha256: sha256_hex(data),
+                role: None,
+            },
+        );
+    }
+    m
+}
+
+/// Install an image `tag` holding `files` through the public Staging API.
+pub fn install(store: &Store, tag: &str, files: &[(&str, &[u8])]) -> Snapshot {
+    let st = store.stage().unwrap();
+    for (n, data) in files {
+        fs::write(st.dir().join(n), data).unwrap();
+    }
+    let m = manifest_for(tag, files);
+    st.commit(&Tag::parse(tag).unwrap(), &m, Overwrite::No)
+        .unwrap()
+}
+
+/// Every path under `root` with its kind, size and sha256: compare before/after to prove a
+/// failed operation changed nothing. Lock files under locks/ are included too.
+pub fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        let rel = p.strip_prefix(root).unwrap().to_path_buf();
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            out.insert(rel, "dir".into());
+            walk(root, &p, out);
+        } else if ft.is_symlink() {
+            out.insert(rel, format!("symlink {:?}", fs::read_link(&p).unwrap()));
+        } else {
+            let data = fs::read(&p).unwrap();
+            out.insert(rel, format!("file {} {}", data.len(), sha256_hex(&data)));
+        }
+    }
+}
