@@ -1,11 +1,15 @@
 //! Command groups. Each area file exposes `Cmd` (clap subcommands) and `run(cmd, ctx)`.
 
+mod recipe;
+
 use crate::ctx::Ctx;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     /// Print the forkd version and the store it uses
     Version,
+    #[command(flatten)]
+    Recipe(recipe::Cmd),
 }
 
 pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
@@ -17,5 +21,6 @@ pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Recipe(c) => recipe::run(c, ctx),
     }
 }
