@@ -20,7 +20,7 @@ pub const MAX_FILES: usize = 1024;
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
 /// What a snapshot file name may look like, for error messages.
-pub const FILE_NAME_RULES: &str = "file names are 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' \
+pub const FILE_NAME_RULES: &str = "file names are 1 to 100 characters of A-Z, a-z, 0-9, '.', '_' \
                                    and '-', do not start with '.', and name no directory";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,7 +102,7 @@ fn invalid<T>(msg: impl Into<String>) -> Result<T, ManifestError> {
 /// Whether `name` may be a file of a snapshot (flat, no leading dot, not manifest.toml).
 pub fn valid_file_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 128
+        && name.len() <= 100
         && !name.starts_with('.')
         && name
             .bytes()
