@@ -48,7 +48,7 @@ pub fn data_ranges(file: &File, len: u64) -> io::Result<Vec<Range<u64>>> {
             Ok(s) => s,
             Err(rustix::io::Errno::NXIO) => break,
             Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) if out.is_empty() => {
-                return Ok(vec![0..len]);
+                return Ok(std::iter::once(0..len).collect());
             }
             Err(e) => return Err(e.into()),
         };
