@@ -1,0 +1,263 @@
+//! `forkd push`: cut each file of a local snapshot into fixed-size chunks, compress each data
+//! chunk as one zstd frame (several at once), upload only the blobs the hub lacks, then the
+//! image manifest, then the tag files, then the catalogue entry. Blobs always land before the
+//! tag that names them, so a reader never sees a tag whose blobs are missing.
+
+use crate::error::{HubError, Result};
+use crate::layout::{self, CHUNK_SIZE, Chunk, Chunking, ImageManifest, TagFile};
+use crate::progress::Progress;
+use crate::reference::{Reference, Target};
+use crate::remote::{check_layout, fetch_catalog, transport_err};
+use crate::transport::Transport;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use minisign::SecretKey;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+pub struct PushOptions {
+    pub jobs: usize,
+    pub key: Option<SecretKey>,
+    pub description: Option<String>,
+    pub zstd_level: i32,
+}
+
+#[derive(Debug, Clone)]
+pub struct PushOutcome {
+    pub digest: String,
+    pub stored_size: u64,
+    pub uploaded_bytes: u64,
+    pub reused_bytes: u64,
+    pub signed: bool,
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    let (head, body, tail) = {
+        // SAFETY: every bit pattern is a valid u64; align_to only reinterprets aligned bytes.
+        unsafe { buf.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0)
+        && body.iter().fold(0u64, |a, &w| a | w) == 0
+        && tail.iter().all(|&b| b == 0)
+}
+
+struct Job {
+    file: Arc<std::fs::File>,
+    name: String,
+    offset: u64,
+    len: u64,
+}
+
+/// Read + compress one chunk; `None` for an all-zero chunk (a hole in the hub).
+fn encode(job: &Job, level: i32) -> Result<Option<(String, Bytes)>> {
+    let mut buf = vec![0u8; job.len as usize];
+    job.file
+        .read_exact_at(&mut buf, job.offset)
+        .map_err(HubError::io(format!(
+            "cannot read {} at offset {}",
+            job.name, job.offset
+        )))?;
+    if is_zero(&buf) {
+        return Ok(None);
+    }
+    let stored = zstd::bulk::compress(&buf, level)
+        .map_err(HubError::io(format!("cannot compress {}", job.name)))?;
+    Ok(Some((layout::sha256_digest(&stored), Bytes::from(stored))))
+}
+
+pub async fn push(
+    hub: Arc<dyn Transport>,
+    snapshot: &forkd_store::Snapshot,
+    reference: &Reference,
+    opts: &PushOptions,
+    progress: &dyn Progress,
+) -> Result<PushOutcome> {
+    let Target::Version(version) = &reference.target else {
+        return Err(HubError::Invalid(
+            "push needs OWNER/NAME[:VERSION], not a digest".into(),
+        ));
+    };
+    let hub_ref: &dyn Transport = hub.as_ref();
+    check_layout(hub_ref, true).await?;
+    let mpath = snapshot.dir.join("manifest.toml");
+    let manifest_toml =
+        fs_err::read_to_string(&mpath).map_err(HubError::io("cannot read the local manifest"))?;
+
+    let mut jobs = Vec::new();
+    for (name, entry) in &snapshot.manifest.files {
+        let path = snapshot.path(name);
+        let file = Arc::new(
+            std::fs::File::open(&path)
+                .map_err(HubError::io(format!("cannot open {}", path.display())))?,
+        );
+        let mut offset = 0;
+        while offset < entry.size {
+            let len = CHUNK_SIZE.min(entry.size - offset);
+            jobs.push(Job {
+                file: file.clone(),
+                name: name.clone(),
+                offset,
+                len,
+            });
+            offset += len;
+        }
+    }
+    progress.start("pushing", snapshot.manifest.total_size());
+    let level = opts.zstd_level;
+    let results: Vec<(String, Option<(Chunk, u64)>)> = futures::stream::iter(jobs)
+        .map(|job| {
+            let hub = hub.clone();
+            async move {
+                let name = job.name.clone();
+                let (offset, len) = (job.offset, job.len);
+                let enc = tokio::task::spawn_blocking(move || encode(&job, level))
+                    .await
+                    .map_err(|e| HubError::Invalid(format!("compression task failed: {e}")))??;
+                progress.advance(len);
+                let Some((digest, data)) = enc else {
+                    return Ok((name, None));
+                };
+                let key = layout::blob_key(&digest);
+                let what = || format!("cannot upload {key}");
+                let present = hub
+                    .exists(&key)
+                    .await
+                    .map_err(transport_err(hub.as_ref(), what()))?;
+                let stored_size = data.len() as u64;
+                let uploaded = if present {
+                    0
+                } else {
+                    hub.put(&key, data)
+                        .await
+                        .map_err(transport_err(hub.as_ref(), what()))?;
+                    stored_size
+                };
+                let chunk = Chunk {
+                    offset,
+                    len,
+                    digest,
+                    stored_size,
+                };
+                Ok::<_, HubError>((name, Some((chunk, uploaded))))
+            }
+        })
+        .buffered(opts.jobs.max(1))
+        .try_collect()
+        .await?;
+    progress.finish();
+
+    let mut files: Vec<layout::FileEntry> = snapshot
+        .manifest
+        .files
+        .iter()
+        .map(|(name, e)| layout::FileEntry {
+            name: name.clone(),
+            size: e.size,
+            sha256: e.sha256.clone(),
+            chunks: vec![],
+        })
+        .collect();
+    let (mut uploaded_bytes, mut reused_bytes) = (0, 0);
+    for (name, r) in results {
+        if let Some((chunk, up)) = r {
+            if up > 0 {
+                uploaded_bytes += up
+            } else {
+                reused_bytes += chunk.stored_size
+            }
+            files
+                .iter_mut()
+                .find(|f| f.name == name)
+                .expect("listed file")
+                .chunks
+                .push(chunk);
+        }
+    }
+    let manifest = ImageManifest {
+        layout: layout::LAYOUT,
+        media_type: layout::MEDIA_TYPE.into(),
+        chunking: Chunking {
+            algorithm: "fixed".into(),
+            size: CHUNK_SIZE,
+        },
+        compression: "zstd".into(),
+        manifest_toml,
+        files,
+    };
+    let body = serde_json::to_vec_pretty(&manifest).expect("serialisable");
+    let digest = layout::sha256_digest(&body);
+    let key = layout::blob_key(&digest);
+    hub.put(&key, Bytes::from(body.clone()))
+        .await
+        .map_err(transport_err(hub_ref, "cannot upload the image manifest"))?;
+
+    let image = reference.repository();
+    let signature = match &opts.key {
+        Some(sk) => Some(crate::sign::sign(sk, &body, &image, &digest)?),
+        None => None,
+    };
+    let stored_size = manifest.stored_size();
+    let tag = TagFile {
+        layout: layout::LAYOUT,
+        image: image.clone(),
+        digest: digest.clone(),
+        size: stored_size,
+        signature,
+    };
+    let tag_body = Bytes::from(serde_json::to_vec_pretty(&tag).expect("serialisable"));
+    for key in [
+        layout::digest_tag_key(&reference.owner, &reference.name, &digest),
+        layout::version_tag_key(&reference.owner, &reference.name, version),
+    ] {
+        hub.put(&key, tag_body.clone())
+            .await
+            .map_err(transport_err(
+                hub_ref,
+                format!("cannot write the tag file {key}"),
+            ))?;
+    }
+
+    // Catalogue: read-modify-write (last writer wins when two pushes race; see HUB-LAYOUT.md).
+    let mut catalog = fetch_catalog(hub_ref).await?;
+    let description = opts
+        .description
+        .clone()
+        .unwrap_or_else(|| snapshot.manifest.description.clone());
+    let idx = match catalog.images.iter().position(|i| i.name == image) {
+        Some(i) => i,
+        None => {
+            catalog.images.push(layout::CatalogImage {
+                name: image.clone(),
+                description: String::new(),
+                versions: vec![],
+            });
+            catalog.images.len() - 1
+        }
+    };
+    let entry = &mut catalog.images[idx];
+    if !description.is_empty() {
+        entry.description = description;
+    }
+    entry.versions.retain(|v| &v.version != version);
+    entry.versions.push(layout::CatalogVersion {
+        version: version.clone(),
+        digest: digest.clone(),
+        size: stored_size,
+        disk_size: Some(snapshot.manifest.total_size()),
+        created_at: jiff::Timestamp::now().to_string(),
+    });
+    catalog.images.sort_by(|a, b| a.name.cmp(&b.name));
+    catalog.layout = layout::LAYOUT;
+    let cat_body = Bytes::from(serde_json::to_vec_pretty(&catalog).expect("serialisable"));
+    hub.put(layout::CATALOG_KEY, cat_body)
+        .await
+        .map_err(transport_err(hub_ref, "cannot update the catalogue"))?;
+
+    Ok(PushOutcome {
+        digest,
+        stored_size,
+        uploaded_bytes,
+        reused_bytes,
+        signed: tag.signature.is_some(),
+    })
+}

@@ -1,0 +1,161 @@
+//! Resolving a reference to a verified image manifest: tag file → manifest blob (digest
+//! checked) → signature → structural validation against the snapshot's manifest.toml.
+
+use crate::error::{HubError, Result};
+use crate::layout::{self, ImageManifest, TagFile};
+use crate::reference::{Reference, Target, digest_hex};
+use crate::remote::{check_layout, parse_json, transport_err};
+use crate::transport::{Transport, TransportError};
+use forkd_store::Manifest;
+use minisign::PublicKey;
+
+/// Largest raw chunk a client accepts (bounds memory per request).
+pub const MAX_CHUNK: u64 = 64 << 20;
+
+pub struct Resolved {
+    pub digest: String,
+    pub image: ImageManifest,
+    pub manifest: Manifest,
+    /// `None` when verified; the reason when accepted unsigned/unverified with --insecure.
+    pub unverified: Option<String>,
+}
+
+pub async fn resolve(
+    hub: &dyn Transport,
+    reference: &Reference,
+    trusted: &[PublicKey],
+    insecure: bool,
+) -> Result<Resolved> {
+    check_layout(hub, false).await?;
+    let key = layout::tag_key(reference);
+    let not_found = |hub: &dyn Transport| HubError::NotFound {
+        reference: reference.to_string(),
+        hub: hub.describe(),
+    };
+    let tag: TagFile = match hub.get(&key).await {
+        Ok(d) => parse_json(hub, &key, &d)?,
+        Err(TransportError::NotFound { .. }) => return Err(not_found(hub)),
+        Err(e) => {
+            return Err(transport_err(
+                hub,
+                format!("cannot read the tag file {key}"),
+            )(e));
+        }
+    };
+    if tag.layout > layout::LAYOUT {
+        return Err(HubError::LayoutTooNew {
+            hub: hub.describe(),
+            found: tag.layout,
+        });
+    }
+    let bad = |msg: String| HubError::BadDocument {
+        what: key.clone(),
+        hub: hub.describe(),
+        msg,
+    };
+    if digest_hex(&tag.digest).is_none() {
+        return Err(bad(format!(
+            "digest {:?} is not sha256:<64 hex>",
+            tag.digest
+        )));
+    }
+    if tag.image != reference.repository() {
+        return Err(bad(format!("it names image {:?}", tag.image)));
+    }
+    if let Target::Digest(d) = &reference.target
+        && d != &tag.digest
+    {
+        return Err(bad(format!("it points at {}", tag.digest)));
+    }
+    let mkey = layout::blob_key(&tag.digest);
+    let body = hub.get(&mkey).await.map_err(transport_err(
+        hub,
+        format!("cannot read the image manifest {}", tag.digest),
+    ))?;
+    let actual = layout::sha256_digest(&body);
+    if actual != tag.digest {
+        return Err(HubError::Corrupt {
+            what: format!("image manifest {mkey}"),
+            expected: tag.digest,
+            actual,
+        });
+    }
+    let unverified = match crate::sign::verify(
+        tag.signature.as_deref(),
+        &body,
+        &tag.image,
+        &tag.digest,
+        trusted,
+    ) {
+        Ok(()) => None,
+        Err(e) if insecure => Some(e.to_string()),
+        Err(source) => {
+            return Err(HubError::Signature {
+                reference: reference.to_string(),
+                source,
+            });
+        }
+    };
+    let image: ImageManifest = parse_json(hub, &mkey, &body)?;
+    let manifest = validate(&image).map_err(|msg| HubError::BadDocument {
+        what: format!("image manifest {}", tag.digest),
+        hub: hub.describe(),
+        msg,
+    })?;
+    Ok(Resolved {
+        digest: tag.digest,
+        image,
+        manifest,
+        unverified,
+    })
+}
+
+/// Structural checks on untrusted input; returns the parsed snapshot manifest.
+fn validate(im: &ImageManifest) -> Result<Manifest, String> {
+    if im.layout > layout::LAYOUT {
+        return Err(format!(
+            "layout {} is newer than this forkd ({}); upgrade forkd",
+            im.layout,
+            layout::LAYOUT
+        ));
+    }
+    if im.chunking.algorithm != "fixed" || im.compression != "zstd" {
+        return Err(format!(
+            "unknown chunking {:?} or compression {:?}; upgrade forkd",
+            im.chunking.algorithm, im.compression
+        ));
+    }
+    let m = Manifest::parse(&im.manifest_toml).map_err(|e| e.to_string())?;
+    if m.files.len() != im.files.len() {
+        return Err("file list differs from manifest.toml".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for f in &im.files {
+        if !seen.insert(f.name.as_str()) {
+            return Err(format!("{} is listed twice", f.name));
+        }
+        let Some(e) = m.files.get(&f.name) else {
+            return Err(format!("{} is not in manifest.toml", f.name));
+        };
+        if e.size != f.size || e.sha256 != f.sha256 {
+            return Err(format!("{}: size/sha256 differ from manifest.toml", f.name));
+        }
+        let mut end = 0;
+        for c in &f.chunks {
+            if c.offset < end || c.len == 0 || c.len > MAX_CHUNK || c.offset + c.len > f.size {
+                return Err(format!(
+                    "{}: chunk at {} is out of order or out of bounds",
+                    f.name, c.offset
+                ));
+            }
+            if digest_hex(&c.digest).is_none() || c.stored_size > MAX_CHUNK + (1 << 20) {
+                return Err(format!(
+                    "{}: chunk at {} has a bad digest or size",
+                    f.name, c.offset
+                ));
+            }
+            end = c.offset + c.len;
+        }
+    }
+    Ok(m)
+}
