@@ -1,1 +1,25 @@
 //! The QEMU fork engine.
+//!
+//! - [`qemu`]: find `qemu-system-x86_64`, check its version, pick the accelerator.
+//! - [`spec`]: `engine.json`, the exact machine a snapshot needs, and the QEMU argv for it.
+//! - [`qmp`]: a small synchronous QMP client.
+//! - [`agent`]: the host side of the guest agent protocol (types in `forkd-agent`).
+//! - [`snapshot`]: boot a parent, warm it, save memory.bin + vmstate + rootfs.
+//! - [`fork`]: restore N copy-on-write children concurrently; [`child`] is one child's life.
+//! - [`run`]: children kept running (`--keep`), tracked under `$FORKD_HOME/run/`.
+//! - [`doctor`]: what this host has and lacks.
+
+pub mod agent;
+pub mod child;
+pub mod doctor;
+pub mod error;
+pub mod fork;
+pub mod memory;
+pub mod qemu;
+pub mod qmp;
+pub mod run;
+pub mod snapshot;
+pub mod spec;
+pub mod util;
+
+pub use error::EngineError;

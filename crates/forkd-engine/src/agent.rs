@@ -1,0 +1,172 @@
+//! Host side of the guest agent protocol: one connection on a VM's agent socket.
+
+use crate::error::{EngineError, Result};
+use forkd_agent::{
+    ExecReply, ExecRequest, HelloReply, IdentityReply, IdentityRequest, Op, PROTOCOL_VERSION,
+    Reply, Request, Response, RunReply, RunRequest, WarmReply, WarmRequest, encode_line,
+};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub struct AgentConn {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    next_id: u64,
+}
+
+fn err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Agent(e.to_string())
+}
+
+impl AgentConn {
+    pub fn connect(path: &Path) -> Result<AgentConn> {
+        let s = UnixStream::connect(path)
+            .map_err(|e| err(format!("connect {}: {e}", path.display())))?;
+        let writer = s.try_clone().map_err(err)?;
+        Ok(AgentConn {
+            reader: BufReader::new(s),
+            writer,
+            next_id: 1,
+        })
+    }
+
+    /// Connect and wait until the agent answers `hello` (it may still be booting, or resuming
+    /// from a snapshot). `alive` is polled so a dead VM fails fast instead of timing out.
+    pub fn wait_ready(
+        path: &Path,
+        timeout: Duration,
+        alive: &mut dyn FnMut() -> bool,
+    ) -> Result<(AgentConn, HelloReply)> {
+        let start = Instant::now();
+        let mut last_err = String::from("no answer");
+        let mut conn: Option<AgentConn> = None;
+        while start.elapsed() < timeout {
+            if !alive() {
+                return Err(err(format!(
+                    "the VM exited before its agent answered ({last_err})"
+                )));
+            }
+            if conn.is_none() {
+                match AgentConn::connect(path) {
+                    Ok(c) => conn = Some(c),
+                    Err(e) => {
+                        last_err = e.to_string();
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            match c.call_timeout(Op::Hello, Duration::from_millis(250)) {
+                Ok(Reply::Hello(h)) => return Ok((conn.take().expect("connected"), h)),
+                Ok(other) => last_err = format!("unexpected reply {other:?}"),
+                Err(EngineError::Agent(e)) if e.contains("timed out") => last_err = e,
+                Err(e) => {
+                    last_err = e.to_string();
+                    conn = None;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        Err(err(format!("no answer after {timeout:?}: {last_err}")))
+    }
+
+    /// Send one request and wait up to `timeout` for the response with the same id (answers
+    /// to earlier, abandoned requests are skipped).
+    pub fn call_timeout(&mut self, op: Op, timeout: Duration) -> Result<Reply> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = Request {
+            v: PROTOCOL_VERSION,
+            id,
+            op,
+        };
+        self.writer
+            .write_all(&encode_line(&req))
+            .map_err(|e| err(format!("send: {e}")))?;
+        let deadline = Instant::now() + timeout;
+        let mut line = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(err(format!("timed out after {timeout:?}")));
+            }
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(left))
+                .map_err(err)?;
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return Err(err("connection closed")),
+                Ok(_) if !line.ends_with('\n') => continue, // partial line; keep reading
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Err(err(format!("timed out after {timeout:?}")));
+                }
+                Err(e) => return Err(err(format!("receive: {e}"))),
+            }
+            let resp: Response = match serde_json::from_str(line.trim_end()) {
+                Ok(r) => r,
+                Err(e) => return Err(err(format!("bad response {line:?}: {e}"))),
+            };
+            line.clear();
+            if resp.id != id {
+                continue;
+            }
+            return match (resp.ok, resp.reply, resp.error) {
+                (true, Some(r), _) => Ok(r),
+                (_, _, Some(e)) => Err(err(e)),
+                _ => Err(err("malformed response")),
+            };
+        }
+    }
+
+    pub fn hello(&mut self) -> Result<HelloReply> {
+        match self.call_timeout(Op::Hello, Duration::from_secs(10))? {
+            Reply::Hello(h) => Ok(h),
+            r => Err(err(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    pub fn exec(&mut self, req: ExecRequest) -> Result<ExecReply> {
+        let t = Duration::from_millis(req.timeout_ms.unwrap_or(60_000) + 10_000);
+        match self.call_timeout(Op::Exec(req), t)? {
+            Reply::Exec(x) => Ok(x),
+            r => Err(err(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    pub fn shell(&mut self, cmd: &str, timeout: Duration) -> Result<ExecReply> {
+        self.exec(ExecRequest {
+            shell: Some(cmd.to_string()),
+            timeout_ms: Some(timeout.as_millis() as u64),
+            ..Default::default()
+        })
+    }
+
+    pub fn identity(&mut self, req: IdentityRequest) -> Result<IdentityReply> {
+        match self.call_timeout(Op::Identity(req), Duration::from_secs(10))? {
+            Reply::Identity(x) => Ok(x),
+            r => Err(err(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    pub fn warm(&mut self, req: WarmRequest) -> Result<WarmReply> {
+        match self.call_timeout(Op::Warm(req), Duration::from_secs(900))? {
+            Reply::Warm(x) => Ok(x),
+            r => Err(err(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    pub fn run(&mut self, code: &str, timeout: Duration) -> Result<RunReply> {
+        let req = RunRequest {
+            code: code.to_string(),
+            timeout_ms: Some(timeout.as_millis() as u64),
+        };
+        match self.call_timeout(Op::Run(req), timeout + Duration::from_secs(10))? {
+            Reply::Run(x) => Ok(x),
+            r => Err(err(format!("unexpected reply {r:?}"))),
+        }
+    }
+}

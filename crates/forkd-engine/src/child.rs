@@ -1,0 +1,304 @@
+//! One VM process and one child's life.
+//!
+//! [`VmGuard`] owns a QEMU process and its run directory (sockets, overlay, logs) and removes
+//! both when dropped, on every path — success, error, panic or Ctrl-C — unless detached for
+//! `--keep`. [`ChildState`] is the explicit life of a forked child:
+//! `Starting → Restored → Ready → Gone` (any state may go straight to `Gone`).
+
+use crate::agent::AgentConn;
+use crate::error::{EngineError, IoCtx, Result};
+use crate::qmp::Qmp;
+use crate::util::{Interrupt, sh_quote, tail};
+use forkd_agent::{ExecReply, ExecRequest, IdentityRequest, RunReply};
+use serde::Serialize;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Where a child is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChildState {
+    /// QEMU launched, the device state is being loaded.
+    Starting,
+    /// Migration loaded and the vCPUs resumed (`cont`).
+    Restored,
+    /// The agent answered and the child has its own identity.
+    Ready,
+    /// Stopped, failed, or handed over (`--keep`); nothing more happens to it here.
+    Gone,
+}
+
+impl ChildState {
+    fn can_go(self, to: ChildState) -> bool {
+        use ChildState::*;
+        matches!(
+            (self, to),
+            (Starting, Restored) | (Restored, Ready) | (_, Gone)
+        )
+    }
+}
+
+/// A QEMU process plus its run directory; cleaned up on drop unless [`VmGuard::detach`]ed.
+pub struct VmGuard {
+    pub run_dir: PathBuf,
+    pub qmp_sock: PathBuf,
+    pub agent_sock: PathBuf,
+    pub log: PathBuf,
+    process: Option<Child>,
+    keep: bool,
+}
+
+/// Unix socket paths are limited to 108 bytes.
+const MAX_SOCK_PATH: usize = 100;
+
+impl VmGuard {
+    /// Create `run_dir` (must not exist) and launch QEMU with `args` (built for this dir's
+    /// sockets). QEMU gets its own process group so a terminal's Ctrl-C reaches only forkd,
+    /// which then stops the VMs itself.
+    pub fn create(run_dir: &Path) -> Result<VmGuard> {
+        std::fs::create_dir_all(run_dir).at("cannot create run directory", run_dir)?;
+        let g = VmGuard {
+            run_dir: run_dir.to_path_buf(),
+            qmp_sock: run_dir.join("qmp.sock"),
+            agent_sock: run_dir.join("agent.sock"),
+            log: run_dir.join("qemu.log"),
+            process: None,
+            keep: false,
+        };
+        if g.agent_sock.as_os_str().len() > MAX_SOCK_PATH {
+            return Err(EngineError::Io {
+                what: "socket path too long (set FORKD_HOME to a shorter path)",
+                path: g.agent_sock.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        }
+        Ok(g)
+    }
+
+    pub fn spawn(&mut self, qemu: &Path, args: &[String]) -> Result<()> {
+        let log = std::fs::File::create(&self.log).at("cannot create", &self.log)?;
+        let log2 = log.try_clone().at("cannot open", &self.log)?;
+        let child = Command::new(qemu)
+            .args(args)
+            .env("TMPDIR", &self.run_dir) // snapshot=on overlays land here, removed with the dir
+            .env("MALLOC_ARENA_MAX", "1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .spawn()
+            .at("cannot start", qemu)?;
+        self.process = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
+    }
+
+    /// Whether QEMU is still running.
+    pub fn alive(&mut self) -> bool {
+        match self.process.as_mut() {
+            Some(p) => matches!(p.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// QEMU's own output (errors are printed there).
+    pub fn log_tail(&self) -> String {
+        tail(&self.log, 8)
+    }
+
+    /// Wait for QEMU to exit by itself (after `quit`), killing it after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        while self.alive() && start.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.stop();
+    }
+
+    /// Kill QEMU now (SIGKILL: a child's state is disposable) and reap it.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+
+    /// Leave the VM running and its run directory in place (`--keep`).
+    pub fn detach(mut self) -> (u32, PathBuf) {
+        self.keep = true;
+        let pid = self.pid().unwrap_or(0);
+        // Dropping the Child handle does not kill the process.
+        self.process = None;
+        (pid, self.run_dir.clone())
+    }
+}
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+/// What a child does once it is up.
+#[derive(Debug, Clone, Default)]
+pub struct Work {
+    pub exec: Option<ExecRequest>,
+    pub run_code: Option<String>,
+}
+
+/// Everything a child thread needs (shared, read-only).
+pub struct ChildPlan<'a> {
+    pub qemu: &'a Path,
+    pub vmstate: &'a Path,
+    pub tag: &'a str,
+    pub ready_timeout: Duration,
+    pub work: &'a Work,
+    pub interrupt: &'a Interrupt,
+}
+
+/// The outcome of one child, as reported to the user.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChildReport {
+    pub index: usize,
+    pub id: String,
+    pub hostname: String,
+    pub state: ChildState,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Milliseconds from launch until `cont` / until the agent answered.
+    pub restored_ms: Option<u64>,
+    pub ready_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecReply>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunReply>,
+}
+
+/// One child's life: launch QEMU (argv built by `args`), restore, resume, wait for the agent,
+/// give it an identity, do the work. Returns the report and, when it came up, its guard.
+pub fn run_child(
+    plan: &ChildPlan<'_>,
+    index: usize,
+    id: String,
+    mut guard: VmGuard,
+    args: Vec<String>,
+) -> (ChildReport, Option<VmGuard>) {
+    let hostname = format!("{}-{index}", plan.tag);
+    let mut report = ChildReport {
+        index,
+        id,
+        hostname: hostname.clone(),
+        state: ChildState::Starting,
+        ok: false,
+        error: None,
+        restored_ms: None,
+        ready_ms: None,
+        pid: None,
+        exec: None,
+        run: None,
+    };
+    let start = Instant::now();
+    let result = life(plan, &hostname, &mut guard, args, &mut report, start);
+    report.pid = guard.pid();
+    match result {
+        Ok(()) => {
+            report.ok = true;
+            (report, Some(guard))
+        }
+        Err(e) => {
+            let log = guard.log_tail();
+            let mut msg = e.to_string();
+            if !log.trim().is_empty() {
+                msg.push_str(&format!(" [qemu: {}]", log.trim().replace('\n', " | ")));
+            }
+            tracing::warn!("child {index} failed: {msg}");
+            advance(&mut report, ChildState::Gone);
+            report.error = Some(msg);
+            drop(guard); // kills QEMU, removes the run directory
+            (report, None)
+        }
+    }
+}
+
+fn advance(report: &mut ChildReport, to: ChildState) {
+    debug_assert!(report.state.can_go(to), "{:?} -> {to:?}", report.state);
+    tracing::debug!("child {}: {:?} -> {to:?}", report.index, report.state);
+    report.state = to;
+}
+
+fn life(
+    plan: &ChildPlan<'_>,
+    hostname: &str,
+    guard: &mut VmGuard,
+    args: Vec<String>,
+    report: &mut ChildReport,
+    start: Instant,
+) -> Result<()> {
+    let check = |i: &Interrupt| {
+        if i.is_set() {
+            Err(EngineError::Interrupted)
+        } else {
+            Ok(())
+        }
+    };
+    check(plan.interrupt)?;
+    guard.spawn(plan.qemu, &args)?;
+    let qmp_sock = guard.qmp_sock.clone();
+    let mut qmp = {
+        let g = &mut *guard;
+        let intr = plan.interrupt;
+        Qmp::connect(&qmp_sock, Duration::from_secs(30), &mut || {
+            g.alive() && !intr.is_set()
+        })?
+    };
+    qmp.set_capabilities(&[("x-ignore-shared", true)])?;
+    let uri = format!("exec:cat {}", sh_quote(&plan.vmstate.to_string_lossy()));
+    qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))?;
+    qmp.wait_migration(Duration::from_secs(60))?;
+    qmp.execute("cont", None)?;
+    report.restored_ms = Some(start.elapsed().as_millis() as u64);
+    advance(report, ChildState::Restored);
+    check(plan.interrupt)?;
+
+    let agent_sock = guard.agent_sock.clone();
+    let (mut agent, _hello) = {
+        let g = &mut *guard;
+        let intr = plan.interrupt;
+        AgentConn::wait_ready(&agent_sock, plan.ready_timeout, &mut || {
+            g.alive() && !intr.is_set()
+        })?
+    };
+    check(plan.interrupt)?;
+    let now_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    agent.identity(IdentityRequest {
+        hostname: Some(hostname.to_string()),
+        seed_hex: Some(hex::encode(crate::util::random_bytes(64))),
+        time_unix_ns: Some(now_ns),
+        instance: Some(report.id.clone()),
+    })?;
+    report.ready_ms = Some(start.elapsed().as_millis() as u64);
+    advance(report, ChildState::Ready);
+
+    if let Some(x) = &plan.work.exec {
+        report.exec = Some(agent.exec(x.clone())?);
+    }
+    if let Some(code) = &plan.work.run_code {
+        report.run = Some(agent.run(code, Duration::from_secs(60))?);
+    }
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! `forkd doctor`: what this host has for running VMs, and what to install.
+
+use crate::qemu::{self, Qemu};
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+fn check(name: &str, ok: bool, detail: String, fix: Option<&str>) -> Check {
+    Check {
+        name: name.into(),
+        ok,
+        detail,
+        fix: if ok { None } else { fix.map(String::from) },
+    }
+}
+
+/// Run every check. `home` is the store (for disk space), `assets` the kernel cache.
+pub fn run(home: &Path, assets: &Path) -> Vec<Check> {
+    let mut out = Vec::new();
+    match Qemu::locate(None) {
+        Ok(q) => {
+            let has = q.has_machine(qemu::MACHINE_TYPE).unwrap_or(false);
+            out.push(check(
+                "qemu",
+                true,
+                format!("{} {}", q.bin.display(), q.version_string()),
+                None,
+            ));
+            out.push(check(
+                "machine type",
+                has,
+                format!(
+                    "{} {}",
+                    qemu::MACHINE_TYPE,
+                    if has { "available" } else { "missing" }
+                ),
+                Some("install QEMU 7.2 or newer: apt-get install qemu-system-x86"),
+            ));
+        }
+        Err(e) => out.push(check(
+            "qemu",
+            false,
+            e.to_string(),
+            Some("apt-get install qemu-system-x86"),
+        )),
+    }
+    match qemu::kvm_status() {
+        Ok(()) => out.push(check("accelerator", true, "kvm (hardware virtualisation)".into(), None)),
+        Err(why) => out.push(Check {
+            name: "accelerator".into(),
+            ok: true,
+            detail: format!("tcg (software emulation; much slower): {why}"),
+            fix: Some("for KVM, run on bare metal or a VM with nested virtualisation, and make /dev/kvm accessible".into()),
+        }),
+    }
+    let kernel = assets.join("kernel/vmlinuz");
+    out.push(check(
+        "guest kernel",
+        kernel.is_file(),
+        kernel.display().to_string(),
+        Some("scripts/fetch-kernel.sh (downloads Debian's cloud kernel into the cache)"),
+    ));
+    for (tool, pkg) in [
+        ("busybox", "busybox-static"),
+        ("cpio", "cpio"),
+        ("mkfs.ext4", "e2fsprogs"),
+    ] {
+        let found = qemu::which(tool).or_else(|| {
+            let p = Path::new("/sbin").join(tool);
+            p.is_file().then_some(p)
+        });
+        out.push(check(
+            tool,
+            found.is_some(),
+            found
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "not found".into()),
+            Some(&format!(
+                "apt-get install {pkg} (needed to build the tiny recipe)"
+            )),
+        ));
+    }
+    let probe = if home.exists() {
+        home
+    } else {
+        home.parent().unwrap_or(Path::new("/"))
+    };
+    match rustix::fs::statvfs(probe) {
+        Ok(st) => {
+            let free_gib = st.f_bavail * st.f_frsize / (1 << 30);
+            out.push(check(
+                "disk space",
+                free_gib >= 2,
+                format!("{free_gib} GiB free at {}", probe.display()),
+                Some("free some space: a snapshot needs its guest RAM size plus its rootfs"),
+            ));
+        }
+        Err(e) => out.push(check(
+            "disk space",
+            false,
+            format!("{}: {e}", probe.display()),
+            None,
+        )),
+    }
+    let avail = crate::memory::mem_available_mib().unwrap_or(0);
+    out.push(check(
+        "memory",
+        avail >= 1024,
+        format!("{avail} MiB available"),
+        Some("free host memory"),
+    ));
+    out
+}

@@ -1,0 +1,226 @@
+//! Fork N copy-on-write children from a snapshot directory, concurrently.
+//!
+//! Every child maps the parent's memory.bin privately (`share=off`: copy-on-write in the host
+//! page cache), loads the small vmstate (x-ignore-shared: no RAM in it), resumes, and gets its
+//! own disk overlay, agent socket and identity. Children are independent threads; one that
+//! fails is reported and the rest go on.
+
+use crate::child::{ChildPlan, ChildReport, ChildState, VmGuard, Work, run_child};
+use crate::error::{EngineError, Result};
+use crate::qemu::{AccelChoice, Qemu, resolve_accel};
+use crate::run::KeptChild;
+use crate::spec::{Launch, Role, VmSpec};
+use crate::util::Interrupt;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Environment hook for tests: `FORKD_TEST_BREAK_CHILD=K` points child K's memory backend at a
+/// file that does not exist, so that one QEMU really fails to start.
+pub const BREAK_CHILD_ENV: &str = "FORKD_TEST_BREAK_CHILD";
+
+pub struct ForkOptions {
+    pub n: usize,
+    pub tag: String,
+    pub accel: AccelChoice,
+    pub work: Work,
+    pub keep: bool,
+    /// `$FORKD_HOME/run`: one directory per child.
+    pub run_root: PathBuf,
+    pub ready_timeout: Duration,
+    pub interrupt: Interrupt,
+    /// Called from child threads as each child finishes (for progress bars).
+    pub on_child: Option<Box<dyn Fn(&ChildReport) + Sync>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ForkReport {
+    pub tag: String,
+    pub requested: usize,
+    pub alive: usize,
+    pub accel: String,
+    /// Wall-clock from the start of `fork` until every child answered (or failed).
+    pub wall_ms: u64,
+    pub estimate_mib: u64,
+    pub children: Vec<ChildReport>,
+    /// Children left running (`--keep`).
+    pub kept: Vec<String>,
+}
+
+/// The cheap checks that make a broken snapshot fail before any VM starts.
+pub fn preflight(dir: &Path, qemu: &Qemu) -> Result<VmSpec> {
+    let spec = VmSpec::load(dir)?;
+    for f in [&spec.kernel, &spec.rootfs, &spec.memory, &spec.vmstate]
+        .into_iter()
+        .chain(spec.initrd.as_ref())
+    {
+        let p = dir.join(f);
+        if !p.is_file() {
+            return Err(EngineError::MissingFile(p));
+        }
+    }
+    let mem = dir.join(&spec.memory);
+    let actual = std::fs::metadata(&mem).map(|m| m.len()).unwrap_or(0);
+    if actual != spec.mem_bytes() {
+        return Err(EngineError::MemorySize {
+            path: mem,
+            actual,
+            expected: spec.mem_bytes(),
+            mib: spec.mem_mib,
+        });
+    }
+    // QEMU's migration stream starts with the magic "QEVM" and version 3.
+    let vmstate = dir.join(&spec.vmstate);
+    let mut head = [0u8; 8];
+    let ok = std::fs::File::open(&vmstate)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok();
+    if !ok || head != [b'Q', b'E', b'V', b'M', 0, 0, 0, 3] {
+        return Err(EngineError::Corrupt(format!(
+            "{} is not a QEMU migration stream (bad header)",
+            vmstate.display()
+        )));
+    }
+    if !qemu.has_machine(&spec.machine)? {
+        return Err(EngineError::MachineMismatch {
+            machine: spec.machine.clone(),
+            qemu: qemu.version_string(),
+            snap_qemu: spec.qemu_version.clone(),
+        });
+    }
+    Ok(spec)
+}
+
+pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
+    let start = Instant::now();
+    let spec = preflight(dir, qemu)?;
+    let estimate_mib = crate::memory::check_capacity(&spec, opts.n)?;
+    let accel = resolve_accel(opts.accel)?;
+    let session = hex::encode(crate::util::random_bytes(3));
+    let break_child: Option<usize> = std::env::var(BREAK_CHILD_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let vmstate = dir.join(&spec.vmstate);
+    let plan = ChildPlan {
+        qemu: &qemu.bin,
+        vmstate: &vmstate,
+        tag: &opts.tag,
+        ready_timeout: opts.ready_timeout,
+        work: &opts.work,
+        interrupt: &opts.interrupt,
+    };
+
+    let results: Vec<(ChildReport, Option<VmGuard>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..opts.n)
+            .map(|i| {
+                let plan = &plan;
+                let spec = &spec;
+                let session = &session;
+                std::thread::Builder::new()
+                    .name(format!("child-{i}"))
+                    .stack_size(256 * 1024)
+                    .spawn_scoped(scope, move || {
+                        let id = format!("{}-{session}-{i}", opts.tag);
+                        let guard = match VmGuard::create(&opts.run_root.join(&id)) {
+                            Ok(g) => g,
+                            Err(e) => return failed(i, id, &opts.tag, e),
+                        };
+                        let args = Launch {
+                            spec,
+                            dir,
+                            accel,
+                            qmp_sock: &guard.qmp_sock,
+                            agent_sock: &guard.agent_sock,
+                            role: Role::Child,
+                            memory_override: (break_child == Some(i))
+                                .then(|| guard.run_dir.join("no-such-memory.bin")),
+                        }
+                        .args();
+                        let out = run_child(plan, i, id, guard, args);
+                        if let Some(cb) = &opts.on_child {
+                            cb(&out.0);
+                        }
+                        out
+                    })
+                    .expect("spawning a thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                h.join().unwrap_or_else(|_| {
+                    failed(
+                        i,
+                        format!("{}-{i}", opts.tag),
+                        &opts.tag,
+                        EngineError::Agent("child thread panicked".into()),
+                    )
+                })
+            })
+            .collect()
+    });
+    let wall_ms = start.elapsed().as_millis() as u64;
+    if opts.interrupt.is_set() {
+        return Err(EngineError::Interrupted); // guards dropped above: every VM is gone
+    }
+    let mut children = Vec::with_capacity(results.len());
+    let mut kept = Vec::new();
+    for (mut report, guard) in results {
+        if let (true, Some(g)) = (opts.keep, guard) {
+            let (pid, run_dir) = g.detach();
+            let rec = KeptChild {
+                id: report.id.clone(),
+                tag: opts.tag.clone(),
+                hostname: report.hostname.clone(),
+                pid,
+                snapshot_dir: dir.to_path_buf(),
+                run_dir,
+                started_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            };
+            match rec.save() {
+                Ok(()) => kept.push(report.id.clone()),
+                Err(e) => {
+                    report.error = Some(format!("cannot record kept child: {e}"));
+                    let _ = crate::run::kill(&opts.run_root, &report.id);
+                }
+            }
+        } else {
+            report.state = ChildState::Gone;
+        }
+        children.push(report);
+    }
+    let alive = children.iter().filter(|c| c.ok).count();
+    Ok(ForkReport {
+        tag: opts.tag.clone(),
+        requested: opts.n,
+        alive,
+        accel: accel.name().to_string(),
+        wall_ms,
+        estimate_mib,
+        children,
+        kept,
+    })
+}
+
+fn failed(i: usize, id: String, tag: &str, e: EngineError) -> (ChildReport, Option<VmGuard>) {
+    (
+        ChildReport {
+            index: i,
+            id,
+            hostname: format!("{tag}-{i}"),
+            state: ChildState::Gone,
+            ok: false,
+            error: Some(e.to_string()),
+            restored_ms: None,
+            ready_ms: None,
+            pid: None,
+            exec: None,
+            run: None,
+        },
+        None,
+    )
+}

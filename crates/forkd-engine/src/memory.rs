@@ -1,0 +1,40 @@
+//! Host memory: what is available, and what N children are expected to cost.
+
+use crate::error::{EngineError, Result};
+use crate::spec::VmSpec;
+
+/// QEMU's own cost per child (binary, heap, TCG code cache, device state), in MiB, measured
+/// with smaps on a tiny child (see bench/RESULTS.md).
+pub const QEMU_OVERHEAD_MIB: u64 = 24;
+
+/// `MemAvailable` from /proc/meminfo, in MiB.
+pub fn mem_available_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
+}
+
+/// Expected PSS of one child: QEMU's own overhead plus the guest pages it will dirty (a
+/// child writes a small part of its RAM; we budget one eighth) — deliberately pessimistic.
+pub fn per_child_estimate_mib(spec: &VmSpec) -> u64 {
+    QEMU_OVERHEAD_MIB + spec.mem_mib.div_ceil(8)
+}
+
+/// Refuse `n` children up front when their estimate exceeds 90 % of MemAvailable.
+pub fn check_capacity(spec: &VmSpec, n: usize) -> Result<u64> {
+    let per = per_child_estimate_mib(spec);
+    let need = per * n as u64;
+    let avail = mem_available_mib().unwrap_or(u64::MAX / 2);
+    let budget = avail / 10 * 9;
+    if need > budget {
+        let max = (budget / per.max(1)).max(0);
+        return Err(EngineError::TooMany(format!(
+            "{n} children need about {need} MiB ({per} MiB each: {QEMU_OVERHEAD_MIB} MiB QEMU + \
+             1/8 of {} MiB guest RAM), but only {avail} MiB is available (MemAvailable; \
+             forkd uses at most 90 %): at most {max} children fit",
+            spec.mem_mib
+        )));
+    }
+    Ok(need)
+}

@@ -1,0 +1,116 @@
+//! Children kept running after `forkd fork --keep`: one directory per child under
+//! `$FORKD_HOME/run/<id>/` with `child.json`, its sockets, log and disk overlay.
+
+use crate::agent::AgentConn;
+use crate::error::{EngineError, IoCtx, Result};
+use forkd_agent::{ExecReply, ExecRequest};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const RECORD: &str = "child.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeptChild {
+    pub id: String,
+    pub tag: String,
+    pub hostname: String,
+    pub pid: u32,
+    pub snapshot_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub started_unix: u64,
+}
+
+/// A kept child as `forkd ps` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChildStatus {
+    #[serde(flatten)]
+    pub child: KeptChild,
+    pub running: bool,
+}
+
+impl KeptChild {
+    pub fn save(&self) -> Result<()> {
+        let p = self.run_dir.join(RECORD);
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| EngineError::Corrupt(e.to_string()))?;
+        let tmp = self.run_dir.join(".child.json.tmp");
+        std::fs::write(&tmp, text).at("cannot write", &tmp)?;
+        std::fs::rename(&tmp, &p).at("cannot write", &p)
+    }
+
+    pub fn agent_sock(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+
+    /// Whether the recorded pid is still this child's QEMU (not a recycled pid).
+    pub fn running(&self) -> bool {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.pid)).unwrap_or_default();
+        let needle = self.run_dir.join("qmp.sock");
+        let needle = needle.to_string_lossy();
+        String::from_utf8_lossy(&cmdline).contains(needle.as_ref())
+    }
+}
+
+/// Every kept child (running or not), sorted by id.
+pub fn list(run_root: &Path) -> Result<Vec<ChildStatus>> {
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(run_root) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).at("cannot read", run_root),
+    };
+    for entry in rd.flatten() {
+        let p = entry.path().join(RECORD);
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        let Ok(child) = serde_json::from_str::<KeptChild>(&text) else {
+            continue;
+        };
+        let running = child.running();
+        out.push(ChildStatus { child, running });
+    }
+    out.sort_by(|a, b| a.child.id.cmp(&b.child.id));
+    Ok(out)
+}
+
+pub fn find(run_root: &Path, id: &str) -> Result<KeptChild> {
+    if id.is_empty() || id.contains('/') || id.starts_with('.') {
+        return Err(EngineError::NoSuchChild(id.to_string()));
+    }
+    let p = run_root.join(id).join(RECORD);
+    let text = std::fs::read_to_string(&p).map_err(|_| EngineError::NoSuchChild(id.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| EngineError::Corrupt(format!("{}: {e}", p.display())))
+}
+
+/// Stop a kept child and remove its run directory.
+pub fn kill(run_root: &Path, id: &str) -> Result<()> {
+    let child = find(run_root, id)?;
+    if child.running() {
+        // SAFETY: kill(2) with a pid we verified (via /proc/PID/cmdline) is this child's QEMU.
+        unsafe { libc::kill(child.pid as libc::pid_t, libc::SIGKILL) };
+        for _ in 0..200 {
+            if !child.running() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    std::fs::remove_dir_all(&child.run_dir).at("cannot remove", &child.run_dir)
+}
+
+/// Run a command in a kept child through its agent.
+pub fn exec(run_root: &Path, id: &str, req: ExecRequest) -> Result<ExecReply> {
+    let child = find(run_root, id)?;
+    if !child.running() {
+        return Err(EngineError::Agent(format!(
+            "child {id} is not running (forkd kill {id} to clean up)"
+        )));
+    }
+    let (mut conn, _) =
+        AgentConn::wait_ready(&child.agent_sock(), Duration::from_secs(30), &mut || {
+            child.running()
+        })?;
+    conn.exec(req)
+}

@@ -1,0 +1,225 @@
+//! Boot a parent VM, warm it, and save it as a snapshot directory:
+//! `vmlinuz`, `initrd.img`, `rootfs.ext4`, `memory.bin`, `vmstate`, `engine.json`.
+//!
+//! The parent's RAM lives in memory.bin (`share=on`), so saving it costs nothing: QMP `stop`
+//! (which also flushes the disk), `x-ignore-shared`, and `migrate` writes only device + vCPU
+//! state. The parent is then killed; nobody writes rootfs.ext4 or memory.bin again.
+
+use crate::agent::AgentConn;
+use crate::child::VmGuard;
+use crate::error::{EngineError, IoCtx, Result};
+use crate::qemu::{AccelChoice, CPU_MODEL, MACHINE_TYPE, Qemu, resolve_accel};
+use crate::qmp::Qmp;
+use crate::spec::*;
+use crate::util::{Interrupt, sh_quote, tail};
+use forkd_agent::WarmRequest;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub rootfs: PathBuf,
+    pub mem_mib: u64,
+    pub vcpus: u32,
+    pub cmdline: Option<String>,
+    /// Shell command run in the parent before the snapshot; must exit 0.
+    pub warmup: Option<String>,
+    /// Warm worker started in the parent before the snapshot.
+    pub warm: Option<WarmRequest>,
+    pub accel: AccelChoice,
+    pub boot_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SnapshotOutput {
+    pub spec: VmSpec,
+    /// (file name, role) of every file written, engine.json included.
+    pub files: Vec<(String, &'static str)>,
+    pub boot_ms: u64,
+    pub save_ms: u64,
+    pub warmup_output: Option<String>,
+}
+
+fn copy_in(src: &Path, dst: &Path) -> Result<()> {
+    if !src.is_file() {
+        return Err(EngineError::MissingFile(src.to_path_buf()));
+    }
+    // cp keeps holes (a rootfs image is mostly empty) and reflinks where the filesystem can.
+    let st = Command::new("cp")
+        .args(["--sparse=always", "--reflink=auto", "--"])
+        .arg(src)
+        .arg(dst)
+        .status()
+        .at("cannot run cp for", src)?;
+    if !st.success() {
+        return Err(EngineError::Io {
+            what: "cannot copy",
+            path: src.to_path_buf(),
+            source: std::io::Error::other(format!("cp exited with {st}")),
+        });
+    }
+    Ok(())
+}
+
+/// Take a snapshot into `out` (an empty directory, e.g. a store staging dir); `run_dir` holds
+/// the parent's sockets and logs while it runs and is removed afterwards.
+pub fn take(
+    qemu: &Qemu,
+    opts: &SnapshotOptions,
+    out: &Path,
+    run_dir: &Path,
+    interrupt: &Interrupt,
+) -> Result<SnapshotOutput> {
+    if opts.mem_mib < 64 || opts.vcpus == 0 {
+        return Err(EngineError::Corrupt(
+            "guest needs at least 64 MiB and 1 vCPU".into(),
+        ));
+    }
+    let accel = resolve_accel(opts.accel)?;
+    copy_in(&opts.kernel, &out.join(KERNEL_FILE))?;
+    if let Some(i) = &opts.initrd {
+        copy_in(i, &out.join(INITRD_FILE))?;
+    }
+    copy_in(&opts.rootfs, &out.join(ROOTFS_FILE))?;
+    let mem = out.join(MEMORY_FILE);
+    let f = std::fs::File::create(&mem).at("cannot create", &mem)?;
+    f.set_len(opts.mem_mib * 1024 * 1024)
+        .at("cannot size", &mem)?;
+    drop(f);
+
+    let spec = VmSpec {
+        format: SPEC_FORMAT,
+        layout: LAYOUT.to_string(),
+        qemu_version: qemu.version_string(),
+        machine: MACHINE_TYPE.to_string(),
+        cpu: CPU_MODEL.to_string(),
+        mem_mib: opts.mem_mib,
+        vcpus: opts.vcpus,
+        accel: accel.name().to_string(),
+        cmdline: opts
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+        kernel: KERNEL_FILE.to_string(),
+        initrd: opts.initrd.as_ref().map(|_| INITRD_FILE.to_string()),
+        rootfs: ROOTFS_FILE.to_string(),
+        memory: MEMORY_FILE.to_string(),
+        vmstate: VMSTATE_FILE.to_string(),
+        warm: opts.warm.is_some(),
+    };
+
+    let mut guard = VmGuard::create(run_dir)?;
+    let console = run_dir.join("console.log");
+    let args = Launch {
+        spec: &spec,
+        dir: out,
+        accel,
+        qmp_sock: &guard.qmp_sock,
+        agent_sock: &guard.agent_sock,
+        role: Role::Parent {
+            console: console.clone(),
+        },
+        memory_override: None,
+    }
+    .args();
+    tracing::debug!("parent: {} {}", qemu.bin.display(), args.join(" "));
+    let start = Instant::now();
+    guard.spawn(&qemu.bin, &args)?;
+    let fail = |guard: &VmGuard, msg: String| EngineError::Parent {
+        msg: format!("{msg} {}", guard.log_tail().trim()),
+        console: tail(&console, 15),
+    };
+
+    let qmp_sock = guard.qmp_sock.clone();
+    let mut qmp = {
+        let g = &mut guard;
+        Qmp::connect(&qmp_sock, Duration::from_secs(30), &mut || {
+            g.alive() && !interrupt.is_set()
+        })
+        .map_err(|e| fail(g, e.to_string()))?
+    };
+    let agent_sock = guard.agent_sock.clone();
+    let (mut agent, hello) = {
+        let g = &mut guard;
+        AgentConn::wait_ready(&agent_sock, opts.boot_timeout, &mut || {
+            g.alive() && !interrupt.is_set()
+        })
+        .map_err(|e| {
+            if interrupt.is_set() {
+                EngineError::Interrupted
+            } else {
+                fail(g, e.to_string())
+            }
+        })?
+    };
+    let boot_ms = start.elapsed().as_millis() as u64;
+    tracing::info!(
+        "parent up in {boot_ms} ms (agent {}, uptime {:.1}s)",
+        hello.agent_version,
+        hello.uptime_s
+    );
+
+    let mut warmup_output = None;
+    if let Some(cmd) = &opts.warmup {
+        let r = agent.shell(cmd, Duration::from_secs(1800))?;
+        if r.exit_code != Some(0) {
+            return Err(EngineError::Warmup {
+                code: r.exit_code,
+                stderr: r.stderr,
+            });
+        }
+        warmup_output = Some(r.stdout);
+    }
+    if let Some(w) = &opts.warm {
+        let r = agent.warm(w.clone())?;
+        warmup_output
+            .get_or_insert_with(String::new)
+            .push_str(&r.preload_output);
+    }
+    // Sync the guest's page cache to its disk so the saved rootfs is complete on its own.
+    agent.shell("sync", Duration::from_secs(120))?;
+    if interrupt.is_set() {
+        return Err(EngineError::Interrupted);
+    }
+    // Disconnect first: children start with the host side closed, as they will find it.
+    drop(agent);
+    std::thread::sleep(Duration::from_millis(50));
+
+    let save = Instant::now();
+    qmp.execute("stop", None)?; // pauses vCPUs and flushes every block device
+    qmp.set_capabilities(&[("x-ignore-shared", true)])?;
+    let vmstate = out.join(VMSTATE_FILE);
+    let uri = format!("exec:cat > {}", sh_quote(&vmstate.to_string_lossy()));
+    qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))?;
+    qmp.wait_migration(Duration::from_secs(120))?;
+    let _ = qmp.execute("quit", None);
+    guard.wait_exit(Duration::from_secs(10));
+    let save_ms = save.elapsed().as_millis() as u64;
+    drop(guard);
+    if !vmstate.is_file() {
+        return Err(EngineError::MissingFile(vmstate));
+    }
+    spec.save(out)?;
+    let mut files = vec![
+        (KERNEL_FILE.to_string(), "kernel"),
+        (ROOTFS_FILE.to_string(), "rootfs"),
+        (MEMORY_FILE.to_string(), "memory"),
+        (VMSTATE_FILE.to_string(), "vmstate"),
+        (SPEC_FILE.to_string(), "engine"),
+    ];
+    if opts.initrd.is_some() {
+        files.push((INITRD_FILE.to_string(), "initrd"));
+    }
+    Ok(SnapshotOutput {
+        spec,
+        files,
+        boot_ms,
+        save_ms,
+        warmup_output,
+    })
+}

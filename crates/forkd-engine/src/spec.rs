@@ -1,0 +1,217 @@
+//! `engine.json`: the machine a snapshot needs, and the QEMU command line that builds it.
+//!
+//! A snapshot restores only into a machine with the same devices in the same places. The
+//! device layout is named (`forkd-pc-v1`) and fixed in code below; `engine.json` records that
+//! name plus the machine type, CPU model, RAM, vCPUs, kernel command line and file names. See
+//! docs/ENGINE.md.
+
+use crate::error::{EngineError, IoCtx, Result};
+use crate::qemu::Accel;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const SPEC_FILE: &str = "engine.json";
+pub const SPEC_FORMAT: u32 = 1;
+pub const LAYOUT: &str = "forkd-pc-v1";
+
+pub const KERNEL_FILE: &str = "vmlinuz";
+pub const INITRD_FILE: &str = "initrd.img";
+pub const ROOTFS_FILE: &str = "rootfs.ext4";
+pub const MEMORY_FILE: &str = "memory.bin";
+pub const VMSTATE_FILE: &str = "vmstate";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub format: u32,
+    /// Device layout name; only [`LAYOUT`] is known.
+    pub layout: String,
+    /// QEMU version that took the snapshot.
+    pub qemu_version: String,
+    pub machine: String,
+    pub cpu: String,
+    pub mem_mib: u64,
+    pub vcpus: u32,
+    /// Accelerator the parent ran under (children may use another).
+    pub accel: String,
+    pub cmdline: String,
+    pub kernel: String,
+    #[serde(default)]
+    pub initrd: Option<String>,
+    pub rootfs: String,
+    pub memory: String,
+    pub vmstate: String,
+    /// Whether the parent started a warm worker (children can `run` code in it).
+    #[serde(default)]
+    pub warm: bool,
+}
+
+impl VmSpec {
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_mib * 1024 * 1024
+    }
+
+    /// Read and check `DIR/engine.json`.
+    pub fn load(dir: &Path) -> Result<VmSpec> {
+        let p = dir.join(SPEC_FILE);
+        if !p.exists() {
+            return Err(EngineError::MissingFile(p));
+        }
+        let text = std::fs::read_to_string(&p).at("cannot read", &p)?;
+        let spec: VmSpec = serde_json::from_str(&text)
+            .map_err(|e| EngineError::Corrupt(format!("{}: {e}", p.display())))?;
+        if spec.format != SPEC_FORMAT {
+            return Err(EngineError::Corrupt(format!(
+                "{}: engine format {} is not supported (this forkd reads {SPEC_FORMAT})",
+                p.display(),
+                spec.format
+            )));
+        }
+        if spec.layout != LAYOUT {
+            return Err(EngineError::Corrupt(format!(
+                "{}: device layout {:?} is unknown (this forkd knows {LAYOUT:?})",
+                p.display(),
+                spec.layout
+            )));
+        }
+        if spec.mem_mib == 0 || spec.vcpus == 0 || spec.vcpus > 64 {
+            return Err(EngineError::Corrupt(format!(
+                "{}: bad mem_mib/vcpus",
+                p.display()
+            )));
+        }
+        for f in [&spec.kernel, &spec.rootfs, &spec.memory, &spec.vmstate]
+            .into_iter()
+            .chain(spec.initrd.as_ref())
+        {
+            if f.is_empty() || f.contains('/') || f.starts_with('.') {
+                return Err(EngineError::Corrupt(format!(
+                    "{}: bad file name {f:?}",
+                    p.display()
+                )));
+            }
+        }
+        Ok(spec)
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let p = dir.join(SPEC_FILE);
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| EngineError::Corrupt(e.to_string()))?;
+        std::fs::write(&p, text + "\n").at("cannot write", &p)
+    }
+}
+
+/// Parent (booting, writes its disk and shares its RAM file) or child (restoring, private RAM,
+/// throwaway disk overlay).
+#[derive(Debug, Clone)]
+pub enum Role {
+    Parent { console: PathBuf },
+    Child,
+}
+
+/// Everything needed to build one QEMU command line.
+#[derive(Debug, Clone)]
+pub struct Launch<'a> {
+    pub spec: &'a VmSpec,
+    /// Directory holding kernel, initrd, rootfs, memory.bin, vmstate.
+    pub dir: &'a Path,
+    pub accel: Accel,
+    pub qmp_sock: &'a Path,
+    pub agent_sock: &'a Path,
+    pub role: Role,
+    /// Override of the memory file (tests break one child with it).
+    pub memory_override: Option<PathBuf>,
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// QEMU option values separate with commas; a literal comma is doubled.
+fn opt(p: &Path) -> String {
+    s(p).replace(',', ",,")
+}
+
+impl Launch<'_> {
+    pub fn args(&self) -> Vec<String> {
+        let spec = self.spec;
+        let parent = matches!(self.role, Role::Parent { .. });
+        let mem = self
+            .memory_override
+            .clone()
+            .unwrap_or_else(|| self.dir.join(&spec.memory));
+        let accel = match self.accel {
+            Accel::Kvm => "kvm".to_string(),
+            // A small translation cache: children run little code, and its pages count as PSS.
+            Accel::Tcg => "tcg,tb-size=32".to_string(),
+        };
+        let mut a: Vec<String> = vec![
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-machine".into(),
+            format!("{},memory-backend=mem,smm=off,vmport=off", spec.machine),
+            "-accel".into(),
+            accel,
+            "-cpu".into(),
+            spec.cpu.clone(),
+            "-smp".into(),
+            spec.vcpus.to_string(),
+            "-m".into(),
+            format!("{}M", spec.mem_mib),
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+                spec.mem_mib,
+                opt(&mem),
+                if parent { "on" } else { "off" }
+            ),
+            "-kernel".into(),
+            s(&self.dir.join(&spec.kernel)),
+            "-append".into(),
+            spec.cmdline.clone(),
+        ];
+        if let Some(initrd) = &spec.initrd {
+            a.extend(["-initrd".into(), s(&self.dir.join(initrd))]);
+        }
+        match &self.role {
+            Role::Parent { console } => {
+                a.extend(["-serial".into(), format!("file:{}", s(console))])
+            }
+            Role::Child => a.extend(["-serial".into(), "null".into()]),
+        }
+        let rootfs = opt(&self.dir.join(&spec.rootfs));
+        let drive = if parent {
+            format!("if=none,id=root,file={rootfs},format=raw,cache=writeback,discard=ignore")
+        } else {
+            // A private, throwaway qcow2 overlay (in $TMPDIR) over the read-only base.
+            format!("if=none,id=root,file={rootfs},format=raw,cache=unsafe,snapshot=on")
+        };
+        a.extend([
+            "-drive".into(),
+            drive,
+            "-device".into(),
+            "virtio-serial-pci,id=vser0,addr=0x3".into(),
+            "-device".into(),
+            "virtio-blk-pci,drive=root,addr=0x4".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                opt(self.agent_sock)
+            ),
+            "-device".into(),
+            format!(
+                "virtserialport,bus=vser0.0,chardev=agent,name={}",
+                forkd_agent::PORT_NAME
+            ),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", opt(self.qmp_sock)),
+        ]);
+        if !parent {
+            a.extend(["-incoming".into(), "defer".into()]);
+        }
+        a
+    }
+}

@@ -1,0 +1,72 @@
+//! Small helpers: hashing, random bytes, tail of a log, shell quoting, interrupt flag.
+
+use crate::error::{IoCtx, Result};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// sha256 of a file's logical content, lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).at("cannot open", path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).at("cannot read", path)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// `n` bytes from the host's kernel RNG.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut v);
+    }
+    v
+}
+
+/// The last `lines` lines of a text file (empty if unreadable).
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Quote a path for `sh -c` (used in QEMU's `exec:` migration URIs).
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// A flag set by SIGINT/SIGTERM, so long operations can stop and clean up.
+#[derive(Clone)]
+pub struct Interrupt(Arc<AtomicBool>);
+
+impl Interrupt {
+    /// Register SIGINT and SIGTERM to set the flag (instead of killing the process).
+    pub fn install() -> Interrupt {
+        let flag = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            if let Err(e) = signal_hook::flag::register(sig, flag.clone()) {
+                tracing::warn!("cannot handle signal {sig}: {e}");
+            }
+        }
+        Interrupt(flag)
+    }
+    /// A flag nobody sets (for library callers that handle signals themselves).
+    pub fn never() -> Interrupt {
+        Interrupt(Arc::new(AtomicBool::new(false)))
+    }
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed)
+    }
+}
