@@ -1,5 +1,7 @@
 //! Command groups. Each area file exposes `Cmd` (clap subcommands) and `run(cmd, ctx)`.
 
+mod hub;
+mod hub_progress;
 mod recipe;
 
 use crate::ctx::Ctx;
@@ -10,6 +12,8 @@ pub enum Command {
     Version,
     #[command(flatten)]
     Recipe(recipe::Cmd),
+    #[command(flatten)]
+    Hub(hub::Cmd),
 }
 
 pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
@@ -22,5 +26,6 @@ pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Recipe(c) => recipe::run(c, ctx),
+        Command::Hub(c) => hub::run(c, ctx),
     }
 }

@@ -1,0 +1,414 @@
+//! Snapshot Hub commands: push, pull, search, key generate, hub serve.
+
+use crate::ctx::Ctx;
+use crate::report::Hint;
+use anyhow::{Context, Result, bail};
+use forkd_hub::{HubError, HubOptions, Reference, Transport};
+use forkd_store::{Store, Tag};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct HubArgs {
+    /// Hub URL: file:///DIR, http(s)://HOST/PREFIX, s3://BUCKET/PREFIX [default: file://$FORKD_HOME/hub]
+    #[arg(long, env = "FORKD_HUB", value_name = "URL")]
+    hub: Option<String>,
+    /// File holding the bearer token for writes to `forkd hub serve` (else $FORKD_HUB_TOKEN)
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Cmd {
+    /// Upload a local image to a hub as OWNER/NAME[:VERSION], signed
+    Push {
+        /// Local tag to push
+        local_tag: String,
+        /// OWNER/NAME[:VERSION] (VERSION defaults to latest)
+        reference: String,
+        #[command(flatten)]
+        hub: HubArgs,
+        /// Secret key to sign with [default: $FORKD_HOME/keys/forkd.key]
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Push without a signature (pulls then need --insecure)
+        #[arg(long, conflicts_with = "key")]
+        unsigned: bool,
+        /// Description shown by `forkd search` [default: the manifest's]
+        #[arg(long)]
+        description: Option<String>,
+        /// Chunks compressed and uploaded at once
+        #[arg(long, short, default_value_t = 8)]
+        jobs: usize,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download OWNER/NAME[:VERSION|@sha256:DIGEST] from a hub into the local store
+    Pull {
+        reference: String,
+        /// Local tag [default: NAME]
+        #[arg(long)]
+        tag: Option<String>,
+        #[command(flatten)]
+        hub: HubArgs,
+        /// Trust this minisign public key (a key, or a .pub file); repeatable
+        #[arg(long, value_name = "KEY")]
+        trust: Vec<String>,
+        /// Accept an unsigned or wrongly signed image
+        #[arg(long)]
+        insecure: bool,
+        /// Don't check that this host can run the snapshot
+        #[arg(long)]
+        skip_compat_check: bool,
+        /// Concurrent downloads
+        #[arg(long, short, default_value_t = 8)]
+        jobs: usize,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Search a hub's catalogue
+    Search {
+        /// Text to look for in names and descriptions
+        text: Option<String>,
+        #[command(flatten)]
+        hub: HubArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Signing keys
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Run a hub
+    #[command(subcommand)]
+    Hub(HubCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum KeyCmd {
+    /// Make a minisign (ed25519) key pair for `forkd push`
+    Generate {
+        /// Directory for forkd.key and forkd.pub [default: $FORKD_HOME/keys]
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum HubCmd {
+    /// Serve a hub over HTTP: anonymous reads (with Range), writes with a bearer token
+    Serve {
+        /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free one)
+        #[arg(long)]
+        listen: String,
+        /// Hub directory [default: $FORKD_HOME/hub]
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// File holding the bearer token that writes must present
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
+    },
+}
+
+fn open_store(ctx: &Ctx) -> Result<Store> {
+    match &ctx.home {
+        Some(h) => Store::open(h),
+        None => Store::open_default(),
+    }
+    .context("cannot open the local store")
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn read_token(path: &Path) -> Result<String> {
+    let t = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let t = t.trim().to_string();
+    if t.is_empty() {
+        bail!("the token file {} is empty", path.display());
+    }
+    Ok(t)
+}
+
+fn open_hub(args: &HubArgs, store: &Store) -> Result<Arc<dyn Transport>> {
+    let token = match &args.token_file {
+        Some(f) => Some(read_token(f)?),
+        None => std::env::var("FORKD_HUB_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
+    let url = match &args.hub {
+        Some(u) => u.clone(),
+        None => format!("file://{}", store.home().join("hub").display()),
+    };
+    forkd_hub::transport::open(&url, &HubOptions { token }).map_err(anyhow::Error::from)
+}
+
+pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
+    match cmd {
+        Cmd::Push {
+            local_tag,
+            reference,
+            hub,
+            key,
+            unsigned,
+            description,
+            jobs,
+            json,
+        } => {
+            let store = open_store(ctx)?;
+            let tag = Tag::parse(&local_tag)?;
+            let reference = Reference::parse(&reference)?;
+            let snapshot = store.get(&tag)?;
+            let key = if unsigned {
+                None
+            } else {
+                let path = key.unwrap_or_else(|| {
+                    store
+                        .home()
+                        .join("keys")
+                        .join(forkd_hub::sign::SECRET_KEY_FILE)
+                });
+                if !path.exists() {
+                    return Err(anyhow::anyhow!("no signing key at {}", path.display())).context(
+                        Hint("run `forkd key generate` (or pass --key FILE, or --unsigned)".into()),
+                    );
+                }
+                Some(forkd_hub::sign::load_secret_key(&path)?)
+            };
+            let transport = open_hub(&hub, &store)?;
+            let shown = transport.describe();
+            let opts = forkd_hub::push::PushOptions {
+                jobs,
+                key,
+                description,
+                zstd_level: 3,
+            };
+            let progress = crate::commands::hub_progress::Bars::new(ctx);
+            let out = runtime()?
+                .block_on(forkd_hub::push::push(
+                    transport, &snapshot, &reference, &opts, &progress,
+                ))
+                .map_err(|e| with_hint(e, &shown))
+                .with_context(|| format!("cannot push `{tag}` to {shown}"))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "reference": reference.to_string(), "digest": out.digest, "hub": shown,
+                        "stored_size": out.stored_size, "uploaded_bytes": out.uploaded_bytes,
+                        "reused_bytes": out.reused_bytes, "signed": out.signed,
+                    })
+                );
+            } else {
+                println!(
+                    "pushed `{tag}` as {reference} ({}) to {shown}: {} stored, {} uploaded, {} already there{}",
+                    out.digest,
+                    human(out.stored_size),
+                    human(out.uploaded_bytes),
+                    human(out.reused_bytes),
+                    if out.signed { "" } else { " [unsigned]" }
+                );
+            }
+            Ok(())
+        }
+        Cmd::Pull {
+            reference,
+            tag,
+            hub,
+            trust,
+            insecure,
+            skip_compat_check,
+            jobs,
+            json,
+        } => {
+            let store = open_store(ctx)?;
+            let reference = Reference::parse(&reference)?;
+            let tag = Tag::parse(tag.as_deref().unwrap_or(&reference.name))?;
+            let trusted = trusted_keys(&store, &trust)?;
+            let transport = open_hub(&hub, &store)?;
+            let shown = transport.describe();
+            let opts = forkd_hub::pull::PullOptions {
+                tag,
+                jobs,
+                trusted,
+                insecure,
+                skip_compat_check,
+                attempts: std::env::var("FORKD_HUB_ATTEMPTS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(4),
+            };
+            let progress = crate::commands::hub_progress::Bars::new(ctx);
+            let started = std::time::Instant::now();
+            let out = runtime()?
+                .block_on(forkd_hub::pull::pull(
+                    transport, &store, &reference, &opts, &progress,
+                ))
+                .map_err(|e| with_hint(e, &shown))
+                .with_context(|| format!("cannot pull {reference} from {shown}"))?;
+            let secs = started.elapsed().as_secs_f64();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "reference": reference.to_string(), "digest": out.digest, "tag": out.tag.as_str(),
+                        "hub": shown, "up_to_date": out.up_to_date, "downloaded_bytes": out.downloaded_bytes,
+                        "cached_bytes": out.cached_bytes, "size": out.apparent_size, "verified": out.unverified.is_none(),
+                        "seconds": secs,
+                    })
+                );
+            } else if out.up_to_date {
+                println!(
+                    "`{}` is up to date with {reference} ({})",
+                    out.tag, out.digest
+                );
+            } else {
+                println!(
+                    "pulled {reference} ({}) as `{}`: {} in {secs:.1} s ({} downloaded, {} from cache){}",
+                    out.digest,
+                    out.tag,
+                    human(out.apparent_size),
+                    human(out.downloaded_bytes),
+                    human(out.cached_bytes),
+                    if out.unverified.is_some() {
+                        " [NOT VERIFIED]"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Ok(())
+        }
+        Cmd::Search { text, hub, json } => {
+            let store = open_store(ctx)?;
+            let transport = open_hub(&hub, &store)?;
+            let shown = transport.describe();
+            let catalog = runtime()?
+                .block_on(forkd_hub::remote::fetch_catalog(transport.as_ref()))
+                .with_context(|| format!("cannot search {shown}"))?;
+            let found = forkd_hub::remote::search(&catalog, text.as_deref());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+                return Ok(());
+            }
+            if found.is_empty() {
+                println!("no images found on {shown}");
+            }
+            for img in found {
+                println!("{}  {}", img.name, img.description);
+                for v in img.versions {
+                    println!(
+                        "    :{:<16} {:>10} download  {:>10} on disk  {}  {}",
+                        v.version,
+                        human(v.size),
+                        v.disk_size.map(human).unwrap_or_default(),
+                        &v.digest[..19.min(v.digest.len())],
+                        v.created_at
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Key(KeyCmd::Generate { out }) => {
+            let dir = match out {
+                Some(d) => d,
+                None => open_store(ctx)?.home().join("keys"),
+            };
+            let (sk, pk, line) = forkd_hub::sign::generate(&dir)?;
+            println!(
+                "secret key: {}\npublic key: {}\n{line}",
+                sk.display(),
+                pk.display()
+            );
+            Ok(())
+        }
+        Cmd::Hub(HubCmd::Serve {
+            listen,
+            root,
+            token_file,
+        }) => {
+            let token = read_token(&token_file)?;
+            let root = match root {
+                Some(r) => r,
+                None => open_store(ctx)?.home().join("hub"),
+            };
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("cannot create {}", root.display()))?;
+            runtime()?.block_on(async {
+                let listener = tokio::net::TcpListener::bind(&listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                let addr = listener.local_addr()?;
+                println!("serving {} on http://{addr}/", root.display());
+                use std::io::Write;
+                std::io::stdout().flush()?;
+                forkd_hub::serve::serve(listener, root, token, forkd_hub::serve::shutdown_signal())
+                    .await?;
+                Ok::<_, anyhow::Error>(())
+            })
+        }
+    }
+}
+
+/// Trusted keys: --trust, $FORKD_HOME/trusted-keys, and the local key from `forkd key generate`.
+fn trusted_keys(store: &Store, given: &[String]) -> Result<Vec<minisign::PublicKey>> {
+    let mut keys = Vec::new();
+    for k in given {
+        keys.push(
+            forkd_hub::sign::parse_public_key(k).with_context(|| "bad --trust key".to_string())?,
+        );
+    }
+    keys.extend(forkd_hub::sign::read_trusted_keys(
+        &store.home().join("trusted-keys"),
+    )?);
+    let own = store
+        .home()
+        .join("keys")
+        .join(forkd_hub::sign::PUBLIC_KEY_FILE);
+    if own.is_file() {
+        keys.push(forkd_hub::sign::parse_public_key(
+            own.to_str().unwrap_or_default(),
+        )?);
+    }
+    Ok(keys)
+}
+
+fn with_hint(e: HubError, hub: &str) -> anyhow::Error {
+    let hint = match &e {
+        HubError::Signature { .. } => Some(format!(
+            "trust the publisher's key with --trust KEY or add it to $FORKD_HOME/trusted-keys; --insecure skips the check (not recommended)"
+        )),
+        HubError::NotFound { .. } => Some(format!(
+            "`forkd search --hub {hub}` lists what this hub has"
+        )),
+        HubError::Incompatible { .. } => Some("--skip-compat-check downloads it anyway".into()),
+        _ => None,
+    };
+    let err = anyhow::Error::from(e);
+    match hint {
+        Some(h) => err.context(Hint(h)),
+        None => err,
+    }
+}
+
+pub fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
