@@ -76,3 +76,62 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
         }
     }
 }
+
+/// The error and all its causes, joined: what the user would read.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Builds tar archives by hand, including entries no honest writer would produce.
+pub struct RawTar {
+    pub out: Vec<u8>,
+}
+
+impl RawTar {
+    pub fn new() -> RawTar {
+        RawTar { out: Vec::new() }
+    }
+
+    /// An entry with an arbitrary raw name and type flag, and `data` as its content.
+    pub fn entry(&mut self, name: &str, ty: u8, data: &[u8]) -> &mut Self {
+        let mut h = tar::Header::new_gnu();
+        let raw = &mut h.as_old_mut().name;
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_entry_type(tar::EntryType::new(ty));
+        if ty == b'2' || ty == b'1' {
+            h.set_link_name("/etc/passwd").unwrap();
+            h.set_size(0);
+        }
+        h.set_cksum();
+        self.out.extend_from_slice(h.as_bytes());
+        if ty == b'0' {
+            self.out.extend_from_slice(data);
+            self.out.resize(self.out.len().div_ceil(512) * 512, 0);
+        }
+        self
+    }
+
+    pub fn file(&mut self, name: &str, data: &[u8]) -> &mut Self {
+        self.entry(name, b'0', data)
+    }
+
+    /// Raw bytes (e.g. a hand-made header).
+    pub fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+        self.out.extend_from_slice(bytes);
+        self
+    }
+
+    pub fn zst(&mut self) -> Vec<u8> {
+        self.out.extend_from_slice(&[0u8; 1024]);
+        zstd::encode_all(&self.out[..], 3).unwrap()
+    }
+}
