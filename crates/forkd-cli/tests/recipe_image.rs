@@ -146,7 +146,7 @@ fn image_from_cached_tree_is_real_ext4_and_cached() {
                 [packages]\ndebian = [\"alpha\"]\n\
                 [[files]]\nsrc = \"hello.txt\"\ndest = \"/etc/motd\"\n\
                 [vm]\nmemory_mib = 128\ndisk_headroom_mib = 8\n\
-                [warm]\nkind = \"sh\"\n[smoke]\nexec = \"cat /etc/motd\"\nexpect = \"hello\"\n";
+                [warm]\nkind = \"sh\"\n[[smoke]]\nexec = \"cat /etc/motd\"\nexpect = \"hello\"\n";
     std::fs::write(rdir.join("recipe.toml"), text).unwrap();
     std::fs::write(rdir.join("hello.txt"), "hello from the recipe\n").unwrap();
     let lr = LoadedRecipe::load(&rdir).unwrap();

@@ -27,7 +27,7 @@ vcpus = 1
 kind = "python"
 preload = "import numpy"
 
-[smoke]
+[[smoke]]
 run = "1 + 1"
 expect = "2"
 "#;
@@ -96,7 +96,7 @@ fn unknown_field_is_refused() {
 
 #[test]
 fn missing_required_section() {
-    let text = GOOD.replace("[smoke]\nrun = \"1 + 1\"\nexpect = \"2\"\n", "");
+    let text = GOOD.replace("[[smoke]]\nrun = \"1 + 1\"\nexpect = \"2\"\n", "");
     let e = Recipe::parse(&text).unwrap_err();
     assert!(e.to_string().contains("smoke"), "{e}");
 }
@@ -308,7 +308,7 @@ fn warm_argv_relative_program() {
 fn smoke_run_and_exec() {
     refused(
         &with("run = \"1 + 1\"", "run = \"1 + 1\"\nexec = \"true\""),
-        "smoke",
+        "smoke[0]",
         "exactly one",
     );
 }
@@ -317,7 +317,7 @@ fn smoke_run_and_exec() {
 fn smoke_expect_empty() {
     refused(
         &with("expect = \"2\"", "expect = \" \""),
-        "smoke.expect",
+        "smoke[0].expect",
         "must not be empty",
     );
 }

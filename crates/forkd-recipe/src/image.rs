@@ -18,7 +18,7 @@ use crate::util::{
 use crate::{BuildOptions, LoadedRecipe, Progress, RecipeError};
 
 /// Bump when the way images are made changes.
-const IMAGE_FORMAT: u32 = 1;
+const IMAGE_FORMAT: u32 = 2;
 /// Where the agent is installed in the guest.
 pub const AGENT_PATH: &str = "/usr/local/sbin/forkd-agent";
 /// The guest init: mounts the kernel filesystems, then becomes the agent.
@@ -27,6 +27,19 @@ pub const INIT_PATH: &str = "/sbin/forkd-init";
 pub const LICENCES_GUEST_PATH: &str = "/usr/share/forkd/licences.toml";
 pub const LICENCES_FILE: &str = "licences.toml";
 pub const IMAGE_FILE: &str = "rootfs.ext4";
+
+/// forkd's warm worker programs, installed into every image under /usr/lib/forkd/workers/.
+/// Recipes name them in `warm.argv`; they speak the agent's worker framing.
+pub const WORKERS: &[(&str, &str)] = &[
+    (
+        "/usr/lib/forkd/workers/node-worker.js",
+        include_str!("../workers/node-worker.js"),
+    ),
+    (
+        "/usr/lib/forkd/workers/jupyter-worker.py",
+        include_str!("../workers/jupyter-worker.py"),
+    ),
+];
 
 /// The init installed as [`INIT_PATH`]. It runs as PID 1 in the Debian root (after the engine's
 /// initramfs has mounted it), or under any init that hands over to it.
@@ -44,6 +57,7 @@ mountpoint -q /dev/shm || mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mountpoint -q /tmp || mount -t tmpfs -o mode=1777 tmpfs /tmp
 mountpoint -q /run || mount -t tmpfs -o mode=0755 tmpfs /run
 [ -r /etc/hostname ] && hostname "$(cat /etc/hostname)" 2>/dev/null
+command -v ip >/dev/null 2>&1 && ip link set lo up 2>/dev/null
 exec /usr/local/sbin/forkd-agent
 "#;
 
@@ -85,10 +99,7 @@ pub fn build_image(
     if !opts.agent.is_file() {
         return Err(RecipeError::Io {
             path: opts.agent.clone(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "forkd-agent binary not found",
-            ),
+            err: std::io::Error::new(std::io::ErrorKind::NotFound, "forkd-agent binary not found"),
         });
     }
     let mut parts = vec![
@@ -98,6 +109,9 @@ pub fn build_image(
     parts.push(format!("agent={}", sha256_file(&opts.agent)?));
     parts.push(format!("init={}", sha256_hex(INIT_SCRIPT.as_bytes())));
     parts.push(format!("hostname={}", r.name));
+    for (dest, text) in WORKERS {
+        parts.push(format!("worker={dest}:{}", sha256_hex(text.as_bytes())));
+    }
     parts.push(format!("headroom={}", r.vm.disk_headroom_mib));
     for f in &r.files {
         let sum = sha256_file(&lr.dir.join(&f.src))?;
@@ -183,6 +197,9 @@ fn assemble(
     let agent = std::fs::read(&opts.agent).map_err(io_err(&opts.agent))?;
     write_in_root(&root, AGENT_PATH, &agent, 0o755)?;
     write_in_root(&root, INIT_PATH, INIT_SCRIPT.as_bytes(), 0o755)?;
+    for (dest, text) in WORKERS {
+        write_in_root(&root, dest, text.as_bytes(), 0o755)?;
+    }
     write_in_root(
         &root,
         "/etc/hostname",

@@ -24,11 +24,8 @@ pub use recipe::{LoadedRecipe, Recipe};
 /// Everything that can go wrong reading a recipe or building its root filesystem.
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("recipe is not valid TOML: {0}")]
     Toml(String),
     #[error("recipe field `{field}`: {message}")]

@@ -145,7 +145,7 @@ pub fn scan(root: &Path) -> Result<LicenceReport, RecipeError> {
     let status_path = root.join("var/lib/dpkg/status");
     let status = std::fs::read_to_string(&status_path).map_err(|source| RecipeError::Io {
         path: status_path,
-        source,
+        err: source,
     })?;
     let mut report = LicenceReport::default();
     for (pkg, version) in dpkg_installed(&status) {

@@ -17,6 +17,8 @@ pub const RECIPE_FILE: &str = "recipe.toml";
 pub const MAX_RECIPE_BYTES: u64 = 64 << 10;
 /// The Debian mirror used when a recipe names none.
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+/// The Debian security mirror used when a recipe names none.
+pub const DEFAULT_SECURITY_MIRROR: &str = "http://deb.debian.org/debian-security";
 /// Debian suites a recipe may name.
 pub const SUITES: &[&str] = &["bookworm", "trixie"];
 /// Built-in warm workers of the guest agent (see docs/AGENT-PROTOCOL.md).
@@ -35,6 +37,9 @@ pub struct Recipe {
     /// Debian mirror URL (http or https); default [`DEFAULT_MIRROR`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<String>,
+    /// Debian security mirror URL; default [`DEFAULT_SECURITY_MIRROR`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_mirror: Option<String>,
     #[serde(default)]
     pub packages: Packages,
     /// Files copied from the recipe directory into the root filesystem.
@@ -42,7 +47,8 @@ pub struct Recipe {
     pub files: Vec<FileSpec>,
     pub vm: Vm,
     pub warm: Warm,
-    pub smoke: Smoke,
+    /// Checks run in a forked child (`[[smoke]]`, at least one).
+    pub smoke: Vec<Smoke>,
     #[serde(default)]
     pub licence: LicenceNotes,
 }
@@ -243,6 +249,22 @@ impl Recipe {
         self.mirror.as_deref().unwrap_or(DEFAULT_MIRROR)
     }
 
+    pub fn security_mirror(&self) -> &str {
+        self.security_mirror
+            .as_deref()
+            .unwrap_or(DEFAULT_SECURITY_MIRROR)
+    }
+
+    /// The apt sources of the build: the suite, its updates, and its security updates.
+    pub fn sources(&self) -> Vec<String> {
+        let (m, s) = (self.mirror(), self.suite());
+        vec![
+            format!("deb {m} {s} main"),
+            format!("deb {m} {s}-updates main"),
+            format!("deb {} {s}-security main", self.security_mirror()),
+        ]
+    }
+
     /// Check every rule; parse calls this.
     pub fn validate(&self) -> Result<(), RecipeError> {
         if !simple_name(&self.name, 63, |c| {
@@ -294,6 +316,14 @@ impl Recipe {
         {
             return invalid("mirror", format!("{m:?} is not an http:// or https:// URL"));
         }
+        if let Some(m) = &self.security_mirror
+            && !is_http_url(m)
+        {
+            return invalid(
+                "security_mirror",
+                format!("{m:?} is not an http:// or https:// URL"),
+            );
+        }
         self.validate_packages()?;
         self.validate_files()?;
         let vm = &self.vm;
@@ -316,18 +346,7 @@ impl Recipe {
             );
         }
         self.validate_warm()?;
-        let s = &self.smoke;
-        match (&s.run, &s.exec) {
-            (Some(code), None) => check_text("smoke.run", code, true, 16 << 10)?,
-            (None, Some(cmd)) => check_text("smoke.exec", cmd, true, 16 << 10)?,
-            _ => {
-                return invalid(
-                    "smoke",
-                    "give exactly one of `run` (warm worker code) and `exec` (shell command)",
-                );
-            }
-        }
-        check_text("smoke.expect", &s.expect, true, 4096)?;
+        self.validate_smoke()?;
         check_text("licence.notes", &self.licence.notes, false, 4096)?;
         Ok(())
     }
@@ -405,6 +424,26 @@ impl Recipe {
         Ok(())
     }
 
+    fn validate_smoke(&self) -> Result<(), RecipeError> {
+        if self.smoke.is_empty() || self.smoke.len() > 16 {
+            return invalid("smoke", "give 1 to 16 [[smoke]] checks");
+        }
+        for (i, s) in self.smoke.iter().enumerate() {
+            match (&s.run, &s.exec) {
+                (Some(code), None) => check_text(&format!("smoke[{i}].run"), code, true, 16 << 10)?,
+                (None, Some(cmd)) => check_text(&format!("smoke[{i}].exec"), cmd, true, 16 << 10)?,
+                _ => {
+                    return invalid(
+                        &format!("smoke[{i}]"),
+                        "give exactly one of `run` (warm worker code) and `exec` (shell command)",
+                    );
+                }
+            }
+            check_text(&format!("smoke[{i}].expect"), &s.expect, true, 4096)?;
+        }
+        Ok(())
+    }
+
     fn validate_warm(&self) -> Result<(), RecipeError> {
         let w = &self.warm;
         match (&w.kind, &w.argv) {
@@ -454,7 +493,7 @@ impl LoadedRecipe {
         };
         let io = |source| RecipeError::Io {
             path: file.clone(),
-            source,
+            err: source,
         };
         let meta = std::fs::metadata(&file).map_err(io)?;
         if meta.len() > MAX_RECIPE_BYTES {

@@ -16,7 +16,7 @@ use crate::util::{io_err, need_tool, run_logged, sha256_hex};
 use crate::{BuildOptions, Progress, Recipe, RecipeError};
 
 /// Bump when the way trees are made changes, so old cache entries are not reused.
-const TREE_FORMAT: u32 = 1;
+const TREE_FORMAT: u32 = 2;
 
 /// Where npm packages go in the guest.
 pub const NODE_PREFIX: &str = "/opt/forkd/node";
@@ -35,8 +35,7 @@ const DPKG_FILTERS: &[&str] = &[
 #[derive(Serialize)]
 struct TreeKey<'a> {
     format: u32,
-    suite: &'a str,
-    mirror: &'a str,
+    sources: Vec<String>,
     debian: Vec<&'a str>,
     pip: &'a [String],
     npm: &'a [String],
@@ -48,8 +47,7 @@ pub fn tree_key(r: &Recipe) -> String {
     debian.sort_unstable();
     let key = TreeKey {
         format: TREE_FORMAT,
-        suite: r.suite(),
-        mirror: r.mirror(),
+        sources: r.sources(),
         debian,
         pip: &r.packages.pip,
         npm: &r.packages.npm,
@@ -145,7 +143,7 @@ fn build_tree(
     for f in DPKG_FILTERS {
         cmd.arg(format!("--dpkgopt={f}"));
     }
-    cmd.arg(r.suite()).arg(&root).arg(r.mirror());
+    cmd.arg(r.suite()).arg(&root).args(r.sources());
     run_logged("mmdebstrap", &mut cmd, log)?;
     progress(Progress::Done {
         phase: "debian packages (mmdebstrap)",

@@ -13,7 +13,7 @@ use crate::RecipeError;
 pub fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
     move |source| RecipeError::Io {
         path: path.to_path_buf(),
-        source,
+        err: source,
     }
 }
 
@@ -52,7 +52,7 @@ pub fn run_logged(what: &str, cmd: &mut Command, log: &Path) -> Result<(), Recip
         .status()
         .map_err(|source| RecipeError::Io {
             path: PathBuf::from(cmd.get_program()),
-            source,
+            err: source,
         })?;
     if status.success() {
         return Ok(());
