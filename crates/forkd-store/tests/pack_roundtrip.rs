@@ -194,3 +194,29 @@ fn python_tarfile_reads_our_packs() {
         );
     }
 }
+
+#[test]
+fn pack_detects_store_corruption_and_leaves_no_output() {
+    let a = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let sa = Store::open(a.path()).unwrap();
+    let snap = make_image(&sa, "img");
+    // Flip one byte of a stored file (same size, different content).
+    let f = OpenOptions::new()
+        .write(true)
+        .open(snap.path("disk.img"))
+        .unwrap();
+    f.write_all_at(b"\0", 5000).unwrap();
+    let file = out.path().join("img.forkd-snapshot.tar.zst");
+    let err = pack(&snap, &file, &PackOptions::default(), &NoProgress).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("disk.img of image `img` is corrupt"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "partial output left behind"
+    );
+}
