@@ -78,7 +78,7 @@ pub struct IdentityRequest {
     pub seed_hex: Option<String>,
     /// Host wall-clock time in nanoseconds since the Unix epoch; the guest clock is stepped to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub time_unix_ns: Option<u128>,
+    pub time_unix_ns: Option<u64>,
     /// An instance id the host gives this VM; reported by later `hello`s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,

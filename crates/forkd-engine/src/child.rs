@@ -283,7 +283,7 @@ fn life(
     check(plan.interrupt)?;
     let now_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
+        .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     agent.identity(IdentityRequest {
         hostname: Some(hostname.to_string()),

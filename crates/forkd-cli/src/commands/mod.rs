@@ -1,5 +1,6 @@
 //! Command groups. Each area file exposes `Cmd` (clap subcommands) and `run(cmd, ctx)`.
 
+mod engine;
 mod hub;
 mod hub_progress;
 mod recipe;
@@ -14,6 +15,8 @@ pub enum Command {
     Recipe(recipe::Cmd),
     #[command(flatten)]
     Hub(hub::Cmd),
+    #[command(flatten)]
+    Engine(engine::Cmd),
 }
 
 pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
@@ -27,5 +30,6 @@ pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
         }
         Command::Recipe(c) => recipe::run(c, ctx),
         Command::Hub(c) => hub::run(c, ctx),
+        Command::Engine(c) => engine::run(c, ctx),
     }
 }

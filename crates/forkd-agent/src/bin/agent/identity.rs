@@ -64,7 +64,7 @@ fn add_entropy(seed: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-fn step_clock(target_ns: u128) -> Result<i64, String> {
+fn step_clock(target_ns: u64) -> Result<i64, String> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i128)

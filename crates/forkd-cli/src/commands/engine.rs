@@ -1,0 +1,484 @@
+//! Engine commands: `snapshot`, `build-tiny`, `fork`, `ps`, `exec`, `kill`, `doctor`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use forkd_engine::child::Work;
+use forkd_engine::fork::{ForkOptions, ForkReport};
+use forkd_engine::qemu::{AccelChoice, Qemu};
+use forkd_engine::snapshot::{SnapshotOptions, SnapshotOutput};
+use forkd_engine::util::Interrupt;
+use forkd_store::manifest::{EngineInfo, FileEntry, Manifest};
+use forkd_store::{Overwrite, Store, Tag};
+
+use crate::ctx::Ctx;
+use crate::report::Hint;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Cmd {
+    /// Boot a parent VM, warm it up, and save it as a snapshot in the store
+    Snapshot(SnapshotArgs),
+    /// Snapshot the tiny recipe (busybox + agent) built by recipes/tiny/build.sh
+    BuildTiny(TinyArgs),
+    /// Fork N copy-on-write children from a snapshot
+    Fork(ForkArgs),
+    /// List children kept running with `fork --keep`
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in a kept child: forkd exec ID -- CMD [ARGS...]
+    Exec {
+        id: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop kept children
+    Kill {
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Check this host: QEMU, accelerator, guest kernel, disk space
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VmArgs {
+    /// Accelerator: kvm, tcg, or auto (kvm when the CPU has vmx/svm and /dev/kvm opens)
+    #[arg(long, default_value = "auto", env = "FORKD_ACCEL")]
+    accel: AccelChoice,
+    /// QEMU binary [default: $FORKD_QEMU, else qemu-system-x86_64 on PATH]
+    #[arg(long, value_name = "FILE")]
+    qemu: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SnapshotArgs {
+    #[arg(long)]
+    tag: String,
+    #[arg(long, value_name = "FILE")]
+    kernel: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    rootfs: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    mem_mib: u64,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Shell command run in the parent before the snapshot (must exit 0)
+    #[arg(long)]
+    warmup: Option<String>,
+    /// Start a warm worker before the snapshot: sh or python
+    #[arg(long, value_name = "KIND")]
+    warm: Option<String>,
+    /// Code the warm worker runs before the snapshot (e.g. "import numpy")
+    #[arg(long, requires = "warm")]
+    preload: Option<String>,
+    /// Kernel command line [default: console=ttyS0 quiet panic=-1]
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Replace an existing tag
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TinyArgs {
+    #[arg(long, default_value = "tiny")]
+    tag: String,
+    /// Directory with vmlinuz, initrd.img, rootfs.ext4 [default: $FORKD_ASSETS/tiny]
+    #[arg(long, value_name = "DIR")]
+    assets: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    mem_mib: u64,
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ForkArgs {
+    #[arg(long)]
+    tag: String,
+    /// Number of children
+    #[arg(short = 'n', long, default_value_t = 1)]
+    n: usize,
+    /// Shell command run in every child; its exit code and output are reported
+    #[arg(long)]
+    exec: Option<String>,
+    /// Code run in every child's warm worker (snapshot made with --warm)
+    #[arg(long)]
+    run: Option<String>,
+    /// Leave the children running (see forkd ps / exec / kill)
+    #[arg(long)]
+    keep: bool,
+    /// Seconds to wait for each child's agent
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+fn open_store(ctx: &Ctx) -> anyhow::Result<Store> {
+    let s = match &ctx.home {
+        Some(h) => Store::open(h),
+        None => Store::open_default(),
+    };
+    s.context("cannot open the local store")
+}
+
+fn locate_qemu(vm: &VmArgs) -> anyhow::Result<Qemu> {
+    Qemu::locate(vm.qemu.as_deref()).context(Hint(
+        "run `forkd doctor`; scripts/setup-engine.sh installs everything".into(),
+    ))
+}
+
+fn assets_dir() -> PathBuf {
+    std::env::var_os("FORKD_ASSETS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/forkd-ci/assets"))
+}
+
+pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Snapshot(a) => {
+            let warm = a.warm.as_ref().map(|k| forkd_agent::WarmRequest {
+                kind: Some(k.clone()),
+                argv: None,
+                preload: a.preload.clone(),
+            });
+            let opts = SnapshotOptions {
+                kernel: a.kernel,
+                initrd: a.initrd,
+                rootfs: a.rootfs,
+                mem_mib: a.mem_mib,
+                vcpus: a.vcpus,
+                cmdline: a.cmdline,
+                warmup: a.warmup,
+                warm,
+                accel: a.vm.accel,
+                boot_timeout: Duration::from_secs(300),
+            };
+            snapshot(ctx, &a.tag, &opts, &a.vm, a.force)
+        }
+        Cmd::BuildTiny(a) => {
+            let dir = a.assets.unwrap_or_else(|| assets_dir().join("tiny"));
+            let f = |n: &str| dir.join(n);
+            if !f("vmlinuz").is_file() || !f("initrd.img").is_file() || !f("rootfs.ext4").is_file()
+            {
+                return Err(anyhow::anyhow!(
+                    "tiny recipe assets missing in {}",
+                    dir.display()
+                ))
+                .context(Hint("build them first: recipes/tiny/build.sh".into()));
+            }
+            let opts = SnapshotOptions {
+                kernel: f("vmlinuz"),
+                initrd: Some(f("initrd.img")),
+                rootfs: f("rootfs.ext4"),
+                mem_mib: a.mem_mib,
+                vcpus: 1,
+                cmdline: None,
+                warmup: Some("echo warm > /run/forkd-warm && cat /etc/motd".into()),
+                warm: Some(forkd_agent::WarmRequest {
+                    kind: Some("sh".into()),
+                    argv: None,
+                    preload: Some("WARM_SINCE=$(cat /proc/uptime)".into()),
+                }),
+                accel: a.vm.accel,
+                boot_timeout: Duration::from_secs(300),
+            };
+            snapshot(ctx, &a.tag, &opts, &a.vm, a.force)
+        }
+        Cmd::Fork(a) => fork(ctx, a),
+        Cmd::Ps { json } => ps(ctx, json),
+        Cmd::Exec { id, cmd, json } => {
+            let store = open_store(ctx)?;
+            let r = forkd_engine::run::exec(
+                &store.home().join("run"),
+                &id,
+                forkd_agent::ExecRequest {
+                    argv: Some(cmd),
+                    ..Default::default()
+                },
+            )
+            .with_context(|| format!("cannot run the command in {id}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.stdout);
+                eprint!("{}", r.stderr);
+            }
+            match r.exit_code {
+                Some(0) => Ok(()),
+                Some(c) => std::process::exit(c),
+                None => bail!(
+                    "the command was killed (signal {:?}, timed out: {})",
+                    r.signal,
+                    r.timed_out
+                ),
+            }
+        }
+        Cmd::Kill { id, all } => {
+            let store = open_store(ctx)?;
+            let root = store.home().join("run");
+            let ids: Vec<String> = if all {
+                forkd_engine::run::list(&root)?
+                    .into_iter()
+                    .map(|c| c.child.id)
+                    .collect()
+            } else {
+                id.into_iter().collect()
+            };
+            for id in &ids {
+                forkd_engine::run::kill(&root, id).with_context(|| format!("cannot stop {id}"))?;
+                if !ctx.quiet {
+                    eprintln!("stopped {id}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Doctor { json } => {
+            let store = open_store(ctx)?;
+            let checks = forkd_engine::doctor::run(store.home(), &assets_dir());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                for c in &checks {
+                    println!(
+                        "{:<5} {:<13} {}",
+                        if c.ok { "ok" } else { "FAIL" },
+                        c.name,
+                        c.detail
+                    );
+                    if let Some(fix) = &c.fix {
+                        println!("      {:<13} -> {fix}", "");
+                    }
+                }
+            }
+            if checks.iter().any(|c| !c.ok) {
+                bail!("some checks failed");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn snapshot(
+    ctx: &Ctx,
+    tag: &str,
+    opts: &SnapshotOptions,
+    vm: &VmArgs,
+    force: bool,
+) -> anyhow::Result<()> {
+    let tag = Tag::parse(tag)?;
+    let qemu = locate_qemu(vm)?;
+    let store = open_store(ctx)?;
+    let staging = store.stage()?;
+    let interrupt = Interrupt::install();
+    let run_dir =
+        store
+            .home()
+            .join("run")
+            .join(format!("parent-{}-{}", tag.as_str(), std::process::id()));
+    if !ctx.quiet {
+        eprintln!(
+            "booting the parent ({} MiB, {} vCPU)...",
+            opts.mem_mib, opts.vcpus
+        );
+    }
+    let out = forkd_engine::snapshot::take(&qemu, opts, staging.dir(), &run_dir, &interrupt)
+        .context("snapshot failed; the store is unchanged")?;
+    let manifest = manifest_for(tag.as_str(), &out, staging.dir())?;
+    let snap = staging.commit(
+        &tag,
+        &manifest,
+        if force { Overwrite::Yes } else { Overwrite::No },
+    )?;
+    if !ctx.quiet {
+        eprintln!(
+            "snapshot {} saved: parent up in {} ms, state saved in {} ms ({})",
+            tag,
+            out.boot_ms,
+            out.save_ms,
+            snap.dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn manifest_for(name: &str, out: &SnapshotOutput, dir: &Path) -> anyhow::Result<Manifest> {
+    let mut m = Manifest::new(
+        name,
+        "1",
+        out.spec.mem_mib,
+        EngineInfo {
+            name: "qemu".into(),
+            version: out.spec.qemu_version.clone(),
+            machine_type: out.spec.machine.clone(),
+            cpu_model: out.spec.cpu.clone(),
+            accel_hint: Some(out.spec.accel.clone()),
+        },
+    );
+    m.description = "forkd parent snapshot".into();
+    for (file, role) in &out.files {
+        let p = dir.join(file);
+        let f = std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
+        let (size, sha256) = forkd_store::sparse::hash_file(&f)
+            .with_context(|| format!("cannot hash {}", p.display()))?;
+        m.files.insert(
+            file.clone(),
+            FileEntry {
+                size,
+                sha256,
+                role: Some(role.to_string()),
+            },
+        );
+    }
+    Ok(m)
+}
+
+fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
+    let tag = Tag::parse(&a.tag)?;
+    let store = open_store(ctx)?;
+    let snap = store
+        .get(&tag)
+        .with_context(|| format!("no snapshot {tag} in the store"))
+        .context(Hint(format!(
+            "forkd pull OWNER/{tag}, or build it (forkd build-tiny)"
+        )))?;
+    let qemu = locate_qemu(&a.vm)?;
+    let spec = forkd_engine::spec::VmSpec::load(&snap.dir)?;
+    let e = &snap.manifest.engine;
+    if e.machine_type != spec.machine || e.cpu_model != spec.cpu {
+        bail!(
+            "snapshot {tag} is inconsistent: manifest says machine {} / cpu {}, engine.json says {} / {}",
+            e.machine_type,
+            e.cpu_model,
+            spec.machine,
+            spec.cpu
+        );
+    }
+    let opts = ForkOptions {
+        n: a.n,
+        tag: tag.as_str().to_string(),
+        accel: a.vm.accel,
+        work: Work {
+            exec: a.exec.map(|s| forkd_agent::ExecRequest {
+                shell: Some(s),
+                ..Default::default()
+            }),
+            run_code: a.run,
+        },
+        keep: a.keep,
+        run_root: store.home().join("run"),
+        ready_timeout: Duration::from_secs(a.timeout),
+        interrupt: Interrupt::install(),
+        on_child: None,
+    };
+    if a.n == 0 {
+        bail!("-n must be at least 1");
+    }
+    let report = forkd_engine::fork::fork(&snap.dir, &qemu, &opts)
+        .with_context(|| format!("cannot fork {tag}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    let failed = report.requested - report.alive;
+    if failed > 0 {
+        bail!(
+            "{failed} of {} children failed to come up",
+            report.requested
+        );
+    }
+    Ok(())
+}
+
+fn print_report(r: &ForkReport) {
+    for c in &r.children {
+        let status = if c.ok { "ok" } else { "FAILED" };
+        let mut line = format!("{:<20} {:<6}", c.hostname, status);
+        if let Some(ms) = c.ready_ms {
+            line.push_str(&format!(" ready {ms:>5} ms"));
+        }
+        if let Some(x) = &c.exec {
+            let code = x
+                .exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "killed".into());
+            line.push_str(&format!(
+                "  exit {code}  {}",
+                x.stdout.trim_end().replace('\n', "\\n")
+            ));
+            if !x.stderr.is_empty() {
+                line.push_str(&format!(
+                    "  stderr: {}",
+                    x.stderr.trim_end().replace('\n', "\\n")
+                ));
+            }
+        }
+        if let Some(x) = &c.run {
+            line.push_str(&format!(
+                "  run: {}",
+                x.output.trim_end().replace('\n', "\\n")
+            ));
+        }
+        if let Some(e) = &c.error {
+            line.push_str(&format!("  error: {e}"));
+        }
+        println!("{line}");
+    }
+    println!(
+        "{}/{} children alive ({}) in {:.2} s{}",
+        r.alive,
+        r.requested,
+        r.accel,
+        r.wall_ms as f64 / 1000.0,
+        if r.kept.is_empty() {
+            String::new()
+        } else {
+            format!("; kept {} (forkd ps)", r.kept.len())
+        }
+    );
+}
+
+fn ps(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
+    let store = open_store(ctx)?;
+    let list = forkd_engine::run::list(&store.home().join("run"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<16} {:<8} {:<8} HOSTNAME",
+        "ID", "TAG", "PID", "STATE"
+    );
+    for c in list {
+        println!(
+            "{:<24} {:<16} {:<8} {:<8} {}",
+            c.child.id,
+            c.child.tag,
+            c.child.pid,
+            if c.running { "running" } else { "dead" },
+            c.child.hostname
+        );
+    }
+    Ok(())
+}
