@@ -214,7 +214,7 @@ pub async fn pull(
                             actual: format!("{} bytes", raw.len()),
                         });
                     }
-                    file.write_all_at(&raw, c.offset)
+                    write_sparse(&file, &raw, c.offset)
                         .map_err(HubError::io("cannot write the pulled snapshot"))?;
                     Ok(Bytes::from(raw))
                 })
@@ -256,4 +256,29 @@ pub async fn pull(
     tokio::task::block_in_place(|| staging.commit(&tag, &r.manifest, Overwrite::Yes))?;
     drop(lock);
     Ok(outcome)
+}
+
+/// Write `data` at `offset`, leaving all-zero 4 KiB pages as holes (the file was sized with
+/// set_len, so skipped pages read as zeros and take no disk).
+fn write_sparse(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    const PAGE: usize = 4096;
+    let mut run: Option<usize> = None;
+    let mut i = 0;
+    while i < data.len() {
+        let end = (i + PAGE).min(data.len());
+        let zero = crate::push::is_zero(&data[i..end]);
+        match (zero, run) {
+            (false, None) => run = Some(i),
+            (true, Some(s)) => {
+                file.write_all_at(&data[s..i], offset + s as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+        i = end;
+    }
+    if let Some(s) = run {
+        file.write_all_at(&data[s..], offset + s as u64)?;
+    }
+    Ok(())
 }

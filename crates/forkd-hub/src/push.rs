@@ -31,7 +31,7 @@ pub struct PushOutcome {
     pub signed: bool,
 }
 
-fn is_zero(buf: &[u8]) -> bool {
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
     let (head, body, tail) = {
         // SAFETY: every bit pattern is a valid u64; align_to only reinterprets aligned bytes.
         unsafe { buf.align_to::<u64>() }
