@@ -39,6 +39,11 @@ pub fn sha256_file(p: &Path) -> String {
 /// Install a synthetic snapshot as `tag` in `home`: a sparse memory.bin (`mem_mib` MiB) with
 /// scattered random pages, a random state file, and a small ext4 made by mkfs.ext4 -d.
 pub fn make_snapshot(home: &Path, tag: &str, mem_mib: u64, seed: u64) {
+    make_snapshot_with(home, tag, mem_mib, seed, "pc-i440fx-7.2");
+}
+
+/// [`make_snapshot`] with a chosen QEMU machine type.
+pub fn make_snapshot_with(home: &Path, tag: &str, mem_mib: u64, seed: u64, machine: &str) {
     let store = Store::open(home).unwrap();
     let staging = store.stage().unwrap();
     let dir = staging.dir().to_path_buf();
@@ -67,7 +72,7 @@ pub fn make_snapshot(home: &Path, tag: &str, mem_mib: u64, seed: u64) {
     let engine = EngineInfo {
         name: "qemu".into(),
         version: "7.2.0".into(),
-        machine_type: "pc-i440fx-7.2".into(),
+        machine_type: machine.into(),
         cpu_model: "qemu64".into(),
         accel_hint: None,
     };
