@@ -6,7 +6,7 @@
 //! fails is reported and the rest go on.
 
 use crate::child::{ChildPlan, ChildReport, ChildState, VmGuard, Work, run_child};
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, IoCtx, Result};
 use crate::qemu::{AccelChoice, Qemu, resolve_accel};
 use crate::run::KeptChild;
 use crate::spec::{Launch, Role, VmSpec};
@@ -101,6 +101,13 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
         .ok()
         .and_then(|v| v.parse().ok());
     let vmstate = dir.join(&spec.vmstate);
+    std::fs::create_dir_all(&opts.run_root).at("cannot create", &opts.run_root)?;
+    let stub_dir = StubDir(opts.run_root.join(format!(".fork-{}-{session}", opts.tag)));
+    std::fs::create_dir_all(&stub_dir.0).at("cannot create", &stub_dir.0)?;
+    let stub_path = stub_dir.0.join("vmlinuz-stub");
+    let stub = stub_path.as_path();
+    crate::spec::write_stub_kernel(&dir.join(&spec.kernel), stub)?;
+    crate::util::disable_thp_for_children();
     let plan = ChildPlan {
         qemu: &qemu.bin,
         vmstate: &vmstate,
@@ -134,6 +141,7 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
                             role: Role::Child,
                             memory_override: (break_child == Some(i))
                                 .then(|| guard.run_dir.join("no-such-memory.bin")),
+                            kernel_override: Some(stub.to_path_buf()),
                         }
                         .args();
                         let out = run_child(plan, i, id, guard, args);
@@ -161,6 +169,7 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
             .collect()
     });
     let wall_ms = start.elapsed().as_millis() as u64;
+    drop(stub_dir);
     if opts.interrupt.is_set() {
         return Err(EngineError::Interrupted); // guards dropped above: every VM is gone
     }
@@ -204,6 +213,15 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
         children,
         kept,
     })
+}
+
+/// The per-fork scratch directory (stub kernel), removed on every path.
+struct StubDir(PathBuf);
+
+impl Drop for StubDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn failed(i: usize, id: String, tag: &str, e: EngineError) -> (ChildReport, Option<VmGuard>) {

@@ -125,6 +125,7 @@ pub fn take(
             console: console.clone(),
         },
         memory_override: None,
+        kernel_override: None,
     }
     .args();
     tracing::debug!("parent: {} {}", qemu.bin.display(), args.join(" "));

@@ -121,6 +121,41 @@ pub struct Launch<'a> {
     pub role: Role,
     /// Override of the memory file (tests break one child with it).
     pub memory_override: Option<PathBuf>,
+    /// Kernel file to pass instead of the snapshot's (children get a small stub: see
+    /// [`write_stub_kernel`]).
+    pub kernel_override: Option<PathBuf>,
+}
+
+/// Children never run the boot path, but QEMU only creates the same option-ROM RAM block
+/// (linuxboot) when given `-kernel`, and it reads the whole kernel into its own memory. A stub
+/// holding just the bzImage boot header and setup sectors keeps the machine identical and
+/// saves each child the kernel's size in private memory. The initrd is left out for the same
+/// reason (it only lives in fw_cfg, which the restored guest never reads again).
+pub fn write_stub_kernel(kernel: &Path, out: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut head = vec![0u8; 64 * 1024];
+    let mut f = std::fs::File::open(kernel).at("cannot open", kernel)?;
+    let mut n = 0;
+    while n < head.len() {
+        let r = f.read(&mut head[n..]).at("cannot read", kernel)?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    head.truncate(n);
+    let is_bzimage = n > 0x206 && &head[0x202..0x206] == b"HdrS";
+    let len = if is_bzimage {
+        let sects = match head[0x1f1] {
+            0 => 4,
+            s => s as usize,
+        };
+        ((sects + 1) * 512 + 4096).min(n)
+    } else {
+        // Not a bzImage (e.g. an ELF kernel): use it whole.
+        return std::fs::copy(kernel, out).map(|_| ()).at("cannot copy", kernel);
+    };
+    std::fs::write(out, &head[..len]).at("cannot write", out)
 }
 
 fn s(p: &Path) -> String {
@@ -169,11 +204,14 @@ impl Launch<'_> {
                 if parent { "on" } else { "off" }
             ),
             "-kernel".into(),
-            s(&self.dir.join(&spec.kernel)),
+            s(&self
+                .kernel_override
+                .clone()
+                .unwrap_or_else(|| self.dir.join(&spec.kernel))),
             "-append".into(),
             spec.cmdline.clone(),
         ];
-        if let Some(initrd) = &spec.initrd {
+        if let (true, Some(initrd)) = (parent, &spec.initrd) {
             a.extend(["-initrd".into(), s(&self.dir.join(initrd))]);
         }
         match &self.role {

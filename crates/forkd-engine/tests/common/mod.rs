@@ -1,0 +1,119 @@
+//! Shared set-up for the engine tests: real QEMU under TCG, the tiny recipe, one parent
+//! snapshot per test binary. Missing tools fail loudly, naming what to install.
+#![allow(dead_code)]
+
+use forkd_engine::child::Work;
+use forkd_engine::fork::ForkOptions;
+use forkd_engine::qemu::{AccelChoice, Qemu};
+use forkd_engine::snapshot::SnapshotOptions;
+use forkd_engine::util::Interrupt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn qemu() -> Qemu {
+    Qemu::locate(None).unwrap_or_else(|e| {
+        panic!("engine tests need QEMU: {e}\n  fix: apt-get install qemu-system-x86 (or run scripts/setup-engine.sh)")
+    })
+}
+
+/// The tiny recipe's assets (vmlinuz, initrd.img, rootfs.ext4), built by recipes/tiny/build.sh.
+pub fn tiny_assets() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = std::process::Command::new(repo().join("recipes/tiny/build.sh"))
+            .output()
+            .expect("running recipes/tiny/build.sh");
+        assert!(
+            out.status.success(),
+            "recipes/tiny/build.sh failed (run scripts/setup-engine.sh: it installs busybox-static, \
+             cpio, e2fsprogs and fetches the kernel):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
+pub fn tiny_options() -> SnapshotOptions {
+    let a = tiny_assets();
+    SnapshotOptions {
+        kernel: a.join("vmlinuz"),
+        initrd: Some(a.join("initrd.img")),
+        rootfs: a.join("rootfs.ext4"),
+        mem_mib: 192,
+        vcpus: 1,
+        cmdline: None,
+        warmup: Some("echo warmed > /run/forkd-warm".into()),
+        warm: Some(forkd_agent::WarmRequest {
+            kind: Some("sh".into()),
+            argv: None,
+            preload: Some("GREETING=from-the-parent".into()),
+        }),
+        accel: AccelChoice::Tcg,
+        boot_timeout: Duration::from_secs(180),
+    }
+}
+
+/// A scratch directory that lives as long as the test binary (short path: sockets).
+pub fn scratch() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::Builder::new().prefix("fke").tempdir_in("/tmp").expect("tempdir"))
+        .path()
+}
+
+/// One snapshot of the tiny parent per test binary, in a plain directory.
+pub fn tiny_snapshot() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let q = qemu();
+        let out = scratch().join("snap");
+        std::fs::create_dir_all(&out).unwrap();
+        forkd_engine::snapshot::take(&q, &tiny_options(), &out, &scratch().join("parent"), &Interrupt::never())
+            .unwrap_or_else(|e| panic!("snapshot of the tiny parent failed: {e}"));
+        out
+    })
+    .clone()
+}
+
+/// Copy a snapshot directory (to damage the copy).
+pub fn copy_snapshot(src: &Path, name: &str) -> PathBuf {
+    let dst = scratch().join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let st = std::process::Command::new("cp")
+            .args(["--sparse=always", "--reflink=auto"])
+            .arg(e.path())
+            .arg(dst.join(e.file_name()))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    dst
+}
+
+pub fn fork_options(n: usize, shell: Option<&str>, run_root: &Path) -> ForkOptions {
+    ForkOptions {
+        n,
+        tag: "tiny".into(),
+        accel: AccelChoice::Tcg,
+        work: Work {
+            exec: shell.map(|s| forkd_agent::ExecRequest { shell: Some(s.into()), ..Default::default() }),
+            run_code: None,
+        },
+        keep: false,
+        run_root: run_root.to_path_buf(),
+        ready_timeout: Duration::from_secs(120),
+        interrupt: Interrupt::never(),
+        on_child: None,
+    }
+}
+
+pub fn sha256(p: &Path) -> String {
+    forkd_engine::util::sha256_file(p).unwrap()
+}

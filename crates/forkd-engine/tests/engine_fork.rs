@@ -1,0 +1,105 @@
+//! The real path under TCG: snapshot the tiny parent, fork children, check they are separate.
+
+mod common;
+use common::*;
+use std::collections::HashSet;
+
+#[test]
+fn fork_ten_children_each_runs_a_command_and_is_its_own_machine() {
+    let snap = tiny_snapshot();
+    let mem_before = sha256(&snap.join("memory.bin"));
+    let root_before = sha256(&snap.join("rootfs.ext4"));
+    let run = scratch().join("run-ten");
+
+    // Every child writes a marker file with its own hostname to the shared rootfs and its RAM.
+    let cmd = "h=$(hostname); echo \"$h\" > /data/marker; echo \"$h\" > /run/marker; \
+               cat /run/forkd-warm; cat /proc/sys/kernel/random/uuid; \
+               head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+               ls /data; date +%s";
+    let report = forkd_engine::fork::fork(&snap, &qemu(), &fork_options(10, Some(cmd), &run))
+        .expect("fork of 10 children");
+    assert_eq!(report.alive, 10, "{report:#?}");
+    let mut hostnames = HashSet::new();
+    let mut uuids = HashSet::new();
+    let mut randoms = HashSet::new();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for c in &report.children {
+        let x = c.exec.as_ref().expect("exec result");
+        assert_eq!(x.exit_code, Some(0), "child {}: {x:?}", c.index);
+        let lines: Vec<&str> = x.stdout.lines().collect();
+        assert_eq!(lines.len(), 5, "child {} printed {:?}", c.index, x.stdout);
+        assert_eq!(lines[0], "warmed", "the parent's warm-up is visible in every child");
+        // Each child sees only its own marker: the other children's writes are invisible.
+        assert_eq!(lines[3], "marker", "child {} sees {:?}", c.index, lines[3]);
+        let guest_time: i64 = lines[4].parse().unwrap();
+        assert!((guest_time - host_now).abs() < 30, "clock stepped: guest {guest_time} host {host_now}");
+        hostnames.insert(c.hostname.clone());
+        uuids.insert(lines[1].to_string());
+        randoms.insert(lines[2].to_string());
+    }
+    assert_eq!(hostnames.len(), 10);
+    assert_eq!(uuids.len(), 10, "kernel RNG reseeded per child: {uuids:?}");
+    assert_eq!(randoms.len(), 10, "urandom differs per child: {randoms:?}");
+    // The parent's files are untouched by ten children writing to disk and RAM.
+    assert_eq!(sha256(&snap.join("memory.bin")), mem_before, "memory.bin changed");
+    assert_eq!(sha256(&snap.join("rootfs.ext4")), root_before, "rootfs.ext4 changed");
+    // Everything the fork started is gone.
+    let left: Vec<_> = std::fs::read_dir(&run).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(left.is_empty(), "run dir not cleaned: {left:?}");
+}
+
+#[test]
+fn children_see_their_own_hostname_and_the_warm_worker() {
+    let snap = tiny_snapshot();
+    let run = scratch().join("run-warm");
+    let mut opts = fork_options(2, None, &run);
+    opts.work.run_code = Some("echo \"$GREETING $(hostname)\"".into());
+    let report = forkd_engine::fork::fork(&snap, &qemu(), &opts).expect("fork");
+    assert_eq!(report.alive, 2, "{report:#?}");
+    for c in &report.children {
+        let out = &c.run.as_ref().expect("run result").output;
+        assert_eq!(out.trim(), format!("from-the-parent tiny-{}", c.index));
+    }
+}
+
+#[test]
+fn a_child_that_fails_to_start_is_reported_and_the_rest_go_on() {
+    let snap = tiny_snapshot();
+    let run = scratch().join("run-broken");
+    // Test hook: child 1's memory backend points at a file that does not exist. The variable
+    // is set only for a separate run of this test binary, so the other tests are unaffected.
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["--exact", "broken_child_inner", "--nocapture", "--include-ignored"])
+        .env(forkd_engine::fork::BREAK_CHILD_ENV, "1")
+        .env("FORKD_TEST_RUN", &run)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("BROKEN-CHILD-OK"), "{text}");
+    let _ = snap;
+}
+
+#[test]
+#[ignore = "run by a_child_that_fails_to_start_is_reported_and_the_rest_go_on"]
+fn broken_child_inner() {
+    let snap = tiny_snapshot();
+    let run = std::path::PathBuf::from(std::env::var("FORKD_TEST_RUN").unwrap());
+    let report = forkd_engine::fork::fork(&snap, &qemu(), &fork_options(3, Some("hostname"), &run))
+        .expect("the fork itself succeeds");
+    assert_eq!(report.alive, 2, "{report:#?}");
+    let bad = &report.children[1];
+    assert!(!bad.ok);
+    let err = bad.error.as_deref().unwrap_or("");
+    assert!(err.contains("no-such-memory.bin") || err.contains("QMP"), "{err}");
+    for i in [0, 2] {
+        let c = &report.children[i];
+        assert!(c.ok, "{c:?}");
+        assert_eq!(c.exec.as_ref().unwrap().stdout.trim(), format!("tiny-{i}"));
+    }
+    println!("BROKEN-CHILD-OK");
+}
