@@ -44,8 +44,10 @@ pub const WORKERS: &[(&str, &str)] = &[
 /// The init installed as [`INIT_PATH`]. It runs as PID 1 in the Debian root (after the engine's
 /// initramfs has mounted it), or under any init that hands over to it.
 pub const INIT_SCRIPT: &str = r#"#!/bin/sh
-# forkd-init: PID 1 of a forkd recipe guest. Mounts the kernel filesystems and hands over to the
-# forkd guest agent, which serves the host on the virtio-serial port `forkd.agent`.
+# forkd-init: sets up a forkd recipe guest (kernel filesystems, /tmp, hostname, loopback) and
+# then becomes the forkd guest agent, which serves the host on the virtio-serial port
+# `forkd.agent`. With --setup it only does the set-up and returns: that is how `forkd build`
+# runs it as the parent's warm-up when the engine's initramfs has already started the agent.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 NODE_PATH=/opt/forkd/node/node_modules
 mountpoint -q /proc || mount -t proc proc /proc
@@ -58,6 +60,7 @@ mountpoint -q /tmp || mount -t tmpfs -o mode=1777 tmpfs /tmp
 mountpoint -q /run || mount -t tmpfs -o mode=0755 tmpfs /run
 [ -r /etc/hostname ] && hostname "$(cat /etc/hostname)" 2>/dev/null
 command -v ip >/dev/null 2>&1 && ip link set lo up 2>/dev/null
+[ "$1" = "--setup" ] && exit 0
 exec /usr/local/sbin/forkd-agent
 "#;
 

@@ -240,6 +240,11 @@ impl Recipe {
         Ok(r)
     }
 
+    /// The recipe as TOML text (normalised: defaults filled in, comments dropped).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
     /// The Debian suite named by `base`.
     pub fn suite(&self) -> &str {
         self.base.split_once(':').map(|(_, s)| s).unwrap_or("")

@@ -10,6 +10,9 @@ use forkd_recipe::{BuildOptions, BuiltImage, LoadedRecipe, Progress};
 use crate::ctx::Ctx;
 use crate::report::Hint;
 
+#[path = "recipe_snapshot.rs"]
+mod recipe_snapshot;
+
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
     /// Build a recipe: its root filesystem image, then a warmed parent snapshot in the store
@@ -56,6 +59,18 @@ pub struct BuildArgs {
     /// Stop after the root filesystem image (no VM, no snapshot)
     #[arg(long)]
     rootfs_only: bool,
+    /// Skip the smoke checks in a forked child after the snapshot
+    #[arg(long)]
+    no_smoke: bool,
+    /// Guest kernel [default: $FORKD_ASSETS/tiny/vmlinuz, from recipes/tiny/build.sh]
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// Guest initramfs that mounts /dev/vda and starts the agent [default: $FORKD_ASSETS/tiny/initrd.img]
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// Accelerator: kvm, tcg, or auto
+    #[arg(long, default_value = "auto", env = "FORKD_ACCEL")]
+    accel: forkd_engine::qemu::AccelChoice,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -177,13 +192,41 @@ fn build(args: BuildArgs, ctx: &Ctx) -> anyhow::Result<()> {
     let mut progress = progress_printer(ctx.quiet);
     let built = forkd_recipe::build_image(&lr, &opts, &mut progress)
         .with_context(|| format!("building the root filesystem of {}", lr.recipe.name))?;
+    let mut tag = None;
     if !args.rootfs_only {
-        snapshot(&lr, &built, args.tag.as_deref(), &home, ctx)?;
+        let t = recipe_snapshot::snapshot(&lr, &built, &args.snapshot_args(), ctx, &mut progress)?;
+        if !args.no_smoke {
+            recipe_snapshot::smoke(&lr, &t, args.accel, ctx, &mut progress)?;
+        }
+        tag = Some(t);
     }
-    report(&lr, &built, &args, started.elapsed().as_secs_f64())
+    report(
+        &lr,
+        &built,
+        tag.as_ref(),
+        &args,
+        started.elapsed().as_secs_f64(),
+    )
 }
 
-fn report(lr: &LoadedRecipe, b: &BuiltImage, args: &BuildArgs, secs: f64) -> anyhow::Result<()> {
+impl BuildArgs {
+    fn snapshot_args(&self) -> recipe_snapshot::SnapshotArgs {
+        recipe_snapshot::SnapshotArgs {
+            tag: self.tag.clone(),
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            accel: self.accel,
+        }
+    }
+}
+
+fn report(
+    lr: &LoadedRecipe,
+    b: &BuiltImage,
+    tag: Option<&forkd_store::Tag>,
+    args: &BuildArgs,
+    secs: f64,
+) -> anyhow::Result<()> {
     let size = std::fs::metadata(&b.image).map(|m| m.len()).unwrap_or(0);
     if args.json {
         let v = serde_json::json!({
@@ -196,6 +239,7 @@ fn report(lr: &LoadedRecipe, b: &BuiltImage, args: &BuildArgs, secs: f64) -> any
             "cached": b.cached,
             "licences_file": b.licences_path,
             "licences": b.licences.summary(),
+            "tag": tag.map(|t| t.as_str()),
             "seconds": secs,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -212,23 +256,10 @@ fn report(lr: &LoadedRecipe, b: &BuiltImage, args: &BuildArgs, secs: f64) -> any
             b.licences_path.display(),
             b.licences.packages.len()
         );
+        if let Some(t) = tag {
+            println!("  snapshot: {t} (forkd fork --tag {t} -n 10)");
+        }
         println!("  total:    {secs:.1} s");
     }
     Ok(())
-}
-
-/// Boot the image, warm it and save the parent snapshot into the store (the engine's job).
-fn snapshot(
-    _lr: &LoadedRecipe,
-    built: &BuiltImage,
-    _tag: Option<&str>,
-    _home: &Path,
-    _ctx: &Ctx,
-) -> anyhow::Result<()> {
-    Err(anyhow::anyhow!(
-        "the snapshot step needs the fork engine (crates/forkd-engine), which is not in this build yet; \
-         the root filesystem is ready at {}",
-        built.image.display()
-    ))
-    .context(Hint("pass --rootfs-only to stop after the image".into()))
 }
