@@ -35,9 +35,20 @@ pub fn format_error(err: &anyhow::Error) -> String {
     let mut out = String::new();
     let mut hints = Vec::new();
     let mut first = true;
+    // A `.context(Hint(..))` layer shows up in `chain()` as anyhow's context wrapper, which does
+    // not downcast to `Hint`; anyhow's own downcast_ref does find it, so match it by its text.
+    let context_hint = err.downcast_ref::<Hint>().map(|h| h.0.clone());
     for cause in err.chain() {
         if let Some(h) = cause.downcast_ref::<Hint>() {
             hints.push(h.0.clone());
+            continue;
+        }
+        if let Some(h) = &context_hint
+            && cause.to_string() == *h
+        {
+            if !hints.contains(h) {
+                hints.push(h.clone());
+            }
             continue;
         }
         if first {

@@ -4,6 +4,7 @@ mod engine;
 mod hub;
 mod hub_progress;
 mod recipe;
+mod store;
 
 use crate::ctx::Ctx;
 
@@ -11,6 +12,8 @@ use crate::ctx::Ctx;
 pub enum Command {
     /// Print the forkd version and the store it uses
     Version,
+    #[command(flatten)]
+    Store(store::Cmd),
     #[command(flatten)]
     Recipe(recipe::Cmd),
     #[command(flatten)]
@@ -28,6 +31,7 @@ pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Store(c) => store::run(c, ctx),
         Command::Recipe(c) => recipe::run(c, ctx),
         Command::Hub(c) => hub::run(c, ctx),
         Command::Engine(c) => engine::run(c, ctx),

@@ -1,0 +1,372 @@
+//! Local store commands: images, rmi, inspect, pack, unpack.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use forkd_store::pack::{self, PACK_SUFFIX, PackOptions, UnpackOptions};
+use forkd_store::{ImageInfo, Overwrite, Store, Tag};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::ctx::Ctx;
+use crate::report::Hint;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Cmd {
+    /// List the images in the local store
+    #[command(after_help = "Examples:\n  forkd images\n  forkd images list --json | jq '.[].tag'")]
+    Images {
+        #[command(subcommand)]
+        cmd: Option<ImagesCmd>,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove images from the local store
+    #[command(after_help = "Example:\n  forkd rmi python-numpy old-test")]
+    Rmi {
+        /// Tags to remove
+        #[arg(required = true, value_name = "TAG")]
+        tags: Vec<Tag>,
+    },
+    /// Show an image's manifest (what it is, how it was made, every file with size + sha256)
+    #[command(
+        after_help = "Examples:\n  forkd inspect python-numpy\n  forkd inspect python-numpy --json"
+    )]
+    Inspect {
+        tag: Tag,
+        /// Print JSON instead of TOML
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an image to one portable file (.forkd-snapshot.tar.zst)
+    #[command(
+        long_about = "Write an image to one portable file: a zstd-compressed tar whose first entry is \
+                      manifest.toml (format: docs/PACK-FORMAT.md). Holes and zero pages are not \
+                      compressed, every file's sha256 is checked against the manifest while it is \
+                      read, and the output appears only when complete.",
+        after_help = "Examples:\n  forkd pack python-numpy                 # -> ./python-numpy.forkd-snapshot.tar.zst\n  forkd pack python-numpy -o /mnt/usb/py.forkd-snapshot.tar.zst --level 9\n  forkd pack python-numpy -o - | ssh host forkd unpack -"
+    )]
+    Pack {
+        tag: Tag,
+        /// Output file ("-" for stdout) [default: ./TAG.forkd-snapshot.tar.zst]
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// zstd compression level (1 = fastest, 19 = smallest)
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+        level: i32,
+        /// zstd worker threads [default: one per CPU]
+        #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+        threads: u32,
+    },
+    /// Install an image from a .forkd-snapshot.tar.zst file
+    #[command(
+        long_about = "Install an image from a .forkd-snapshot.tar.zst file. The pack is treated as \
+                      untrusted: every entry, size and sha256 is checked against its manifest, and the \
+                      image becomes visible only once everything is verified. On any error the store \
+                      is left as it was.",
+        after_help = "Examples:\n  forkd unpack python-numpy.forkd-snapshot.tar.zst\n  forkd unpack py.forkd-snapshot.tar.zst --tag py-test --force\n  curl -s https://example.org/p.forkd-snapshot.tar.zst | forkd unpack -"
+    )]
+    Unpack {
+        /// The pack file ("-" for stdin)
+        file: PathBuf,
+        /// Install under this tag [default: the manifest's name]
+        #[arg(long, value_name = "NEW")]
+        tag: Option<Tag>,
+        /// Replace an existing image with the same tag
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ImagesCmd {
+    /// List the images in the local store (the default)
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Images { cmd, json } => {
+            let json = json || matches!(cmd, Some(ImagesCmd::List { json: true }));
+            images(ctx, json)
+        }
+        Cmd::Rmi { tags } => rmi(ctx, &tags),
+        Cmd::Inspect { tag, json } => inspect(ctx, &tag, json),
+        Cmd::Pack {
+            tag,
+            output,
+            level,
+            threads,
+        } => pack_cmd(ctx, &tag, output, level, threads),
+        Cmd::Unpack { file, tag, force } => unpack_cmd(ctx, &file, tag, force),
+    }
+}
+
+/// Open the store, telling the user when another forkd holds its lock.
+pub fn open_store(ctx: &Ctx) -> anyhow::Result<Store> {
+    let store = match &ctx.home {
+        Some(h) => Store::open(h),
+        None => Store::open_default(),
+    }
+    .context("cannot open the local store")?;
+    Ok(store.with_lock_notice(|p| {
+        eprintln!(
+            "waiting for lock on {} (held by another forkd process)...",
+            p.display()
+        )
+    }))
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn images(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
+    let store = open_store(ctx)?;
+    let list = store.list().context("cannot list images")?;
+    if json {
+        let v: Vec<_> = list.iter().map(image_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if list.is_empty() {
+        eprintln!(
+            "no images in {} (get one with `forkd pull OWNER/NAME` or `forkd unpack FILE`)",
+            store.home().display()
+        );
+        return Ok(());
+    }
+    let rows: Vec<[String; 6]> = list
+        .iter()
+        .map(|i| {
+            [
+                i.tag.to_string(),
+                format!("{}:{}", i.manifest.name, i.manifest.version),
+                human(i.manifest.memory_mib << 20),
+                human(i.apparent_size),
+                human(i.disk_size),
+                i.manifest.created_at.strftime("%Y-%m-%d %H:%M").to_string(),
+            ]
+        })
+        .collect();
+    let head = [
+        "TAG",
+        "NAME:VERSION",
+        "MEMORY",
+        "APPARENT SIZE",
+        "ON-DISK SIZE",
+        "CREATED",
+    ];
+    let mut w = head.map(str::len);
+    for r in &rows {
+        for (k, c) in r.iter().enumerate() {
+            w[k] = w[k].max(c.len());
+        }
+    }
+    let line = |c: [&str; 6]| {
+        format!(
+            "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:>w4$}  {}",
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            c[4],
+            c[5],
+            w0 = w[0],
+            w1 = w[1],
+            w2 = w[2],
+            w3 = w[3],
+            w4 = w[4]
+        )
+    };
+    println!("{}", line(head));
+    for r in &rows {
+        println!(
+            "{}",
+            line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]).trim_end()
+        );
+    }
+    Ok(())
+}
+
+fn image_json(i: &ImageInfo) -> serde_json::Value {
+    serde_json::json!({
+        "tag": i.tag.as_str(),
+        "name": i.manifest.name,
+        "version": i.manifest.version,
+        "memory_mib": i.manifest.memory_mib,
+        "apparent_size": i.apparent_size,
+        "disk_size": i.disk_size,
+        "created_at": i.manifest.created_at.to_string(),
+        "engine": {
+            "name": i.manifest.engine.name,
+            "version": i.manifest.engine.version,
+            "machine_type": i.manifest.engine.machine_type,
+            "cpu_model": i.manifest.engine.cpu_model,
+        },
+        "dir": i.dir,
+    })
+}
+
+fn rmi(ctx: &Ctx, tags: &[Tag]) -> anyhow::Result<()> {
+    let store = open_store(ctx)?;
+    let mut failed = None;
+    for t in tags {
+        match store.remove(t) {
+            Ok(()) => {
+                if !ctx.quiet {
+                    println!("removed {t}");
+                }
+            }
+            Err(e) => {
+                crate::report::print_error(
+                    &anyhow::Error::new(e).context(format!("cannot remove {t}")),
+                );
+                failed = Some(t);
+            }
+        }
+    }
+    match failed {
+        Some(t) => Err(anyhow::anyhow!(
+            "not every image was removed (last failure: {t})"
+        ))
+        .context(Hint("`forkd images` lists the local tags".into())),
+        None => Ok(()),
+    }
+}
+
+fn inspect(ctx: &Ctx, tag: &Tag, json: bool) -> anyhow::Result<()> {
+    let store = open_store(ctx)?;
+    let snap = store
+        .get(tag)
+        .context(Hint("`forkd images` lists the local tags".into()))
+        .with_context(|| format!("cannot inspect {tag}"))?;
+    if json {
+        let mut v = serde_json::to_value(&snap.manifest)?;
+        v["dir"] = serde_json::json!(snap.dir);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", snap.manifest.to_toml()?);
+    }
+    Ok(())
+}
+
+/// Reports pack/unpack progress (logical bytes) as an indicatif bar.
+struct Bar(Option<ProgressBar>);
+
+impl Bar {
+    fn new(ctx: &Ctx, verb: &str) -> Bar {
+        Bar(ctx.show_progress().then(|| {
+            let b = ProgressBar::new(0).with_prefix(verb.to_string());
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:>9} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            b
+        }))
+    }
+    fn done(&self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl pack::Progress for Bar {
+    fn start(&self, total: u64) {
+        if let Some(b) = &self.0 {
+            b.set_length(total);
+        }
+    }
+    fn advance(&self, bytes: u64) {
+        if let Some(b) = &self.0 {
+            b.inc(bytes);
+        }
+    }
+}
+
+fn pack_cmd(
+    ctx: &Ctx,
+    tag: &Tag,
+    output: Option<PathBuf>,
+    level: i32,
+    threads: u32,
+) -> anyhow::Result<()> {
+    let store = open_store(ctx)?;
+    let snap = store
+        .get(tag)
+        .context(Hint("`forkd images` lists the local tags".into()))
+        .with_context(|| format!("cannot pack {tag}"))?;
+    let out = output.unwrap_or_else(|| PathBuf::from(format!("{tag}{PACK_SUFFIX}")));
+    let opts = PackOptions {
+        level,
+        workers: threads,
+    };
+    let bar = Bar::new(ctx, "packing");
+    let t0 = Instant::now();
+    let stats = if out == Path::new("-") {
+        let stdout = std::io::stdout().lock();
+        pack::pack_to_writer(&snap, stdout, &opts, &bar).map(|(s, _)| s)
+    } else {
+        pack::pack(&snap, &out, &opts, &bar)
+    };
+    bar.done();
+    let stats = stats.with_context(|| format!("cannot pack {tag}"))?;
+    if !ctx.quiet && out != Path::new("-") {
+        eprintln!(
+            "packed {tag} -> {} ({} logical, {} of data, {} packed) in {:.1}s",
+            out.display(),
+            human(stats.logical_bytes),
+            human(stats.data_bytes),
+            human(stats.packed_bytes),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn unpack_cmd(ctx: &Ctx, file: &Path, tag: Option<Tag>, force: bool) -> anyhow::Result<()> {
+    let store = open_store(ctx)?;
+    let opts = UnpackOptions {
+        tag,
+        overwrite: if force { Overwrite::Yes } else { Overwrite::No },
+    };
+    let bar = Bar::new(ctx, "unpacking");
+    let t0 = Instant::now();
+    let r = if file == Path::new("-") {
+        pack::unpack_from_reader(&store, std::io::stdin().lock(), &opts, &bar)
+    } else {
+        pack::unpack(&store, file, &opts, &bar)
+    };
+    bar.done();
+    let snap = r.with_context(|| format!("cannot unpack {}", file.display()))?;
+    if !ctx.quiet {
+        eprintln!(
+            "unpacked {} as {} ({}) in {:.1}s",
+            file.display(),
+            snap.tag,
+            human(snap.manifest.total_size()),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
