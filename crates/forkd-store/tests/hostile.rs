@@ -449,6 +449,19 @@ fn existing_tag_without_force() {
     let opts = UnpackOptions {
         tag: None,
         overwrite: Overwrite::No,
+        ..Default::default()
     };
     refused_with(&t.zst(), &opts, "already exists; pass --force");
+}
+
+#[test]
+fn total_size_over_the_callers_limit() {
+    let pack = with_entries(|t| {
+        t.file("memory.bin", MEM).file("vmstate", STATE);
+    });
+    let opts = UnpackOptions {
+        max_total_size: 10,
+        ..Default::default()
+    };
+    refused_with(&pack, &opts, "more than the limit of 10");
 }

@@ -80,11 +80,13 @@ fn round_trip_keeps_bytes_and_holes() {
     let opts = UnpackOptions {
         tag: None,
         overwrite: Overwrite::Yes,
+        ..Default::default()
     };
     unpack(&sb, &file, &opts, &NoProgress).unwrap();
     let opts = UnpackOptions {
         tag: Some(Tag::parse("other").unwrap()),
         overwrite: Overwrite::No,
+        ..Default::default()
     };
     assert_eq!(
         unpack(&sb, &file, &opts, &NoProgress).unwrap().tag.as_str(),

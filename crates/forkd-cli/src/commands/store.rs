@@ -349,6 +349,7 @@ fn unpack_cmd(ctx: &Ctx, file: &Path, tag: Option<Tag>, force: bool) -> anyhow::
     let opts = UnpackOptions {
         tag,
         overwrite: if force { Overwrite::Yes } else { Overwrite::No },
+        ..Default::default()
     };
     let bar = Bar::new(ctx, "unpacking");
     let t0 = Instant::now();

@@ -11,7 +11,7 @@ use std::path::Path;
 use super::tarfmt::{self, BLOCK, Kind};
 use super::{PackError, Progress, invalid, read_error};
 use crate::fsutil::IoContext;
-use crate::manifest::{MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest};
+use crate::manifest::{MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_TOTAL_SIZE, Manifest};
 use crate::sparse::{CHUNK, SparseWriter};
 use crate::store::{Overwrite, Snapshot, Store, StoreError};
 use crate::tag::Tag;
@@ -25,6 +25,8 @@ pub struct UnpackOptions {
     pub tag: Option<Tag>,
     /// Replace an existing image with the same tag.
     pub overwrite: Overwrite,
+    /// Refuse packs whose files add up to more than this many logical bytes.
+    pub max_total_size: u64,
 }
 
 impl Default for UnpackOptions {
@@ -32,6 +34,7 @@ impl Default for UnpackOptions {
         UnpackOptions {
             tag: None,
             overwrite: Overwrite::No,
+            max_total_size: MAX_TOTAL_SIZE,
         }
     }
 }
@@ -65,6 +68,13 @@ pub fn unpack_from_reader<R: Read>(
             source,
         })?,
     };
+    if manifest.total_size() > opts.max_total_size {
+        return Err(invalid(format!(
+            "the pack declares {} bytes of files, more than the limit of {}",
+            manifest.total_size(),
+            opts.max_total_size
+        )));
+    }
     if opts.overwrite == Overwrite::No && store.get(&tag).is_ok() {
         return Err(StoreError::Exists(tag).into());
     }
