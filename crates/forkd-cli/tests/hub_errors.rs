@@ -464,3 +464,86 @@ fn two_concurrent_pulls_download_once() {
     );
     assert_eq!(tag_hashes(c.path(), "snap"), tag_hashes(&p.home, "snap"));
 }
+
+#[test]
+fn pull_killed_with_sigkill_resumes() {
+    let p = Published::new(48, 27);
+    let total: u64 = data_blobs(&p.root)
+        .iter()
+        .map(|b| std::fs::metadata(b).unwrap().len())
+        .sum();
+    let server = Faulty::start(&p.root, Mode::Slow(150));
+    let c = consumer();
+    let before = store_state(c.path());
+    let mut child = std::process::Command::new(FORKD)
+        .args([
+            "pull",
+            "acme/snap:v1",
+            "--hub",
+            &server.url,
+            "--trust",
+            &p.key,
+            "--jobs",
+            "2",
+        ])
+        .env("FORKD_HOME", c.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let cached = || -> u64 {
+        let Ok(rd) = std::fs::read_dir(c.path().join("cache/blobs/sha256")) else {
+            return 0;
+        };
+        rd.flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+            .map(|e| e.unwrap())
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while cached() < total / 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pull made no progress"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the pull ended before it was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let cached_at_kill = cached();
+    assert_eq!(
+        store_state(c.path()),
+        before,
+        "a killed pull changed the store"
+    );
+    assert!(!c.path().join("images/snap").exists());
+
+    server.set_mode(Mode::Normal);
+    server
+        .blob_bytes
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    ok(&forkd(
+        c.path(),
+        &[
+            "pull",
+            "acme/snap:v1",
+            "--hub",
+            &server.url,
+            "--trust",
+            &p.key,
+        ],
+    ));
+    let second = server.bytes();
+    assert!(cached_at_kill > 0);
+    assert!(
+        second + cached_at_kill <= total,
+        "after kill -9: fetched {second} again although {cached_at_kill} of {total} were cached"
+    );
+    assert_eq!(tag_hashes(c.path(), "snap"), tag_hashes(&p.home, "snap"));
+    assert_no_staging(c.path());
+}

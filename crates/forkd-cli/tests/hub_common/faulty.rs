@@ -19,6 +19,8 @@ pub enum Mode {
     WrongBytes,
     /// Answer every request with this status.
     Status(u16),
+    /// Wait this many milliseconds before sending each data blob.
+    Slow(u64),
 }
 
 pub struct Faulty {
@@ -144,6 +146,9 @@ fn handle(
         conn.flush()?;
         let _ = conn.shutdown(std::net::Shutdown::Both);
         return Ok(());
+    }
+    if let Mode::Slow(ms) = mode {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
     let mut data = data;
     if mode == Mode::WrongBytes {
