@@ -32,6 +32,7 @@ from ipykernel.inprocess.manager import InProcessKernelManager  # noqa: E402
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 NODE_WORKER = "/usr/lib/forkd/workers/node-worker.js"
+FLUSH = "import sys as _forkd_sys; _forkd_sys.stdout.flush(); _forkd_sys.stderr.flush()"
 
 
 def read_exact(n):
@@ -88,16 +89,16 @@ def start_kernel():
     return km, kc
 
 
-def collect(kc, msg_id):
-    """Turn the iopub messages of one execution into text."""
+def collect(kc):
+    """Turn the iopub messages of the last execution into text. Cells run one at a time and
+    synchronously, so everything queued belongs to it (stream messages do not always carry the
+    cell's parent header)."""
     out = []
     while True:
         try:
             msg = kc.iopub_channel.get_msg(timeout=0.01)
         except Exception:  # queue.Empty: everything the cell produced has been read
             break
-        if msg.get("parent_header", {}).get("msg_id") != msg_id:
-            continue
         kind, content = msg["msg_type"], msg["content"]
         if kind == "stream":
             out.append(content["text"])
@@ -125,8 +126,11 @@ def main():
             code = read_frame()
         except (EOFError, ValueError):
             return
-        msg_id = kc.execute(code)
-        write_frame(collect(kc, msg_id))
+        collect(kc)  # drop anything left over (e.g. output of background threads)
+        kc.execute(code)
+        # Streams are buffered by the kernel; a silent second execution flushes them.
+        kc.execute(FLUSH, silent=True, store_history=False)
+        write_frame(collect(kc))
 
 
 if __name__ == "__main__":
