@@ -204,3 +204,96 @@ fn tree(root: &Path) -> Vec<(String, u64, String)> {
     out.sort();
     out
 }
+
+/// kill -9 at many moments during `forkd unpack`: the tag is either absent or complete, and
+/// the next open sweeps what the killed process left in tmp/.
+#[test]
+fn kill_during_unpack_never_leaves_a_half_tag() {
+    let src = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(src.path()).unwrap();
+        let st = store.stage().unwrap();
+        let mut data = vec![0u8; 96 << 20];
+        let mut x = 0x1234_5678_9abc_def0u64;
+        for c in data.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        fs::write(st.dir().join("memory.bin"), &data).unwrap();
+        let mut m = Manifest::new(
+            "big",
+            "1",
+            96,
+            EngineInfo {
+                name: "qemu".into(),
+                version: "7.2.0".into(),
+                machine_type: "pc-i440fx-7.2".into(),
+                cpu_model: "qemu64".into(),
+                accel_hint: None,
+            },
+        );
+        m.files.insert(
+            "memory.bin".into(),
+            FileEntry {
+                size: data.len() as u64,
+                sha256: hex::encode(Sha256::digest(&data)),
+                role: None,
+            },
+        );
+        st.commit(&Tag::parse("big").unwrap(), &m, Overwrite::No)
+            .unwrap();
+    }
+    let file = src.path().join("big.forkd-snapshot.tar.zst");
+    assert!(
+        forkd(
+            src.path(),
+            &["pack", "big", "-o", file.to_str().unwrap(), "--level", "1"]
+        )
+        .status
+        .success()
+    );
+    let mut saw_partial_work = false;
+    for delay_ms in [0u64, 5, 20, 50, 100, 200, 400, 800] {
+        let home = tempfile::tempdir().unwrap();
+        Store::open(home.path()).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_forkd"))
+            .arg("--home")
+            .arg(home.path())
+            .args(["unpack", file.to_str().unwrap()])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        let images: Vec<_> = fs::read_dir(home.path().join("images")).unwrap().collect();
+        if fs::read_dir(home.path().join("tmp")).unwrap().count() > 0 {
+            saw_partial_work = true;
+        }
+        let store = Store::open(home.path()).unwrap();
+        assert_eq!(
+            fs::read_dir(home.path().join("tmp")).unwrap().count(),
+            0,
+            "stale staging not swept"
+        );
+        match images.len() {
+            0 => assert!(store.list().unwrap().is_empty()),
+            1 => {
+                let snap = store.get(&Tag::parse("big").unwrap()).unwrap();
+                let data = fs::read(snap.path("memory.bin")).unwrap();
+                assert_eq!(
+                    hex::encode(Sha256::digest(&data)),
+                    snap.manifest.files["memory.bin"].sha256,
+                    "a visible tag is incomplete (killed after {delay_ms} ms)"
+                );
+            }
+            n => panic!("{n} entries in images/"),
+        }
+    }
+    assert!(
+        saw_partial_work,
+        "no kill landed mid-unpack; the test proves nothing"
+    );
+}

@@ -56,22 +56,28 @@ impl FileLock {
         }
     }
 
-    /// Create a new lock file (must not exist) and lock it.
+    /// Create a new lock file at `path` (a fresh unique name) that is already locked when it
+    /// appears: it is made and locked under a hidden temporary name, then renamed into place, so
+    /// a sweeper never sees an unlocked lock file of a live owner.
     pub(crate) fn create_new(path: &Path) -> Result<FileLock, PathError> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let tmp = dir.join(crate::fsutil::unique_name(".new-"));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(path)
-            .at("cannot create lock file", path)?;
-        file.try_lock()
-            .map_err(|e| match e {
-                std::fs::TryLockError::WouldBlock => {
-                    std::io::Error::from(std::io::ErrorKind::WouldBlock)
-                }
-                std::fs::TryLockError::Error(e) => e,
-            })
-            .at("cannot lock", path)?;
+            .open(&tmp)
+            .at("cannot create lock file", &tmp)?;
+        let locked = file.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => {
+                std::io::Error::from(std::io::ErrorKind::WouldBlock)
+            }
+            std::fs::TryLockError::Error(e) => e,
+        });
+        if let Err(e) = locked.and_then(|()| std::fs::rename(&tmp, path)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).at("cannot create lock file", path);
+        }
         Ok(FileLock {
             file,
             path: path.to_path_buf(),

@@ -191,16 +191,23 @@ impl Store {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
-            if let Some(base) = name.strip_suffix(".lock") {
-                // An orphan lock (its directory is gone): remove it when old and unlocked.
+            if name.starts_with(".new-") {
+                // A lock file being born; only a crash leaves one behind for long.
                 let old = entry
                     .metadata()
                     .and_then(|m| m.modified())
                     .ok()
                     .and_then(|t| t.elapsed().ok())
                     .is_some_and(|age| age.as_secs() > 60);
-                if old
-                    && !tmp.join(base).exists()
+                if old {
+                    let _ = fs::remove_file(&path);
+                }
+                continue;
+            }
+            if let Some(base) = name.strip_suffix(".lock") {
+                // Lock files appear already locked (see FileLock::create_new), so one we can
+                // lock belongs to a dead process; its directory, if any, is swept with it.
+                if !tmp.join(base).exists()
                     && let Ok(Some(_l)) = FileLock::try_existing(&path)
                 {
                     let _ = fs::remove_file(&path);
