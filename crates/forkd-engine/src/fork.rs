@@ -144,7 +144,12 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
                             kernel_override: Some(stub.to_path_buf()),
                         }
                         .args();
-                        let out = run_child(plan, i, id, guard, args);
+                        let mut out = run_child(plan, i, id, guard, args);
+                        if !opts.keep {
+                            // Its work is done: stop it now, so finished children do not
+                            // compete for the CPU with those still coming up.
+                            out.1 = None;
+                        }
                         if let Some(cb) = &opts.on_child {
                             cb(&out.0);
                         }

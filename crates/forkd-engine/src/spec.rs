@@ -101,6 +101,19 @@ impl VmSpec {
     }
 }
 
+/// TCG translation cache size in MiB. Children run little code, and every page of the cache
+/// they touch is private memory (PSS); the parent boots a whole kernel and gets more.
+/// `FORKD_TCG_TB_MIB` overrides the children's size.
+pub fn tcg_tb_mib(parent: bool) -> u32 {
+    if parent {
+        return 64;
+    }
+    std::env::var("FORKD_TCG_TB_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
+}
+
 /// Parent (booting, writes its disk and shares its RAM file) or child (restoring, private RAM,
 /// throwaway disk overlay).
 #[derive(Debug, Clone)]
@@ -153,7 +166,9 @@ pub fn write_stub_kernel(kernel: &Path, out: &Path) -> Result<()> {
         ((sects + 1) * 512 + 4096).min(n)
     } else {
         // Not a bzImage (e.g. an ELF kernel): use it whole.
-        return std::fs::copy(kernel, out).map(|_| ()).at("cannot copy", kernel);
+        return std::fs::copy(kernel, out)
+            .map(|_| ())
+            .at("cannot copy", kernel);
     };
     std::fs::write(out, &head[..len]).at("cannot write", out)
 }
@@ -178,7 +193,7 @@ impl Launch<'_> {
         let accel = match self.accel {
             Accel::Kvm => "kvm".to_string(),
             // A small translation cache: children run little code, and its pages count as PSS.
-            Accel::Tcg => "tcg,tb-size=32".to_string(),
+            Accel::Tcg => format!("tcg,tb-size={}", tcg_tb_mib(parent)),
         };
         let mut a: Vec<String> = vec![
             "-nodefaults".into(),

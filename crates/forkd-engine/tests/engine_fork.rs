@@ -31,11 +31,17 @@ fn fork_ten_children_each_runs_a_command_and_is_its_own_machine() {
         assert_eq!(x.exit_code, Some(0), "child {}: {x:?}", c.index);
         let lines: Vec<&str> = x.stdout.lines().collect();
         assert_eq!(lines.len(), 5, "child {} printed {:?}", c.index, x.stdout);
-        assert_eq!(lines[0], "warmed", "the parent's warm-up is visible in every child");
+        assert_eq!(
+            lines[0], "warmed",
+            "the parent's warm-up is visible in every child"
+        );
         // Each child sees only its own marker: the other children's writes are invisible.
         assert_eq!(lines[3], "marker", "child {} sees {:?}", c.index, lines[3]);
         let guest_time: i64 = lines[4].parse().unwrap();
-        assert!((guest_time - host_now).abs() < 30, "clock stepped: guest {guest_time} host {host_now}");
+        assert!(
+            (guest_time - host_now).abs() < 30,
+            "clock stepped: guest {guest_time} host {host_now}"
+        );
         hostnames.insert(c.hostname.clone());
         uuids.insert(lines[1].to_string());
         randoms.insert(lines[2].to_string());
@@ -44,10 +50,20 @@ fn fork_ten_children_each_runs_a_command_and_is_its_own_machine() {
     assert_eq!(uuids.len(), 10, "kernel RNG reseeded per child: {uuids:?}");
     assert_eq!(randoms.len(), 10, "urandom differs per child: {randoms:?}");
     // The parent's files are untouched by ten children writing to disk and RAM.
-    assert_eq!(sha256(&snap.join("memory.bin")), mem_before, "memory.bin changed");
-    assert_eq!(sha256(&snap.join("rootfs.ext4")), root_before, "rootfs.ext4 changed");
+    assert_eq!(
+        sha256(&snap.join("memory.bin")),
+        mem_before,
+        "memory.bin changed"
+    );
+    assert_eq!(
+        sha256(&snap.join("rootfs.ext4")),
+        root_before,
+        "rootfs.ext4 changed"
+    );
     // Everything the fork started is gone.
-    let left: Vec<_> = std::fs::read_dir(&run).map(|d| d.flatten().collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(&run)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "run dir not cleaned: {left:?}");
 }
 
@@ -73,12 +89,18 @@ fn a_child_that_fails_to_start_is_reported_and_the_rest_go_on() {
     // is set only for a separate run of this test binary, so the other tests are unaffected.
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
-        .args(["--exact", "broken_child_inner", "--nocapture", "--include-ignored"])
+        .args([
+            "--exact",
+            "broken_child_inner",
+            "--nocapture",
+            "--include-ignored",
+        ])
         .env(forkd_engine::fork::BREAK_CHILD_ENV, "1")
         .env("FORKD_TEST_RUN", &run)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("BROKEN-CHILD-OK"), "{text}");
     let _ = snap;
@@ -95,7 +117,10 @@ fn broken_child_inner() {
     let bad = &report.children[1];
     assert!(!bad.ok);
     let err = bad.error.as_deref().unwrap_or("");
-    assert!(err.contains("no-such-memory.bin") || err.contains("QMP"), "{err}");
+    assert!(
+        err.contains("no-such-memory.bin") || err.contains("QMP"),
+        "{err}"
+    );
     for i in [0, 2] {
         let c = &report.children[i];
         assert!(c.ok, "{c:?}");

@@ -62,8 +62,13 @@ pub fn tiny_options() -> SnapshotOptions {
 /// A scratch directory that lives as long as the test binary (short path: sockets).
 pub fn scratch() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::Builder::new().prefix("fke").tempdir_in("/tmp").expect("tempdir"))
-        .path()
+    DIR.get_or_init(|| {
+        tempfile::Builder::new()
+            .prefix("fke")
+            .tempdir_in("/tmp")
+            .expect("tempdir")
+    })
+    .path()
 }
 
 /// One snapshot of the tiny parent per test binary, in a plain directory.
@@ -73,8 +78,14 @@ pub fn tiny_snapshot() -> PathBuf {
         let q = qemu();
         let out = scratch().join("snap");
         std::fs::create_dir_all(&out).unwrap();
-        forkd_engine::snapshot::take(&q, &tiny_options(), &out, &scratch().join("parent"), &Interrupt::never())
-            .unwrap_or_else(|e| panic!("snapshot of the tiny parent failed: {e}"));
+        forkd_engine::snapshot::take(
+            &q,
+            &tiny_options(),
+            &out,
+            &scratch().join("parent"),
+            &Interrupt::never(),
+        )
+        .unwrap_or_else(|e| panic!("snapshot of the tiny parent failed: {e}"));
         out
     })
     .clone()
@@ -103,7 +114,10 @@ pub fn fork_options(n: usize, shell: Option<&str>, run_root: &Path) -> ForkOptio
         tag: "tiny".into(),
         accel: AccelChoice::Tcg,
         work: Work {
-            exec: shell.map(|s| forkd_agent::ExecRequest { shell: Some(s.into()), ..Default::default() }),
+            exec: shell.map(|s| forkd_agent::ExecRequest {
+                shell: Some(s.into()),
+                ..Default::default()
+            }),
             run_code: None,
         },
         keep: false,

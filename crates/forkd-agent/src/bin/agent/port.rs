@@ -5,8 +5,47 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// How long to wait before reading again after EOF (host not connected).
-const EOF_BACKOFF: Duration = Duration::from_millis(20);
+/// How long to wait before reading again after EOF (host not connected), when no SIGIO
+/// (host connected / data arrived) comes first.
+const EOF_BACKOFF: Duration = Duration::from_millis(500);
+/// Pause before reopening after a read error.
+const ERR_BACKOFF: Duration = Duration::from_millis(20);
+
+/// Ask the kernel to raise SIGIO on this port when the host connects or data arrives
+/// (virtio_console signals both), and block SIGIO so it is only collected by `sigtimedwait`.
+/// An idle agent then sleeps instead of polling: with a hundred idle children under TCG,
+/// polling every few milliseconds would eat the host's CPUs.
+fn arm_sigio(file: &File) {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: plain fcntl/sigprocmask calls on a descriptor we own and on a sigset_t we
+    // initialise with sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGIO);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::fcntl(fd, libc::F_SETOWN, libc::getpid());
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, fl | libc::O_ASYNC);
+    }
+}
+
+/// Sleep until SIGIO arrives or `max` passes.
+fn wait_sigio(max: Duration) {
+    let ts = libc::timespec {
+        tv_sec: max.as_secs() as libc::time_t,
+        tv_nsec: max.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `set` is initialised by sigemptyset/sigaddset; `ts` outlives the call; a null
+    // siginfo pointer is allowed.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGIO);
+        libc::sigtimedwait(&set, std::ptr::null_mut(), &ts);
+    }
+}
 
 pub struct Port {
     file: File,
@@ -40,6 +79,7 @@ impl Port {
             if let Some(path) = find() {
                 match OpenOptions::new().read(true).write(true).open(&path) {
                     Ok(file) => {
+                        arm_sigio(&file);
                         eprintln!("forkd-agent: listening on {}", path.display());
                         return Port {
                             file,
@@ -62,8 +102,9 @@ impl Port {
     }
 
     fn reopen(&mut self) {
-        std::thread::sleep(EOF_BACKOFF);
+        std::thread::sleep(ERR_BACKOFF);
         if let Ok(f) = OpenOptions::new().read(true).write(true).open(&self.path) {
+            arm_sigio(&f);
             self.file = f;
         }
     }
@@ -88,7 +129,7 @@ impl Port {
                 Ok(0) => {
                     // Host not connected (e.g. a child just restored). Wait, then read again.
                     self.buf.clear();
-                    std::thread::sleep(EOF_BACKOFF);
+                    wait_sigio(EOF_BACKOFF);
                 }
                 Ok(n) => {
                     self.buf.extend_from_slice(&chunk[..n]);
