@@ -291,3 +291,58 @@ impl LicenceReport {
         line
     }
 }
+
+impl LicenceReport {
+    /// A Markdown section for docs/LICENCES.md: counts, the licence table (names used by at
+    /// least two packages), packages without a licence statement, then every package.
+    pub fn markdown(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let count = |src: &str| self.packages.values().filter(|p| p.source == src).count();
+        let how = |h: &str| self.packages.values().filter(|p| p.how == h).count();
+        let _ = writeln!(
+            s,
+            "Packages: {} Debian, {} PyPI, {} npm. Licence statements: {} machine-readable \
+             (`declared`), {} found in free-text copyright files (`detected`), {} without one.\n",
+            count("debian"),
+            count("pip"),
+            count("npm"),
+            how("declared"),
+            how("detected"),
+            how("unknown")
+        );
+        let summary = self.summary();
+        let once = summary.values().filter(|&&n| n < 2).count();
+        s.push_str("| Licence | Packages |\n|---|---:|\n");
+        let mut rows: Vec<_> = summary.iter().filter(|(_, n)| **n >= 2).collect();
+        rows.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        for (name, n) in rows {
+            let _ = writeln!(s, "| {} | {n} |", name.replace('|', "\\|"));
+        }
+        let _ = writeln!(s, "| *{once} other names, each used by one package* | |\n");
+        let unknown: Vec<_> = self
+            .packages
+            .iter()
+            .filter(|(_, p)| p.how == "unknown")
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !unknown.is_empty() {
+            let _ = writeln!(
+                s,
+                "No licence statement found (read their copyright files): {}\n",
+                unknown.join(", ")
+            );
+        }
+        s.push_str("<details><summary>Every package</summary>\n\n| Package | Version | Licences |\n|---|---|---|\n");
+        for (name, p) in &self.packages {
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} |",
+                p.version,
+                p.licences.join(", ").replace('|', "\\|")
+            );
+        }
+        s.push_str("\n</details>\n");
+        s
+    }
+}

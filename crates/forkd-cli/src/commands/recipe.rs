@@ -34,9 +34,16 @@ pub enum RecipeCmd {
     /// Collect the licences of a root filesystem directory (Debian copyright files, wheels, npm)
     Licences {
         /// A root filesystem directory (e.g. a cached package tree)
-        root: PathBuf,
+        #[arg(required_unless_present = "tag")]
+        root: Option<PathBuf>,
+        /// Read the licences.toml of a snapshot in the local store instead
+        #[arg(long, conflicts_with = "root")]
+        tag: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Print a Markdown section (as in docs/LICENCES.md)
+        #[arg(long, conflicts_with = "json")]
+        markdown: bool,
     },
 }
 
@@ -80,7 +87,12 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
     match cmd {
         Cmd::Build(args) => build(args, ctx),
         Cmd::Recipe(RecipeCmd::Check { recipe, json }) => check(&recipe, json),
-        Cmd::Recipe(RecipeCmd::Licences { root, json }) => licences(&root, json),
+        Cmd::Recipe(RecipeCmd::Licences {
+            root,
+            tag,
+            json,
+            markdown,
+        }) => licences(root.as_deref(), tag.as_deref(), json, markdown, ctx),
     }
 }
 
@@ -113,11 +125,26 @@ fn check(path: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn licences(root: &Path, json: bool) -> anyhow::Result<()> {
-    let report = forkd_recipe::licence::scan(root)
-        .with_context(|| format!("collecting licences under {}", root.display()))?;
+fn licences(
+    root: Option<&Path>,
+    tag: Option<&str>,
+    json: bool,
+    markdown: bool,
+    ctx: &Ctx,
+) -> anyhow::Result<()> {
+    let (report, title) = match (root, tag) {
+        (Some(root), _) => {
+            let r = forkd_recipe::licence::scan(root)
+                .with_context(|| format!("collecting licences under {}", root.display()))?;
+            (r, root.display().to_string())
+        }
+        (None, Some(tag)) => recipe_snapshot::stored_licences(tag, ctx)?,
+        (None, None) => anyhow::bail!("give a root directory or --tag"),
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if markdown {
+        println!("{title}\n\n{}", report.markdown());
     } else {
         for (name, n) in report.summary() {
             println!("{n:5}  {name}");

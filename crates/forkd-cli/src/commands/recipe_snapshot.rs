@@ -264,3 +264,26 @@ pub fn smoke(
     }
     Ok(())
 }
+
+/// The licence report and a Markdown heading (name, version, base, notes) of a stored snapshot
+/// built by `forkd build`.
+pub fn stored_licences(
+    tag: &str,
+    ctx: &Ctx,
+) -> anyhow::Result<(forkd_recipe::LicenceReport, String)> {
+    let tag = Tag::parse(tag)?;
+    let snap = open_store(ctx)?.get(&tag)?;
+    let text = std::fs::read_to_string(snap.path(LICENCES_FILE))
+        .with_context(|| format!("{tag} has no {LICENCES_FILE}"))
+        .context(Hint(
+            "only snapshots made by `forkd build` carry licences".into(),
+        ))?;
+    let report = forkd_recipe::LicenceReport::parse(&text)?;
+    let m = &snap.manifest;
+    let notes = m.labels.get("licences.notes").cloned().unwrap_or_default();
+    let title = format!(
+        "## {} {}\n\n{}\n\nBase: {}. Debian sources: main, -updates and -security.\n\n{}",
+        m.name, m.version, m.description, m.base_image, notes
+    );
+    Ok((report, title))
+}
