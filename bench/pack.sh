@@ -12,13 +12,14 @@ for tool in zstd tar mkfs.ext4; do
     command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install zstd tar e2fsprogs" >&2; exit 1; }
 done
 
-cargo build --release -q -p forkd-cli -p forkd-store --example synth_snapshot
+cargo build --release -q -p forkd-cli --bin forkd
+cargo build --release -q -p forkd-store --example synth_snapshot
 forkd=$PWD/target/release/forkd
 synth=$PWD/target/release/examples/synth_snapshot
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/forkd-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-data=$("$synth" "$work/a" synthetic)
+data=$("$synth" "$work/a" synthetic | tail -n 1)
 img=$work/a/images/synthetic
 files=(manifest.toml memory.bin rootfs.ext4 vmstate)
 logical=$(cd "$img" && stat -c %s "${files[@]}" | awk '{s+=$1} END {print s}')
@@ -62,9 +63,9 @@ Snapshot: $(printf '%.0f' "$mib") MiB logical (memory.bin 1 GiB with $((data >> 
 | command                      |   time    |   throughput   | ours/floor |
 |------------------------------|-----------|----------------|-------|
 $(row "forkd pack (zstd -3, T=nproc)" "$op" "$fp")
-$(row "tar -cf - | zstd -T0 -3" "$fp" "$fp")
+$(row "tar -cf - \\| zstd -T0 -3" "$fp" "$fp")
 $(row "forkd unpack" "$ou" "$fu")
-$(row "zstd -d | tar -x" "$fu" "$fu")
+$(row "zstd -d \\| tar -x" "$fu" "$fu")
 
 Pack size: ours $((ours_size >> 20)) MiB, floor $((floor_size >> 20)) MiB. memory.bin on disk after unpack:
 ours $((disk_ours >> 20)) MiB, floor $((disk_floor >> 20)) MiB (non-zero data: $((data >> 20)) MiB).

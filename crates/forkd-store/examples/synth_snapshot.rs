@@ -67,6 +67,7 @@ fn generate(dir: &Path, seed: u64) -> u64 {
         .arg(&tree)
         .arg(dir.join("rootfs.ext4"))
         .arg("256M")
+        .stdout(std::process::Stdio::null())
         .status()
         .expect("mkfs.ext4 not found: install e2fsprogs (apt-get install e2fsprogs)");
     assert!(
