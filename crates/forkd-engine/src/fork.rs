@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 /// file that does not exist, so that one QEMU really fails to start.
 pub const BREAK_CHILD_ENV: &str = "FORKD_TEST_BREAK_CHILD";
 
+/// Progress callback, called once per child as it finishes.
+pub type OnChild = Box<dyn Fn(&ChildReport) + Sync>;
+
 pub struct ForkOptions {
     pub n: usize,
     pub tag: String,
@@ -30,7 +33,7 @@ pub struct ForkOptions {
     pub ready_timeout: Duration,
     pub interrupt: Interrupt,
     /// Called from child threads as each child finishes (for progress bars).
-    pub on_child: Option<Box<dyn Fn(&ChildReport) + Sync>>,
+    pub on_child: Option<OnChild>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -28,7 +28,7 @@ pub fn check_capacity(spec: &VmSpec, n: usize) -> Result<u64> {
     let avail = mem_available_mib().unwrap_or(u64::MAX / 2);
     let budget = avail / 10 * 9;
     if need > budget {
-        let max = (budget / per.max(1)).max(0);
+        let max = budget / per.max(1);
         return Err(EngineError::TooMany(format!(
             "{n} children need about {need} MiB ({per} MiB each: {QEMU_OVERHEAD_MIB} MiB QEMU + \
              1/8 of {} MiB guest RAM), but only {avail} MiB is available (MemAvailable; \
