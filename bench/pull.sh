@@ -30,7 +30,7 @@ W="$(mktemp -d "${BENCH_DIR:-/var/tmp}/forkd-bench-pull.XXXXXX")"
 SERVER_PID=""
 cleanup() {
     [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
-    rm -rf "$W"
+    if [ -n "${BENCH_KEEP:-}" ]; then echo "kept $W" >&2; else rm -rf "$W"; fi
 }
 trap cleanup EXIT
 
@@ -112,7 +112,7 @@ best() { sort -g | head -n1; }
 
 pull_once() {
     rm -rf "$W/c"
-    "$FORKD" --home "$W/c" -q pull bench/snap --hub "$URL" --trust "$KEY" >/dev/null
+    "$FORKD" --home "$W/c" -q pull bench/snap --tag bench --hub "$URL" --trust "$KEY" >/dev/null
 }
 curl_once() { curl -sf -o /dev/null "${URL}bench.forkd-snapshot.tar.zst"; }
 untar_once() {

@@ -376,7 +376,7 @@ fn incompatible_snapshot_is_refused_before_download() {
     );
     assert!(err.contains("pc-i440fx-99.9"), "{err}");
     assert!(
-        !c.path().join("cache/blobs").exists(),
+        !c.path().join("cache/partial").exists(),
         "downloaded before the check"
     );
     let missing = forkd_env(
@@ -491,14 +491,22 @@ fn pull_killed_with_sigkill_resumes() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // Bytes of the hub blobs that the pull's journal records as verified and written.
     let cached = || -> u64 {
-        let Ok(rd) = std::fs::read_dir(c.path().join("cache/blobs/sha256")) else {
+        let Ok(rd) = std::fs::read_dir(c.path().join("cache/partial")) else {
             return 0;
         };
-        rd.flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
-            .map(|e| e.unwrap())
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .map(|e| e.metadata().unwrap().len())
+        rd.filter_map(|d| std::fs::read_to_string(d.unwrap().path().join(".journal")).ok())
+            .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+            .filter_map(|l| {
+                let hex = l.split_once(" sha256:")?.1.to_string();
+                (hex.len() == 64).then_some(hex)
+            })
+            .map(|hex| {
+                std::fs::metadata(p.root.join(format!("blobs/sha256/{}/{hex}", &hex[..2])))
+                    .unwrap()
+                    .len()
+            })
             .sum()
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -523,11 +531,13 @@ fn pull_killed_with_sigkill_resumes() {
     );
     assert!(!c.path().join("images/snap").exists());
 
+    // Let the server finish the responses the killed client had asked for before counting anew.
+    std::thread::sleep(std::time::Duration::from_millis(600));
     server.set_mode(Mode::Normal);
     server
         .blob_bytes
         .store(0, std::sync::atomic::Ordering::SeqCst);
-    ok(&forkd(
+    let out = ok(&forkd(
         c.path(),
         &[
             "pull",
@@ -536,8 +546,16 @@ fn pull_killed_with_sigkill_resumes() {
             &server.url,
             "--trust",
             &p.key,
+            "--json",
         ],
     ));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["cached_bytes"].as_u64().unwrap(), cached_at_kill, "{out}");
+    assert_eq!(
+        v["downloaded_bytes"].as_u64().unwrap(),
+        server.bytes(),
+        "{out}"
+    );
     let second = server.bytes();
     assert!(cached_at_kill > 0);
     assert!(

@@ -1,11 +1,8 @@
-//! The download cache, `$FORKD_HOME/cache`: verified blobs by digest (so an interrupted pull
-//! resumes and a blob present locally is never fetched again) and per-image lock files (so two
-//! pulls of one image download it once).
+//! The download cache, `$FORKD_HOME/cache`: `partial/<image hex>/` holds the files of a pull
+//! that has not been installed yet plus its journal (so an interrupted pull resumes), and
+//! `locks/<image hex>.lock` serialises pulls of one image (so two pulls download it once).
 
 use crate::error::{HubError, Result};
-use crate::layout::sha256_digest;
-use bytes::Bytes;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -29,36 +26,10 @@ impl Cache {
         &self.root
     }
 
-    fn blob_path(&self, digest: &str) -> PathBuf {
-        self.root.join(crate::layout::blob_key(digest))
-    }
-
-    /// A cached blob, re-verified; a corrupt entry is removed and reported as absent.
-    pub fn get(&self, digest: &str) -> Option<Bytes> {
-        let p = self.blob_path(digest);
-        let data = std::fs::read(&p).ok()?;
-        if sha256_digest(&data) == digest {
-            Some(Bytes::from(data))
-        } else {
-            tracing::warn!("removing corrupt cache entry {}", p.display());
-            let _ = std::fs::remove_file(&p);
-            None
-        }
-    }
-
-    /// Store a verified blob: temp file in the cache, then rename (readers never see a part).
-    pub fn put(&self, digest: &str, data: &[u8]) -> Result<()> {
-        let p = self.blob_path(digest);
-        let dir = p.parent().expect("blob path has a parent");
-        let what = || format!("cannot write the download cache {}", self.root.display());
-        fs_err::create_dir_all(dir).map_err(HubError::io(what()))?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".dl-")
-            .tempfile_in(dir)
-            .map_err(HubError::io(what()))?;
-        tmp.write_all(data).map_err(HubError::io(what()))?;
-        tmp.persist(&p).map_err(|e| HubError::io(what())(e.error))?;
-        Ok(())
+    /// Where a pull of image `digest` writes its files and journal until it is installed.
+    pub fn partial_dir(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.root.join("partial").join(hex)
     }
 
     /// Lock the image `digest`. If another pull holds it, `on_wait` is told, then this waits.

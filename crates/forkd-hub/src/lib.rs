@@ -16,6 +16,7 @@ pub use transport::{HubOptions, Transport, TransportError};
 pub mod cache;
 pub mod compat;
 pub mod error;
+mod fetch;
 mod hasher;
 pub mod progress;
 pub mod pull;

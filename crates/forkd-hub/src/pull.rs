@@ -5,14 +5,11 @@
 
 use crate::cache::Cache;
 use crate::error::{HubError, Result};
-use crate::layout::{self, Chunk};
 use crate::progress::Progress;
 use crate::reference::Reference;
-use crate::remote::transport_err;
 use crate::transport::{TResult, Transport};
 use bytes::Bytes;
 use forkd_store::{Overwrite, Store, Tag};
-use futures::{StreamExt, TryStreamExt};
 use minisign::PublicKey;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -39,7 +36,7 @@ pub struct PullOutcome {
     pub unverified: Option<String>,
 }
 
-async fn fetch_retry(
+pub(crate) async fn fetch_retry(
     hub: &dyn Transport,
     key: &str,
     attempts: u32,
@@ -68,6 +65,7 @@ pub async fn pull(
     opts: &PullOptions,
     progress: &dyn Progress,
 ) -> Result<PullOutcome> {
+    let t0 = std::time::Instant::now();
     let r = crate::resolve::resolve(hub.as_ref(), reference, &opts.trusted, opts.insecure).await?;
     if let Some(why) = &r.unverified {
         progress.message(&format!(
@@ -119,148 +117,65 @@ pub async fn pull(
         return Ok(outcome);
     }
 
-    let staging = store.stage()?;
-    let mut files = Vec::new();
-    for f in &r.image.files {
-        let path = staging.dir().join(&f.name);
-        let file = std::fs::File::create(&path)
-            .map_err(HubError::io(format!("cannot create {}", path.display())))?;
-        file.set_len(f.size)
-            .map_err(HubError::io(format!("cannot size {}", path.display())))?;
-        files.push(Arc::new(file));
-    }
-
-    struct Work {
-        file_idx: usize,
-        chunk: Chunk,
-    }
-    let work: Vec<Work> = r
-        .image
-        .files
-        .iter()
-        .enumerate()
-        .flat_map(|(i, f)| {
-            f.chunks.iter().map(move |c| Work {
-                file_idx: i,
-                chunk: c.clone(),
-            })
-        })
-        .collect();
-    let total: u64 = work.iter().map(|w| w.chunk.stored_size).sum();
-
-    let sizes: Vec<u64> = r.image.files.iter().map(|f| f.size).collect();
-    let (tx, rx) = tokio::sync::mpsc::channel::<(usize, u64, Bytes)>(opts.jobs.max(1) * 2);
-    let hasher = std::thread::spawn(move || crate::hasher::run(sizes, rx));
-
-    progress.start("pulling", total);
-    let downloaded = std::sync::atomic::AtomicU64::new(0);
-    let cached = std::sync::atomic::AtomicU64::new(0);
-    let result: Result<()> = futures::stream::iter(work)
-        .map(|w| {
-            let hub = hub.clone();
-            let cache = cache.clone();
-            let file = files[w.file_idx].clone();
-            let (downloaded, cached) = (&downloaded, &cached);
-            async move {
-                let c = w.chunk;
-                let digest = c.digest.clone();
-                let cache_hit = {
-                    let (cache, d) = (cache.clone(), digest.clone());
-                    tokio::task::spawn_blocking(move || cache.get(&d))
-                        .await
-                        .map_err(|e| HubError::Invalid(e.to_string()))?
-                };
-                let (data, fresh) = match cache_hit {
-                    Some(d) => {
-                        cached.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        (d, false)
-                    }
-                    None => {
-                        let key = layout::blob_key(&digest);
-                        let d = fetch_retry(hub.as_ref(), &key, opts.attempts, progress)
-                            .await
-                            .map_err(transport_err(
-                                hub.as_ref(),
-                                format!("cannot download blob {digest}"),
-                            ))?;
-                        downloaded.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        (d, true)
-                    }
-                };
-                progress.advance(c.stored_size);
-                let raw = tokio::task::spawn_blocking(move || -> Result<Bytes> {
-                    if fresh {
-                        let actual = layout::sha256_digest(&data);
-                        if actual != digest {
-                            return Err(HubError::Corrupt {
-                                what: format!("blob {}", layout::blob_key(&digest)),
-                                expected: digest,
-                                actual,
-                            });
-                        }
-                        cache.put(&digest, &data)?;
-                    }
-                    let raw = zstd::bulk::decompress(&data, c.len as usize).map_err(|e| {
-                        HubError::Corrupt {
-                            what: format!("blob {digest}"),
-                            expected: format!("a zstd frame of {} bytes", c.len),
-                            actual: e.to_string(),
-                        }
-                    })?;
-                    if raw.len() as u64 != c.len {
-                        return Err(HubError::Corrupt {
-                            what: format!("blob {digest}"),
-                            expected: format!("{} bytes", c.len),
-                            actual: format!("{} bytes", raw.len()),
-                        });
-                    }
-                    write_sparse(&file, &raw, c.offset)
-                        .map_err(HubError::io("cannot write the pulled snapshot"))?;
-                    Ok(Bytes::from(raw))
-                })
-                .await
-                .map_err(|e| HubError::Invalid(e.to_string()))??;
-                Ok::<_, HubError>((w.file_idx, c.offset, raw))
+    // Another local tag holds this very image: copy it (sparse) instead of downloading.
+    if let Some(src) = store
+        .list()?
+        .into_iter()
+        .find(|i| i.manifest == r.manifest && i.tag != opts.tag)
+    {
+        progress.message(&format!(
+            "copying from the local image `{}` (same content)",
+            src.tag
+        ));
+        let staging = store.stage()?;
+        for (name, entry) in &r.manifest.files {
+            let from = src.dir.join(name);
+            let to = staging.dir().join(name);
+            let copy = || -> std::io::Result<String> {
+                let dst = std::fs::File::create(&to)?;
+                Ok(forkd_store::sparse::copy_sparse(&std::fs::File::open(&from)?, dst)?.1)
+            };
+            let sha = copy().map_err(HubError::io(format!("cannot copy {}", from.display())))?;
+            if sha != entry.sha256 {
+                return Err(HubError::Corrupt {
+                    what: from.display().to_string(),
+                    expected: entry.sha256.clone(),
+                    actual: sha,
+                });
             }
-        })
-        .buffered(opts.jobs.max(1))
-        .try_for_each(|item| {
-            let tx = tx.clone();
-            async move {
-                tx.send(item)
-                    .await
-                    .map_err(|_| HubError::Invalid("hasher stopped".into()))
-            }
-        })
-        .await;
-    drop(tx);
-    let hashes = hasher
-        .join()
-        .map_err(|_| HubError::Invalid("hasher thread panicked".into()))?;
-    progress.finish();
-    result?;
-    outcome.downloaded_bytes = downloaded.into_inner();
-    outcome.cached_bytes = cached.into_inner();
-
-    for (f, actual) in r.image.files.iter().zip(hashes) {
-        if actual != f.sha256 {
-            return Err(HubError::Corrupt {
-                what: format!("{} after download", f.name),
-                expected: format!("sha256 {}", f.sha256),
-                actual: format!("sha256 {actual}"),
-            });
         }
+        let tag = opts.tag.clone();
+        tokio::task::block_in_place(|| staging.commit(&tag, &r.manifest, Overwrite::Yes))?;
+        outcome.cached_bytes = r.image.stored_size();
+        return Ok(outcome);
     }
-    drop(files);
+
+    let partial = cache.partial_dir(&r.digest);
+    let fetched = crate::fetch::fetch(hub, &r.image, &partial, opts, progress).await?;
+    outcome.downloaded_bytes = fetched.downloaded;
+    outcome.cached_bytes = fetched.resumed;
+    tracing::debug!("fetched and verified in {:?}", t0.elapsed());
+
+    // Move the verified files into a staging directory (same filesystem) and install.
+    let staging = store.stage()?;
+    for f in &r.image.files {
+        let (from, to) = (partial.join(&f.name), staging.dir().join(&f.name));
+        std::fs::rename(&from, &to).map_err(HubError::io(format!(
+            "cannot move {} into the store",
+            from.display()
+        )))?;
+    }
     let tag = opts.tag.clone();
     tokio::task::block_in_place(|| staging.commit(&tag, &r.manifest, Overwrite::Yes))?;
+    let _ = std::fs::remove_dir_all(&partial);
+    tracing::debug!("installed in {:?}", t0.elapsed());
     drop(lock);
     Ok(outcome)
 }
 
 /// Write `data` at `offset`, leaving all-zero 4 KiB pages as holes (the file was sized with
 /// set_len, so skipped pages read as zeros and take no disk).
-fn write_sparse(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
+pub(crate) fn write_sparse(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
     const PAGE: usize = 4096;
     let mut run: Option<usize> = None;
     let mut i = 0;
