@@ -1,0 +1,205 @@
+//! The engine through the `forkd` binary, with real QEMU under TCG: build-tiny, fork, keep,
+//! ps / exec / kill, doctor, and the CLI's errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn home() -> &'static Path {
+    static H: OnceLock<tempfile::TempDir> = OnceLock::new();
+    H.get_or_init(|| {
+        tempfile::Builder::new()
+            .prefix("fkc")
+            .tempdir_in("/tmp")
+            .unwrap()
+    })
+    .path()
+}
+
+fn forkd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(args)
+        .env("FORKD_HOME", home())
+        .env("FORKD_ACCEL", "tcg")
+        .output()
+        .expect("running forkd")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = forkd(args);
+    assert!(
+        o.status.success(),
+        "forkd {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Build the tiny recipe's assets and snapshot them once for this test binary.
+fn tiny() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        assert!(
+            which("qemu-system-x86_64"),
+            "these tests need QEMU: apt-get install qemu-system-x86 (or run scripts/setup-engine.sh)"
+        );
+        let out = Command::new(repo().join("recipes/tiny/build.sh")).output().unwrap();
+        assert!(
+            out.status.success(),
+            "recipes/tiny/build.sh failed (run scripts/setup-engine.sh):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let assets = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        ok(&["-q", "build-tiny", "--assets", &assets, "--mem-mib", "192"]);
+    });
+}
+
+fn which(name: &str) -> bool {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .any(|d| Path::new(d).join(name).is_file())
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[test]
+fn fork_runs_the_command_in_every_child() {
+    tiny();
+    let r = json(&ok(&[
+        "fork",
+        "--tag",
+        "tiny",
+        "-n",
+        "3",
+        "--exec",
+        "hostname; cat /run/forkd-warm",
+        "--json",
+    ]));
+    assert_eq!(r["alive"], 3, "{r:#}");
+    for c in r["children"].as_array().unwrap() {
+        let i = c["index"].as_u64().unwrap();
+        assert_eq!(c["exec"]["exit_code"], 0);
+        assert_eq!(
+            c["exec"]["stdout"].as_str().unwrap(),
+            format!("tiny-{i}\nwarm\n")
+        );
+    }
+    let human = ok(&[
+        "fork",
+        "--tag",
+        "tiny",
+        "-n",
+        "2",
+        "--run",
+        "echo $WARM_SINCE | wc -w",
+    ]);
+    assert!(human.contains("2/2 children alive"), "{human}");
+    assert!(
+        human.contains("run: 2"),
+        "warm worker state from the parent: {human}"
+    );
+}
+
+#[test]
+fn kept_children_are_listed_reached_and_killed() {
+    tiny();
+    let out = ok(&["fork", "--tag", "tiny", "-n", "2", "--keep"]);
+    assert!(out.contains("kept 2"), "{out}");
+    let ps = json(&ok(&["ps", "--json"]));
+    let kept: Vec<&serde_json::Value> = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["tag"] == "tiny")
+        .collect();
+    assert_eq!(kept.len(), 2, "{ps:#}");
+    for c in &kept {
+        assert_eq!(c["running"], true);
+        let id = c["id"].as_str().unwrap();
+        let host = ok(&["exec", id, "--", "hostname"]);
+        assert_eq!(host.trim(), c["hostname"].as_str().unwrap());
+    }
+    // A failing command's exit code comes back as forkd's.
+    let id = kept[0]["id"].as_str().unwrap().to_string();
+    let o = forkd(&["exec", &id, "--", "sh", "-c", "exit 7"]);
+    assert_eq!(o.status.code(), Some(7));
+    let pids: Vec<u64> = kept.iter().map(|c| c["pid"].as_u64().unwrap()).collect();
+    ok(&["kill", "--all"]);
+    let ps = json(&ok(&["ps", "--json"]));
+    assert!(ps.as_array().unwrap().is_empty(), "{ps:#}");
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}/cmdline")).exists() || {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                !String::from_utf8_lossy(&cmd).contains("qemu")
+            },
+            "QEMU {pid} still running"
+        );
+    }
+    let o = forkd(&["exec", &id, "--", "true"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no running child"));
+}
+
+#[test]
+fn missing_qemu_is_an_error_that_names_the_package() {
+    tiny();
+    let o = Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(["fork", "--tag", "tiny", "-n", "1"])
+        .env("FORKD_HOME", home())
+        .env("FORKD_QEMU", "/nonexistent/qemu-system-x86_64")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("apt-get install qemu-system-x86"), "{err}");
+}
+
+#[test]
+fn unknown_tag_and_too_many_children_are_refused() {
+    tiny();
+    let o = forkd(&["fork", "--tag", "nope", "-n", "1"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no snapshot nope"));
+    let o = forkd(&["fork", "--tag", "tiny", "-n", "500000"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("MemAvailable") && err.contains("at most"),
+        "{err}"
+    );
+}
+
+#[test]
+fn doctor_reports_qemu_and_the_accelerator() {
+    let o = forkd(&["doctor", "--json"]);
+    let checks = json(&String::from_utf8_lossy(&o.stdout));
+    let qemu = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "qemu")
+        .unwrap();
+    assert_eq!(qemu["ok"], true, "{checks:#}");
+    assert!(
+        qemu["detail"]
+            .as_str()
+            .unwrap()
+            .contains("qemu-system-x86_64")
+    );
+    assert!(
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "accelerator")
+    );
+}
