@@ -102,6 +102,13 @@ fn scan_fixture_root() {
         "{}",
         r.summary_line(40)
     );
+    let md = r.markdown();
+    assert!(md.contains("Packages: 3 Debian, 1 PyPI, 1 npm"), "{md}");
+    assert!(md.contains("| GPL-2+ | 2 |"), "{md}");
+    assert!(
+        md.contains("| npm:@scope/pkg | 0.1.0 | Apache-2.0 |"),
+        "{md}"
+    );
 }
 
 #[test]

@@ -74,10 +74,20 @@ fn every_shipped_recipe_parses() {
             names.push(lr.recipe.name);
         }
     }
-    assert!(
-        names.iter().any(|n| n == "python-numpy"),
-        "python-numpy recipe missing: {names:?}"
-    );
+    let six = [
+        "python-numpy",
+        "nodejs",
+        "playwright-browser",
+        "jupyter-kernel",
+        "code-interpreter",
+        "agent-sandbox",
+    ];
+    for want in six {
+        assert!(
+            names.iter().any(|n| n == want),
+            "recipe {want} missing: {names:?}"
+        );
+    }
 }
 
 #[test]
