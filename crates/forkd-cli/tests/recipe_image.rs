@@ -206,6 +206,9 @@ fn image_from_cached_tree_is_real_ext4_and_cached() {
     let changed = build_image(&lr, &opts, &mut |_| {}).unwrap();
     assert_ne!(changed.key, built.key);
     assert_eq!(debugfs_cat(&changed.image, "/etc/motd"), "changed\n");
+    // The cache keeps one image per recipe: the old one is gone, the tree is kept.
+    assert!(!built.image.exists(), "old image not pruned");
+    assert!(tree.join("root/etc/motd").is_file());
     // Nothing is left behind in the cache's staging area.
     let left: Vec<_> = std::fs::read_dir(cache.join("tmp")).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");

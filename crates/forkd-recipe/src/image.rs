@@ -159,6 +159,7 @@ pub fn build_image(
             return Err(e);
         }
     };
+    std::fs::write(tmp.join("recipe.name"), r.name.as_bytes()).map_err(io_err(&tmp))?;
     std::fs::write(tmp.join(".complete"), key.as_bytes()).map_err(io_err(&tmp))?;
     if dir.exists() {
         let old = opts
@@ -170,6 +171,7 @@ pub fn build_image(
     }
     std::fs::create_dir_all(dir.parent().unwrap_or(&opts.cache_dir)).map_err(io_err(&dir))?;
     std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+    prune(&opts.cache_dir, &r.name, &key, &tree.key);
     Ok(BuiltImage {
         key,
         tree,
@@ -178,6 +180,35 @@ pub fn build_image(
         licences,
         cached: false,
     })
+}
+
+/// Drop the older images and package trees of the recipe `name` (those with other keys): the
+/// cache keeps one of each per recipe.
+fn prune(cache: &Path, name: &str, image_key: &str, tree_key: &str) {
+    for (sub, keep, marker) in [
+        ("images", image_key, "recipe.name"),
+        ("trees", tree_key, "recipe.json"),
+    ] {
+        let Ok(entries) = std::fs::read_dir(cache.join(sub)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy() == keep {
+                continue;
+            }
+            let owner = std::fs::read_to_string(e.path().join(marker)).unwrap_or_default();
+            let same = if marker == "recipe.json" {
+                serde_json::from_str::<serde_json::Value>(&owner)
+                    .is_ok_and(|v| v["name"].as_str() == Some(name))
+            } else {
+                owner == name
+            };
+            if same {
+                tracing::info!("pruning old build cache entry {}", e.path().display());
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }
 
 fn assemble(
