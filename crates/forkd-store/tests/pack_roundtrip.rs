@@ -108,6 +108,7 @@ fn gnu_tar_reads_our_packs() {
         &PackOptions {
             level: 1,
             workers: 2,
+            memory_budget: 0, // exercise the read-again path
         },
         &NoProgress,
     )
@@ -220,5 +221,31 @@ fn pack_detects_store_corruption_and_leaves_no_output() {
         fs::read_dir(out.path()).unwrap().count(),
         0,
         "partial output left behind"
+    );
+}
+
+#[test]
+fn both_read_paths_write_the_same_pack() {
+    let a = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let sa = Store::open(a.path()).unwrap();
+    let snap = make_image(&sa, "img");
+    let kept = out.path().join("kept.zst");
+    let reread = out.path().join("reread.zst");
+    let opts = PackOptions {
+        workers: 1,
+        ..Default::default()
+    };
+    pack(&snap, &kept, &opts, &NoProgress).unwrap();
+    let opts = PackOptions {
+        workers: 1,
+        memory_budget: 4096,
+        ..Default::default()
+    };
+    pack(&snap, &reread, &opts, &NoProgress).unwrap();
+    let plain = |p: &std::path::Path| zstd::decode_all(File::open(p).unwrap()).unwrap();
+    assert!(
+        plain(&kept) == plain(&reread),
+        "the two paths produced different archives"
     );
 }

@@ -320,6 +320,7 @@ fn pack_cmd(
     let opts = PackOptions {
         level,
         workers: threads,
+        ..Default::default()
     };
     let bar = Bar::new(ctx, "packing");
     let t0 = Instant::now();

@@ -11,7 +11,7 @@ use super::tarfmt::{self, padding};
 use super::{PackError, Progress, invalid};
 use crate::fsutil::{IoContext, sync_dir, unique_name};
 use crate::manifest::MANIFEST_NAME;
-use crate::sparse::{CHUNK, hash_zeros, nonzero_extents};
+use crate::sparse::{CHUNK, hash_zeros, scan};
 use crate::store::Snapshot;
 
 #[derive(Debug, Clone)]
@@ -20,6 +20,9 @@ pub struct PackOptions {
     pub level: i32,
     /// zstd worker threads; 0 = one per CPU.
     pub workers: u32,
+    /// Non-zero data of one file kept in memory between reading and compressing it, so that it
+    /// is read once. A file with more is read twice (found, then streamed) instead.
+    pub memory_budget: usize,
 }
 
 impl Default for PackOptions {
@@ -27,6 +30,7 @@ impl Default for PackOptions {
         PackOptions {
             level: 3,
             workers: 0,
+            memory_budget: 256 << 20,
         }
     }
 }
@@ -144,43 +148,37 @@ pub fn pack_to_writer<W: Write>(
         if len != entry.size {
             return Err(corrupt_size(snapshot, name, len, entry.size));
         }
-        let extents = nonzero_extents(&file, len).at("cannot read", &path)?;
+        // One read finds the non-zero blocks, hashes the content and keeps the data (up to a
+        // budget); only files with more non-zero data than that are read a second time.
+        let scan = scan(&file, len, opts.memory_budget).at("cannot read", &path)?;
+        let extents = scan.extents;
         let dense = len == 0 || (extents.len() == 1 && extents[0] == (0..len));
         let header = if dense {
             tarfmt::regular(name, len, mtime)?
         } else {
             tarfmt::sparse(name, len, &extents, mtime)?
         };
-        write_all(&mut enc, &header)?;
-        let mut hasher = Sha256::new();
-        let mut pos = 0u64;
-        let mut stored = 0u64;
-        for r in extents {
-            hash_zeros(&mut hasher, r.start - pos);
-            progress.advance(r.start - pos);
-            let mut off = r.start;
-            while off < r.end {
-                let n = ((r.end - off) as usize).min(CHUNK);
-                file.read_exact_at(&mut buf[..n], off)
-                    .at("cannot read (did it change while packing?)", &path)?;
-                hasher.update(&buf[..n]);
-                write_all(&mut enc, &buf[..n])?;
-                off += n as u64;
-                progress.advance(n as u64);
+        let stored: u64 = extents.iter().map(|r| r.end - r.start).sum();
+        let actual = match scan.kept {
+            Some((data, digest)) => {
+                check_digest(snapshot, name, &entry.sha256, digest)?;
+                write_all(&mut enc, &header)?;
+                for c in data.chunks(CHUNK) {
+                    write_all(&mut enc, c)?;
+                    progress.advance(c.len() as u64);
+                }
+                progress.advance(len - stored);
+                None
             }
-            stored += r.end - r.start;
-            pos = r.end;
-        }
-        hash_zeros(&mut hasher, len - pos);
-        progress.advance(len - pos);
-        let actual = hex::encode(hasher.finalize());
-        if actual != entry.sha256 {
-            return Err(PackError::Corrupt {
-                tag: snapshot.tag.to_string(),
-                name: name.clone(),
-                expected: entry.sha256.clone(),
-                actual,
-            });
+            None => {
+                write_all(&mut enc, &header)?;
+                Some(stream_extents(
+                    &file, &path, &extents, len, &mut enc, &mut buf, progress,
+                )?)
+            }
+        };
+        if let Some(actual) = actual {
+            check_digest(snapshot, name, &entry.sha256, actual)?;
         }
         write_all(&mut enc, &[0u8; 512][..padding(stored)])?;
         stats.data_bytes += stored;
@@ -188,6 +186,50 @@ pub fn pack_to_writer<W: Write>(
     write_all(&mut enc, &[0u8; 1024])?;
     let w = enc.finish().map_err(PackError::Write)?;
     Ok((stats, w))
+}
+
+/// Read `extents` of `file` again, hash the content (zeros for the gaps) and compress the data.
+fn stream_extents(
+    file: &File,
+    path: &Path,
+    extents: &[std::ops::Range<u64>],
+    len: u64,
+    enc: &mut impl Write,
+    buf: &mut [u8],
+    progress: &dyn Progress,
+) -> Result<String, PackError> {
+    let mut hasher = Sha256::new();
+    let mut pos = 0u64;
+    for r in extents {
+        hash_zeros(&mut hasher, r.start - pos);
+        progress.advance(r.start - pos);
+        let mut off = r.start;
+        while off < r.end {
+            let n = ((r.end - off) as usize).min(CHUNK);
+            file.read_exact_at(&mut buf[..n], off)
+                .at("cannot read (did it change while packing?)", path)?;
+            hasher.update(&buf[..n]);
+            write_all(enc, &buf[..n])?;
+            off += n as u64;
+            progress.advance(n as u64);
+        }
+        pos = r.end;
+    }
+    hash_zeros(&mut hasher, len - pos);
+    progress.advance(len - pos);
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn check_digest(s: &Snapshot, name: &str, expected: &str, actual: String) -> Result<(), PackError> {
+    if actual == expected {
+        return Ok(());
+    }
+    Err(PackError::Corrupt {
+        tag: s.tag.to_string(),
+        name: name.to_string(),
+        expected: expected.to_string(),
+        actual,
+    })
 }
 
 fn write_all(w: &mut impl Write, data: &[u8]) -> Result<(), PackError> {
