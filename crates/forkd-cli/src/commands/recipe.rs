@@ -167,10 +167,15 @@ fn find_agent(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         anyhow::ensure!(p.is_file(), "agent binary {} not found", p.display());
         return Ok(p);
     }
+    // Prefer the static build (scripts/setup-engine.sh makes it), then one next to `forkd`.
     let exe = std::env::current_exe().context("locating the forkd binary")?;
-    let beside = exe.with_file_name("forkd-agent");
-    if beside.is_file() {
-        return Ok(beside);
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let candidates = [
+        dir.join("../x86_64-unknown-linux-gnu/release/forkd-agent"),
+        dir.join("forkd-agent"),
+    ];
+    if let Some(found) = candidates.into_iter().find(|p| p.is_file()) {
+        return Ok(found);
     }
     Err(anyhow::anyhow!(
         "no forkd-agent binary next to {}",
