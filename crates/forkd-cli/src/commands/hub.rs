@@ -382,9 +382,11 @@ fn trusted_keys(store: &Store, given: &[String]) -> Result<Vec<minisign::PublicK
 
 fn with_hint(e: HubError, hub: &str) -> anyhow::Error {
     let hint = match &e {
-        HubError::Signature { .. } => Some(format!(
-            "trust the publisher's key with --trust KEY or add it to $FORKD_HOME/trusted-keys; --insecure skips the check (not recommended)"
-        )),
+        HubError::Signature { .. } => Some(
+            "trust the publisher's key with --trust KEY or add it to $FORKD_HOME/trusted-keys; \
+             --insecure skips the check (not recommended)"
+                .to_string(),
+        ),
         HubError::NotFound { .. } => Some(format!(
             "`forkd search --hub {hub}` lists what this hub has"
         )),

@@ -263,6 +263,6 @@ pub fn data_blobs(hub_root: &Path) -> Vec<PathBuf> {
             }
         }
     }
-    v.sort_by(|a, b| b.0.cmp(&a.0));
+    v.sort_by_key(|x| std::cmp::Reverse(x.0));
     v.into_iter().map(|x| x.1).collect()
 }
