@@ -465,3 +465,28 @@ fn total_size_over_the_callers_limit() {
     };
     refused_with(&pack, &opts, "more than the limit of 10");
 }
+
+#[test]
+fn endless_chain_of_empty_sparse_extension_headers() {
+    // A sparse header promising extension headers, followed by empty ones that each promise
+    // another: zstd makes millions of them from a few bytes. Refused at the first.
+    let mut h = tar::Header::new_gnu();
+    h.set_path("memory.bin").unwrap();
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_size(0);
+    let g = h.as_gnu_mut().unwrap();
+    g.set_real_size(MEM.len() as u64);
+    g.sparse[0].set_offset(0);
+    g.sparse[0].set_length(0);
+    g.set_is_extended(true);
+    h.set_cksum();
+    let mut ext = tar::GnuExtSparseHeader::new();
+    ext.set_is_extended(true);
+    let pack = with_entries(|t| {
+        t.raw(h.as_bytes());
+        for _ in 0..100_000 {
+            t.raw(ext.as_bytes());
+        }
+    });
+    refused(&pack, "empty extension header");
+}

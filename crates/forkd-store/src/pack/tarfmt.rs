@@ -261,6 +261,14 @@ pub(crate) fn parse_ext(
 ) -> Result<bool, PackError> {
     let mut ext = GnuExtSparseHeader::new();
     ext.as_mut_bytes().copy_from_slice(block);
+    let before = map.len();
     read_map(&ext.sparse, name, map)?;
+    if map.len() == before {
+        // Each extension header must add to the map; otherwise a chain of empty ones could
+        // keep the reader busy forever.
+        return Err(invalid(format!(
+            "sparse entry {name:?} has an empty extension header"
+        )));
+    }
     Ok(ext.is_extended())
 }
