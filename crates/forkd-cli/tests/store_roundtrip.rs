@@ -13,17 +13,17 @@ use forkd_store::sparse::hash_file;
 use forkd_store::{EngineInfo, FileEntry, Manifest, Overwrite, Store, Tag};
 
 /// xorshift64*: a seeded, dependency-free RNG.
-pub struct Rng(u64);
+struct Rng(u64);
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
-    pub fn fill(&mut self, buf: &mut [u8]) {
+    fn fill(&mut self, buf: &mut [u8]) {
         for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
+            let v = self.next_u64().to_le_bytes();
             c.copy_from_slice(&v[..c.len()]);
         }
     }
@@ -40,7 +40,7 @@ fn forkd(home: &Path, args: &[&str]) -> std::process::Output {
 
 /// Write the synthetic snapshot's files into `dir`; returns the number of distinct data pages
 /// in memory.bin.
-pub fn synth_snapshot(dir: &Path, seed: u64) -> u64 {
+fn synth_snapshot(dir: &Path, seed: u64) -> u64 {
     let mut rng = Rng(seed);
     // memory.bin: 1 GiB, ~3% of its 4 KiB pages random, written with pwrite.
     let mem = OpenOptions::new()
@@ -53,7 +53,7 @@ pub fn synth_snapshot(dir: &Path, seed: u64) -> u64 {
     let mut chosen = BTreeSet::new();
     let mut page = [0u8; 4096];
     while chosen.len() < (pages * 3 / 100) as usize {
-        let p = rng.next() % pages;
+        let p = rng.next_u64() % pages;
         if chosen.insert(p) {
             rng.fill(&mut page);
             mem.write_all_at(&page, p * 4096).unwrap();
@@ -64,8 +64,8 @@ pub fn synth_snapshot(dir: &Path, seed: u64) -> u64 {
     fs::create_dir_all(tree.join("usr/lib/python3")).unwrap();
     fs::create_dir_all(tree.join("etc")).unwrap();
     for i in 0..200 {
-        let text: String = (0..(200 + rng.next() % 4000))
-            .map(|j| format!("line {j} of module {i}: value={}\n", rng.next() % 1000))
+        let text: String = (0..(200 + rng.next_u64() % 4000))
+            .map(|j| format!("line {j} of module {i}: value={}\n", rng.next_u64() % 1000))
             .collect();
         fs::write(tree.join(format!("usr/lib/python3/mod{i}.py")), text).unwrap();
     }
@@ -94,7 +94,7 @@ pub fn synth_snapshot(dir: &Path, seed: u64) -> u64 {
     chosen.len() as u64
 }
 
-pub fn manifest_for_dir(dir: &Path, name: &str) -> Manifest {
+fn manifest_for_dir(dir: &Path, name: &str) -> Manifest {
     let mut m = Manifest::new(
         name,
         "1.0",
