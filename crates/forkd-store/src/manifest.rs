@@ -133,8 +133,13 @@ impl Manifest {
         }
         // Gate on the version before looking at anything else: a newer format may have changed
         // every other field, and the useful error is "upgrade forkd".
-        let table: toml::Table =
+        let mut table: toml::Table =
             toml::from_str(text).map_err(|e| ManifestError::Toml(e.message().to_string()))?;
+        // Accept a native TOML datetime for created_at as well as the RFC 3339 string we write.
+        if let Some(toml::Value::Datetime(dt)) = table.get("created_at") {
+            let s = dt.to_string();
+            table.insert("created_at".into(), toml::Value::String(s));
+        }
         match table.get("format_version") {
             Some(toml::Value::Integer(v)) if *v > FORMAT_VERSION as i64 => {
                 return Err(ManifestError::TooNew(*v));

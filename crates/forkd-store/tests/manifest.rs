@@ -114,3 +114,15 @@ fn rejects_bad_manifests() {
         .replace("size = 0", "size = 1");
     assert!(err_of(&big).contains("1 TiB"));
 }
+
+#[test]
+fn created_at_may_be_a_toml_datetime() {
+    let v = valid();
+    let line = v.lines().find(|l| l.starts_with("created_at")).unwrap();
+    let bare = line.replace('"', "");
+    let m = Manifest::parse(&v.replace(line, &bare)).unwrap();
+    assert_eq!(m, Manifest::parse(&v).unwrap());
+    // A local datetime (no offset) is not a point in time: refused.
+    let local = "created_at = 2026-01-01T00:00:00";
+    assert!(Manifest::parse(&v.replace(line, local)).is_err());
+}
