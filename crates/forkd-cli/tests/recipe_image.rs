@@ -217,7 +217,10 @@ fn image_from_cached_tree_is_real_ext4_and_cached() {
 #[test]
 fn image_size_has_headroom() {
     let mib = forkd_recipe::image::image_size_mib(200 << 20, 10_000, 128);
-    assert!(mib >= 200 + 128 && mib.is_multiple_of(4) && mib < 450, "{mib}");
+    assert!(
+        mib >= 200 + 128 && mib.is_multiple_of(4) && mib < 450,
+        "{mib}"
+    );
 }
 
 /// The real thing: mmdebstrap of python-numpy from the Debian mirror (as root), then the image.
