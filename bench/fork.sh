@@ -43,7 +43,7 @@ cold_boot() {
 import json, os, socket, subprocess, sys, tempfile, time
 n, assets, mem, accel = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 tmp = tempfile.mkdtemp(prefix="cold", dir="/tmp")
-procs, socks = [], []
+procs, socks, failed = [], [], set()
 t0 = time.time()
 for i in range(n):
     s = f"{tmp}/a{i}.sock"
@@ -57,25 +57,31 @@ for i in range(n):
         "-device", "virtio-serial-pci,id=vser0,addr=0x3", "-device", "virtio-blk-pci,drive=root,addr=0x4",
         "-chardev", f"socket,id=agent,path={s},server=on,wait=off",
         "-device", "virtserialport,bus=vser0.0,chardev=agent,name=forkd.agent"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, TMPDIR=tmp)))
+        stdout=subprocess.DEVNULL, stderr=open(f"{tmp}/q{i}.log", "w"), env=dict(os.environ, TMPDIR=tmp)))
 pending = set(range(n))
 conns = {}
-while pending and time.time() - t0 < 900:
+while pending and time.time() - t0 < 600:
     for i in list(pending):
+        if procs[i].poll() is not None:  # QEMU exited: this VM will never answer
+            pending.discard(i); failed.add(i); continue
         try:
             if i not in conns:
                 c = socket.socket(socket.AF_UNIX); c.connect(socks[i]); c.settimeout(0.05); conns[i] = c
             conns[i].sendall(b'{"v":1,"id":1,"op":"hello"}\n')
             if b'"ok":true' in conns[i].recv(4096):
                 pending.discard(i)
-        except OSError:
+        except socket.timeout:
             pass
+        except OSError:
+            conns.pop(i, None)
     time.sleep(0.05)
 dt = time.time() - t0
 for p in procs: p.kill()
 for p in procs: p.wait()
+for i in sorted(failed)[:3]:
+    sys.stderr.write(f"cold boot VM {i} exited: " + open(f"{tmp}/q{i}.log").read())
 subprocess.run(["rm", "-rf", tmp])
-print(f"{dt:.2f} {n - len(pending)}")
+print(f"{dt:.2f} {n - len(pending) - len(failed)}")
 PY
 }
 

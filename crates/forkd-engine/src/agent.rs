@@ -123,7 +123,7 @@ impl AgentConn {
     }
 
     pub fn hello(&mut self) -> Result<HelloReply> {
-        match self.call_timeout(Op::Hello, Duration::from_secs(10))? {
+        match self.call_timeout(Op::Hello, Duration::from_secs(60))? {
             Reply::Hello(h) => Ok(h),
             r => Err(err(format!("unexpected reply {r:?}"))),
         }
@@ -146,7 +146,7 @@ impl AgentConn {
     }
 
     pub fn identity(&mut self, req: IdentityRequest) -> Result<IdentityReply> {
-        match self.call_timeout(Op::Identity(req), Duration::from_secs(10))? {
+        match self.call_timeout(Op::Identity(req), Duration::from_secs(120))? {
             Reply::Identity(x) => Ok(x),
             r => Err(err(format!("unexpected reply {r:?}"))),
         }

@@ -53,6 +53,8 @@ impl Interrupt {
     pub fn install() -> Interrupt {
         let flag = Arc::new(AtomicBool::new(false));
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            // A second signal, while the first is still being handled, exits at once (130).
+            let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
             if let Err(e) = signal_hook::flag::register(sig, flag.clone()) {
                 tracing::warn!("cannot handle signal {sig}: {e}");
             }
