@@ -18,7 +18,7 @@ use crate::util::{
 use crate::{BuildOptions, LoadedRecipe, Progress, RecipeError};
 
 /// Bump when the way images are made changes.
-const IMAGE_FORMAT: u32 = 2;
+const IMAGE_FORMAT: u32 = 3;
 /// Where the agent is installed in the guest.
 pub const AGENT_PATH: &str = "/usr/local/sbin/forkd-agent";
 /// The guest init: mounts the kernel filesystems, then becomes the agent.

@@ -80,20 +80,33 @@ pub fn parse_copyright(text: &str) -> (Vec<String>, bool) {
             names.insert(name);
         }
     }
+    // Well-known licence texts, matched case-insensitively.
     let known = [
-        (
-            "Redistribution and use in source and binary forms",
-            "BSD-style",
-        ),
-        ("Permission is hereby granted, free of charge", "Expat"),
-        ("Apache License", "Apache-2.0"),
-        ("Mozilla Public License", "MPL-2.0"),
-        ("Python Software Foundation License", "PSF-2.0"),
+        ("redistribution and use in source and binary forms", "BSD-style"),
+        ("redistributions of source code must retain", "BSD-style"),
+        ("permission is hereby granted, free of charge", "Expat"),
+        ("permission to use, copy, modify, distribute, and sell", "X11-style"),
+        ("permission to use, copy, modify, and distribute this software", "HPND-style"),
+        ("hereby grant permission to use, copy, modify, distribute", "TCL-style"),
+        ("apache license", "Apache-2.0"),
+        ("mozilla public license", "MPL-2.0"),
+        ("python software foundation license", "PSF-2.0"),
+        ("psf license agreement", "PSF-2.0"),
+        ("gnu lesser general public license", "LGPL"),
+        ("gnu library general public license", "LGPL"),
+        ("gnu general public license", "GPL"),
         ("public domain", "public-domain"),
     ];
+    let lower = text.to_lowercase();
     for (needle, name) in known {
-        if text.contains(needle) {
+        if lower.contains(needle) {
             names.insert(name.to_string());
+        }
+    }
+    // A versioned name from common-licenses says more than the bare family name.
+    for family in ["GPL", "LGPL"] {
+        if names.iter().any(|n| n.starts_with(&format!("{family}-"))) {
+            names.remove(family);
         }
     }
     (names.into_iter().collect(), false)
