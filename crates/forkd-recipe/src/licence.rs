@@ -82,12 +82,24 @@ pub fn parse_copyright(text: &str) -> (Vec<String>, bool) {
     }
     // Well-known licence texts, matched case-insensitively.
     let known = [
-        ("redistribution and use in source and binary forms", "BSD-style"),
+        (
+            "redistribution and use in source and binary forms",
+            "BSD-style",
+        ),
         ("redistributions of source code must retain", "BSD-style"),
         ("permission is hereby granted, free of charge", "Expat"),
-        ("permission to use, copy, modify, distribute, and sell", "X11-style"),
-        ("permission to use, copy, modify, and distribute this software", "HPND-style"),
-        ("hereby grant permission to use, copy, modify, distribute", "TCL-style"),
+        (
+            "permission to use, copy, modify, distribute, and sell",
+            "X11-style",
+        ),
+        (
+            "permission to use, copy, modify, and distribute this software",
+            "HPND-style",
+        ),
+        (
+            "hereby grant permission to use, copy, modify, distribute",
+            "TCL-style",
+        ),
         ("apache license", "Apache-2.0"),
         ("mozilla public license", "MPL-2.0"),
         ("python software foundation license", "PSF-2.0"),
