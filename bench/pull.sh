@@ -120,13 +120,14 @@ untar_once() {
     zstd -q -d -c "$W/bench.forkd-snapshot.tar.zst" | tar -x -C "$W/x"
 }
 
+verify_once() { untar_once; (cd "$W/x" && sha256sum memory.bin rootfs.ext4 vmstate >/dev/null); }
 command -v bc >/dev/null || apt_install bc
 say "warming the page cache"
 curl_once; pull_once
 say "timing ($RUNS runs each, best kept)"
-P=(); C=(); U=()
+P=(); C=(); U=(); V=()
 for _ in $(seq 1 "$RUNS"); do
-    P+=("$(t pull_once)"); C+=("$(t curl_once)"); U+=("$(t untar_once)")
+    P+=("$(t pull_once)"); C+=("$(t curl_once)"); U+=("$(t untar_once)"); V+=("$(t verify_once)")
 done
 # The pulled bytes equal the source (sha256 of every file).
 for f in memory.bin rootfs.ext4 vmstate; do
@@ -136,6 +137,7 @@ done
 pull=$(printf '%s\n' "${P[@]}" | best)
 curl_t=$(printf '%s\n' "${C[@]}" | best)
 untar=$(printf '%s\n' "${U[@]}" | best)
+verify=$(printf '%s\n' "${V[@]}" | best)
 slower=$(echo "if ($curl_t > $untar) $curl_t else $untar" | bc -l)
 ratio=$(echo "$pull / $slower" | bc -l)
 pulled_disk=$(du -sB1 "$W/c/images/bench" | cut -f1)
@@ -155,8 +157,9 @@ Best of $RUNS runs, warm page cache, $(nproc) CPUs, $(uname -r).
 | floor: \`curl -o /dev/null\` of the pack from the same server | $(printf %.3f "$curl_t") |
 | floor: \`zstd -d \| tar -x\` of the same pack | $(printf %.3f "$untar") |
 | **pull / slower floor** (goal ≤ 1.2) | **$(printf %.2f "$ratio")** |
+| for reference: \`zstd -d \| tar -x\` then \`sha256sum\` of the files (the same check pull makes) | $(printf %.3f "$verify") |
 
-Pulled image on disk: $(mib "$pulled_disk") MiB (holes kept). All runs: pull ${P[*]}; curl ${C[*]}; untar ${U[*]}.
+Pulled image on disk: $(mib "$pulled_disk") MiB (holes kept). All runs: pull ${P[*]}; curl ${C[*]}; untar ${U[*]}; untar+sha256sum ${V[*]}.
 REP
 )
 echo "$report"

@@ -289,6 +289,14 @@ fn full_disk_installs_nothing() {
         "No space left on device",
     );
     assert!(err.contains("cannot"), "{err}");
+    assert!(
+        !home.join("cache/partial").exists()
+            || std::fs::read_dir(home.join("cache/partial"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "a full disk keeps no partial download"
+    );
 }
 
 #[test]

@@ -198,7 +198,16 @@ pub async fn fetch(
         .join()
         .map_err(|_| HubError::Invalid("hasher thread panicked".into()))?;
     progress.finish();
-    result?;
+    if let Err(e) = result {
+        // Out of space: free what this pull took instead of keeping it for a resume.
+        if let HubError::Io { source, .. } = &e
+            && source.raw_os_error() == Some(28)
+        {
+            drop(files);
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        return Err(e);
+    }
 
     for (f, actual) in image.files.iter().zip(hashes) {
         if actual != f.sha256 {
