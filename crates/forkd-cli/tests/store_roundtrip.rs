@@ -80,6 +80,7 @@ fn synth_snapshot(dir: &Path, seed: u64) -> u64 {
         .arg(&tree)
         .arg(dir.join("rootfs.ext4"))
         .arg("256M")
+        .stdout(std::process::Stdio::null())
         .status()
         .expect("mkfs.ext4 not found: install the e2fsprogs package (apt-get install e2fsprogs)");
     assert!(
