@@ -14,6 +14,7 @@ pub mod licence;
 pub mod recipe;
 pub mod rootfs;
 mod util;
+mod validate;
 
 use std::path::PathBuf;
 
