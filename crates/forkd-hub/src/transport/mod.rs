@@ -8,6 +8,11 @@ pub use file::FileTransport;
 pub use http::HttpTransport;
 pub use s3::S3Transport;
 
+/// Blobs larger than this go to S3 as multipart uploads.
+pub fn s3_multipart_threshold() -> usize {
+    s3::MULTIPART_THRESHOLD
+}
+
 use crate::redact::redact_url;
 use bytes::Bytes;
 use futures::future::BoxFuture;
