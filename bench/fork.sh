@@ -52,7 +52,7 @@ for i in range(n):
         "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-machine", "pc-i440fx-7.2,smm=off,vmport=off", "-accel", accel, "-cpu", "qemu64",
         "-m", f"{mem}M", "-kernel", f"{assets}/vmlinuz", "-initrd", f"{assets}/initrd.img",
-        "-append", "console=ttyS0 quiet panic=-1", "-serial", "null",
+        "-append", "console=ttyS0 quiet panic=-1 no_timer_check", "-serial", f"file:{tmp}/c{i}.log",
         "-drive", f"if=none,id=root,file={assets}/rootfs.ext4,format=raw,snapshot=on",
         "-device", "virtio-serial-pci,id=vser0,addr=0x3", "-device", "virtio-blk-pci,drive=root,addr=0x4",
         "-chardev", f"socket,id=agent,path={s},server=on,wait=off",
@@ -79,7 +79,7 @@ dt = time.time() - t0
 for p in procs: p.kill()
 for p in procs: p.wait()
 for i in sorted(failed)[:3]:
-    sys.stderr.write(f"cold boot VM {i} exited: " + open(f"{tmp}/q{i}.log").read())
+    sys.stderr.write(f"cold boot VM {i} exited: " + open(f"{tmp}/q{i}.log").read() + open(f"{tmp}/c{i}.log").read()[-600:] + "\n")
 subprocess.run(["rm", "-rf", tmp])
 print(f"{dt:.2f} {n - len(pending) - len(failed)}")
 PY
@@ -98,7 +98,7 @@ for n in "${NS[@]}"; do
     pss_child="$(python3 -c "print(round($pss/1024/max($cnt,1),1))")"
     "$FORKD" kill --all -q
     cold_n=$n; note=""
-    if (( n > COLD_CAP )); then cold_n=$COLD_CAP; note=" (measured at N=$COLD_CAP, x$((n / COLD_CAP)) extrapolated)"; fi
+    if (( n > COLD_CAP )); then cold_n=$COLD_CAP; note=" (measured at N=$COLD_CAP, scaled linearly x$(python3 -c "print($n / $COLD_CAP)"))"; fi
     read -r cwall cup < <(cold_boot "$cold_n")
     cwall_n="$(python3 -c "print(round($cwall * $n / $cold_n, 2))")"
     speed="$(python3 -c "print(round($cwall_n / max($fwall, 0.001), 1))")"

@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+/// `no_timer_check`: under a loaded TCG host the kernel's IO-APIC timer check can fail and panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1 no_timer_check";
 
 #[derive(Debug, Clone)]
 pub struct SnapshotOptions {
