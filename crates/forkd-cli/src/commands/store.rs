@@ -13,8 +13,11 @@ use crate::report::Hint;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
-    /// List the images in the local store
-    #[command(after_help = "Examples:\n  forkd images\n  forkd images list --json | jq '.[].tag'")]
+    /// List the images in the local store (alias: ls)
+    #[command(
+        visible_alias = "ls",
+        after_help = "Examples:\n  forkd images\n  forkd ls --json\n  forkd images list --json | jq '.[].tag'"
+    )]
     Images {
         #[command(subcommand)]
         cmd: Option<ImagesCmd>,
@@ -142,8 +145,7 @@ fn images(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
     let list = store.list().context("cannot list images")?;
     if json {
         let v: Vec<_> = list.iter().map(image_json).collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return out(&format!("{}\n", serde_json::to_string_pretty(&v)?));
     }
     if list.is_empty() {
         eprintln!(
@@ -195,14 +197,21 @@ fn images(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
             w4 = w[4]
         )
     };
-    println!("{}", line(head));
+    let mut text = format!("{}\n", line(head));
     for r in &rows {
-        println!(
-            "{}",
-            line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]).trim_end()
-        );
+        text.push_str(line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]).trim_end());
+        text.push('\n');
     }
-    Ok(())
+    out(&text)
+}
+
+/// Write to stdout; a closed pipe (`forkd images | head`) is not an error.
+fn out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r.context("cannot write to stdout")?),
+    }
 }
 
 fn image_json(i: &ImageInfo) -> serde_json::Value {
@@ -260,11 +269,10 @@ fn inspect(ctx: &Ctx, tag: &Tag, json: bool) -> anyhow::Result<()> {
     if json {
         let mut v = serde_json::to_value(&snap.manifest)?;
         v["dir"] = serde_json::json!(snap.dir);
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        out(&format!("{}\n", serde_json::to_string_pretty(&v)?))
     } else {
-        print!("{}", snap.manifest.to_toml()?);
+        out(&snap.manifest.to_toml()?)
     }
-    Ok(())
 }
 
 /// Reports pack/unpack progress (logical bytes) as an indicatif bar.
