@@ -5,6 +5,34 @@
 //! - [`Store`]: the local store under `$FORKD_HOME` with atomic installs and a store lock.
 //! - [`sparse`]: hole-aware file I/O and hashing while streaming.
 //! - [`pack`]: the portable `.forkd-snapshot.tar.zst` format.
+//!
+//! Installing a snapshot (what the engine and the hub do):
+//!
+//! ```no_run
+//! use std::fs::File;
+//! use forkd_store::{EngineInfo, FileEntry, Manifest, Overwrite, Store, Tag, sparse};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Store::open_default()?;
+//! let staging = store.stage()?; // tmp/stage-…; deleted on drop unless committed
+//! // Copy (or write) the files into the staging directory, holes kept as holes.
+//! let src = File::open("/somewhere/memory.bin")?;
+//! let (size, sha256) = sparse::copy_sparse(&src, File::create(staging.dir().join("memory.bin"))?)?;
+//! let engine = EngineInfo {
+//!     name: "qemu".into(),
+//!     version: "7.2.0".into(),
+//!     machine_type: "pc-i440fx-7.2".into(),
+//!     cpu_model: "qemu64".into(),
+//!     accel_hint: None,
+//! };
+//! let mut manifest = Manifest::new("python-numpy", "1.0", 512, engine);
+//! manifest.files.insert("memory.bin".into(), FileEntry { size, sha256, role: Some("memory".into()) });
+//! // Checks the files against the manifest, fsyncs, and renames into images/<tag> atomically.
+//! let snapshot = staging.commit(&Tag::parse("python-numpy")?, &manifest, Overwrite::No)?;
+//! println!("{}", snapshot.path("memory.bin").display());
+//! # Ok(())
+//! # }
+//! ```
 
 mod fsutil;
 mod lock;
