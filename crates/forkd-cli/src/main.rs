@@ -29,6 +29,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     report::init_tracing(cli.global.verbose, cli.global.quiet);
     let ctx = ctx::Ctx::new(cli.global);
@@ -38,5 +39,15 @@ fn main() -> ExitCode {
             report::print_error(&err);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Rust ignores SIGPIPE, so `forkd images list | head -1` would panic on the closed pipe.
+/// A command-line tool should die quietly instead, like every other Unix filter.
+fn restore_sigpipe() {
+    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE and no Rust code relies on SIGPIPE being ignored here.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
