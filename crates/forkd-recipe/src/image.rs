@@ -36,6 +36,10 @@ pub const WORKERS: &[(&str, &str)] = &[
         include_str!("../workers/node-worker.js"),
     ),
     (
+        "/usr/lib/forkd/workers/cdp-page.js",
+        include_str!("../workers/cdp-page.js"),
+    ),
+    (
         "/usr/lib/forkd/workers/jupyter-worker.py",
         include_str!("../workers/jupyter-worker.py"),
     ),

@@ -214,7 +214,7 @@ pub fn smoke(
         let work = Work {
             exec: check.exec.as_ref().map(|s| forkd_agent::ExecRequest {
                 shell: Some(s.clone()),
-                timeout_ms: Some(300_000),
+                timeout_ms: Some(600_000),
                 ..Default::default()
             }),
             run_code: check.run.clone(),
