@@ -14,7 +14,11 @@ pub struct AgentConn {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     next_id: u64,
+    interrupt: Option<crate::util::Interrupt>,
 }
+
+/// How often a waiting call looks at the interrupt flag.
+const INTERRUPT_POLL: Duration = Duration::from_millis(100);
 
 fn err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Agent(e.to_string())
@@ -29,7 +33,14 @@ impl AgentConn {
             reader: BufReader::new(s),
             writer,
             next_id: 1,
+            interrupt: None,
         })
+    }
+
+    /// Make every wait on this connection give up with [`EngineError::Interrupted`] once
+    /// `interrupt` is set (Ctrl-C while a child runs a long command).
+    pub fn set_interrupt(&mut self, interrupt: crate::util::Interrupt) {
+        self.interrupt = Some(interrupt);
     }
 
     /// Connect and wait until the agent answers `hello` (it may still be booting, or resuming
@@ -93,16 +104,25 @@ impl AgentConn {
             if left.is_zero() {
                 return Err(err(format!("timed out after {timeout:?}")));
             }
+            if self.interrupt.as_ref().is_some_and(|i| i.is_set()) {
+                return Err(EngineError::Interrupted);
+            }
+            let slice = if self.interrupt.is_some() {
+                left.min(INTERRUPT_POLL)
+            } else {
+                left
+            };
             self.reader
                 .get_ref()
-                .set_read_timeout(Some(left))
+                .set_read_timeout(Some(slice))
                 .map_err(err)?;
             match self.reader.read_line(&mut line) {
                 Ok(0) => return Err(err("connection closed")),
                 Ok(_) if !line.ends_with('\n') => continue, // partial line; keep reading
                 Ok(_) => {}
+                // Partial data stays in `line`; the deadline is checked at the loop's top.
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return Err(err(format!("timed out after {timeout:?}")));
+                    continue;
                 }
                 Err(e) => return Err(err(format!("receive: {e}"))),
             }

@@ -280,6 +280,7 @@ fn life(
             g.alive() && !intr.is_set()
         })?
     };
+    agent.set_interrupt(plan.interrupt.clone());
     check(plan.interrupt)?;
     let now_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)

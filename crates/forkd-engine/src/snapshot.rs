@@ -159,6 +159,7 @@ pub fn take(
             }
         })?
     };
+    agent.set_interrupt(interrupt.clone());
     let boot_ms = start.elapsed().as_millis() as u64;
     tracing::info!(
         "parent up in {boot_ms} ms (agent {}, uptime {:.1}s)",

@@ -128,3 +128,42 @@ fn broken_child_inner() {
     }
     println!("BROKEN-CHILD-OK");
 }
+
+#[test]
+fn an_interrupted_fork_stops_every_child_and_cleans_up() {
+    let snap = tiny_snapshot();
+    let run = scratch().join("run-interrupt");
+    let opts = fork_options(3, Some("sleep 60"), &run);
+    let flag = opts.interrupt.clone();
+    let setter = std::thread::spawn(move || {
+        // Let the children come up and start their long command, then "press Ctrl-C".
+        std::thread::sleep(std::time::Duration::from_secs(8));
+        flag.set();
+        std::time::Instant::now()
+    });
+    let r = forkd_engine::fork::fork(&snap, &qemu(), &opts);
+    let set_at = setter.join().unwrap();
+    assert!(
+        matches!(r, Err(forkd_engine::EngineError::Interrupted)),
+        "{r:?}"
+    );
+    assert!(
+        set_at.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?} to stop",
+        set_at.elapsed()
+    );
+    let left: Vec<_> = std::fs::read_dir(&run)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "run dir not cleaned: {left:?}");
+    // No QEMU of this fork survives (their command lines name the run directory).
+    let run_s = run.to_string_lossy().to_string();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmd).contains(&run_s),
+            "still running: {:?}",
+            p.path()
+        );
+    }
+}
