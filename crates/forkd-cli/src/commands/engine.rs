@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use forkd_engine::child::Work;
-use forkd_engine::fork::{ForkOptions, ForkReport};
+use forkd_engine::fork::ForkOptions;
 use forkd_engine::qemu::{AccelChoice, Qemu};
 use forkd_engine::snapshot::{SnapshotOptions, SnapshotOutput};
 use forkd_engine::util::Interrupt;
@@ -14,6 +14,9 @@ use forkd_store::{Overwrite, Store, Tag};
 
 use crate::ctx::Ctx;
 use crate::report::Hint;
+
+mod output;
+use output::{print_report, ps};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
@@ -406,78 +409,6 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
         bail!(
             "{failed} of {} children failed to come up",
             report.requested
-        );
-    }
-    Ok(())
-}
-
-fn print_report(r: &ForkReport) {
-    for c in &r.children {
-        let status = if c.ok { "ok" } else { "FAILED" };
-        let mut line = format!("{:<20} {:<6}", c.hostname, status);
-        if let Some(ms) = c.ready_ms {
-            line.push_str(&format!(" ready {ms:>5} ms"));
-        }
-        if let Some(x) = &c.exec {
-            let code = x
-                .exit_code
-                .map(|c| c.to_string())
-                .unwrap_or_else(|| "killed".into());
-            line.push_str(&format!(
-                "  exit {code}  {}",
-                x.stdout.trim_end().replace('\n', "\\n")
-            ));
-            if !x.stderr.is_empty() {
-                line.push_str(&format!(
-                    "  stderr: {}",
-                    x.stderr.trim_end().replace('\n', "\\n")
-                ));
-            }
-        }
-        if let Some(x) = &c.run {
-            line.push_str(&format!(
-                "  run: {}",
-                x.output.trim_end().replace('\n', "\\n")
-            ));
-        }
-        if let Some(e) = &c.error {
-            line.push_str(&format!("  error: {e}"));
-        }
-        println!("{line}");
-    }
-    println!(
-        "{}/{} children alive ({}) in {:.2} s{}",
-        r.alive,
-        r.requested,
-        r.accel,
-        r.wall_ms as f64 / 1000.0,
-        if r.kept.is_empty() {
-            String::new()
-        } else {
-            format!("; kept {} (forkd ps)", r.kept.len())
-        }
-    );
-}
-
-fn ps(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
-    let store = open_store(ctx)?;
-    let list = forkd_engine::run::list(&store.home().join("run"))?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
-        return Ok(());
-    }
-    println!(
-        "{:<24} {:<16} {:<8} {:<8} HOSTNAME",
-        "ID", "TAG", "PID", "STATE"
-    );
-    for c in list {
-        println!(
-            "{:<24} {:<16} {:<8} {:<8} {}",
-            c.child.id,
-            c.child.tag,
-            c.child.pid,
-            if c.running { "running" } else { "dead" },
-            c.child.hostname
         );
     }
     Ok(())

@@ -1,0 +1,78 @@
+//! How engine results are shown: the fork table and `forkd ps`.
+
+use forkd_engine::fork::ForkReport;
+
+use super::open_store;
+use crate::ctx::Ctx;
+
+pub(super) fn print_report(r: &ForkReport) {
+    for c in &r.children {
+        let status = if c.ok { "ok" } else { "FAILED" };
+        let mut line = format!("{:<20} {:<6}", c.hostname, status);
+        if let Some(ms) = c.ready_ms {
+            line.push_str(&format!(" ready {ms:>5} ms"));
+        }
+        if let Some(x) = &c.exec {
+            let code = x
+                .exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "killed".into());
+            line.push_str(&format!(
+                "  exit {code}  {}",
+                x.stdout.trim_end().replace('\n', "\\n")
+            ));
+            if !x.stderr.is_empty() {
+                line.push_str(&format!(
+                    "  stderr: {}",
+                    x.stderr.trim_end().replace('\n', "\\n")
+                ));
+            }
+        }
+        if let Some(x) = &c.run {
+            line.push_str(&format!(
+                "  run: {}",
+                x.output.trim_end().replace('\n', "\\n")
+            ));
+        }
+        if let Some(e) = &c.error {
+            line.push_str(&format!("  error: {e}"));
+        }
+        println!("{line}");
+    }
+    println!(
+        "{}/{} children alive ({}) in {:.2} s{}",
+        r.alive,
+        r.requested,
+        r.accel,
+        r.wall_ms as f64 / 1000.0,
+        if r.kept.is_empty() {
+            String::new()
+        } else {
+            format!("; kept {} (forkd ps)", r.kept.len())
+        }
+    );
+}
+
+pub(super) fn ps(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
+    let store = open_store(ctx)?;
+    let list = forkd_engine::run::list(&store.home().join("run"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<16} {:<8} {:<8} HOSTNAME",
+        "ID", "TAG", "PID", "STATE"
+    );
+    for c in list {
+        println!(
+            "{:<24} {:<16} {:<8} {:<8} {}",
+            c.child.id,
+            c.child.tag,
+            c.child.pid,
+            if c.running { "running" } else { "dead" },
+            c.child.hostname
+        );
+    }
+    Ok(())
+}
