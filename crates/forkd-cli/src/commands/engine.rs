@@ -377,6 +377,17 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
             spec.cpu
         );
     }
+    let progress = ctx.show_progress().then(|| {
+        let pb = indicatif::ProgressBar::new(a.n as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} forking {pos}/{len} children [{elapsed}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.enable_steady_tick(Duration::from_millis(120));
+        pb
+    });
     let opts = ForkOptions {
         n: a.n,
         tag: tag.as_str().to_string(),
@@ -392,13 +403,19 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
         run_root: store.home().join("run"),
         ready_timeout: Duration::from_secs(a.timeout),
         interrupt: Interrupt::install(),
-        on_child: None,
+        on_child: progress.clone().map(|pb| {
+            Box::new(move |_: &forkd_engine::child::ChildReport| pb.inc(1))
+                as forkd_engine::fork::OnChild
+        }),
     };
     if a.n == 0 {
         bail!("-n must be at least 1");
     }
-    let report = forkd_engine::fork::fork(&snap.dir, &qemu, &opts)
-        .with_context(|| format!("cannot fork {tag}"))?;
+    let result = forkd_engine::fork::fork(&snap.dir, &qemu, &opts);
+    if let Some(pb) = &progress {
+        pb.finish_and_clear();
+    }
+    let report = result.with_context(|| format!("cannot fork {tag}"))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
