@@ -27,6 +27,11 @@ pub enum EngineError {
         qemu: String,
         snap_qemu: String,
     },
+    #[error(
+        "the snapshot was taken with QEMU {snap}, but this host has QEMU {host}: a saved machine \
+         only restores on the same or a newer QEMU — upgrade qemu-system-x86"
+    )]
+    QemuOlderThanSnapshot { snap: String, host: String },
     #[error("snapshot file {0} is missing")]
     MissingFile(PathBuf),
     #[error("snapshot is corrupt: {0}")]

@@ -84,6 +84,14 @@ pub fn preflight(dir: &Path, qemu: &Qemu) -> Result<VmSpec> {
             vmstate.display()
         )));
     }
+    // Migration streams load on the same or a newer QEMU, not on an older one.
+    let snap_v = crate::qemu::parse_version(&format!("version {}", spec.qemu_version));
+    if snap_v.is_some_and(|v| qemu.version < v) {
+        return Err(EngineError::QemuOlderThanSnapshot {
+            snap: spec.qemu_version.clone(),
+            host: qemu.version_string(),
+        });
+    }
     if !qemu.has_machine(&spec.machine)? {
         return Err(EngineError::MachineMismatch {
             machine: spec.machine.clone(),

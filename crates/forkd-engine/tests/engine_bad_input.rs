@@ -181,3 +181,19 @@ fn too_many_children_are_refused_up_front_with_the_estimate() {
         "nothing started"
     );
 }
+
+#[test]
+fn snapshot_from_a_newer_qemu_is_refused() {
+    let dir = copy_snapshot(&tiny_snapshot(), "newer-qemu");
+    let p = dir.join("engine.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    spec["qemu_version"] = "99.1.0".into();
+    std::fs::write(&p, spec.to_string()).unwrap();
+    let e = fork_err(&dir, 1);
+    assert!(
+        matches!(e, EngineError::QemuOlderThanSnapshot { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("99.1.0"), "{e}");
+}
