@@ -125,6 +125,7 @@ command -v bc >/dev/null || apt_install bc
 say "warming the page cache"
 curl_once; pull_once
 say "timing ($RUNS runs each, best kept)"
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 P=(); C=(); U=(); V=()
 for _ in $(seq 1 "$RUNS"); do
     P+=("$(t pull_once)"); C+=("$(t curl_once)"); U+=("$(t untar_once)"); V+=("$(t verify_once)")
@@ -149,7 +150,8 @@ report=$(cat <<REP
 Snapshot: $(mib "$apparent") MiB apparent, $(mib "$data") MiB on disk (memory.bin 1 GiB sparse with
 30% random + 15% text-like 256 KiB clusters, rootfs.ext4 512 MiB with 250 MiB of files, vmstate 1 MiB).
 Hub blobs: $(mib "$hubsz") MiB; pack: $(mib "$packsz") MiB. Server: \`forkd hub serve\` on 127.0.0.1.
-Best of $RUNS runs, warm page cache, $(nproc) CPUs, $(uname -r).
+Best of $RUNS runs (interleaved), warm page cache, $(nproc) CPUs, $(uname -r); load average
+$LOAD_START at the start and $(cut -d' ' -f1-3 /proc/loadavg) at the end (other jobs share the machine).
 
 | what | seconds |
 |---|---|
