@@ -44,7 +44,7 @@ api_bind_addr = "127.0.0.1:3903"
 CONF
 
 g() { "$GARAGE" -c "$dir/garage.toml" "$@"; }
-g server > "$dir/garage.log" 2>&1 &
+"$GARAGE" -c "$dir/garage.toml" server > "$dir/garage.log" 2>&1 &
 pid=$!
 echo "$pid" > "$dir/garage.pid"
 cleanup_on_error() { kill "$pid" 2>/dev/null || true; rm -rf "$dir"; }
