@@ -4,7 +4,8 @@
 #   scripts/garage-start.sh ENV_FILE      # writes KEY=VALUE lines to ENV_FILE
 #   . ENV_FILE                            # or: export FORKD_TEST_S3_ENV=ENV_FILE for cargo test
 #
-# Ports: 3900 S3 API, 3901 RPC, 3902 website (anonymous reads), 3903 admin. Bucket `hub`, one key
+# Ports: the first free block of four from 3900: +0 S3 API, +1 RPC, +2 website (anonymous
+# reads), +3 admin. Bucket `hub`, one key
 # with read+write+owner, website access enabled (http://hub.web.garage.localhost:3902/).
 # Data lives in a temp dir recorded in ENV_FILE; scripts/garage-stop.sh ENV_FILE removes it.
 set -euo pipefail
@@ -13,11 +14,18 @@ ENV_FILE="${1:?usage: garage-start.sh ENV_FILE}"
 GARAGE="${GARAGE_BIN:-$FORKD_CACHE/garage/bin/garage}"
 [ -x "$GARAGE" ] || die "garage not found at $GARAGE: run scripts/garage-install.sh first"
 
-for port in 3900 3901 3902 3903; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        die "port $port on 127.0.0.1 is busy (another Garage? stop it with scripts/garage-stop.sh)"
+# Four consecutive ports: S3 API, RPC, website, admin. Take the first free block from 3900 up,
+# so a second Garage (another test run, a benchmark) can run beside this one.
+busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+base=""
+for b in $(seq "${GARAGE_PORT_BASE:-3900}" 10 4090); do
+    if ! busy "$b" && ! busy $((b + 1)) && ! busy $((b + 2)) && ! busy $((b + 3)); then
+        base=$b
+        break
     fi
 done
+[ -n "$base" ] || die "no four free ports on 127.0.0.1 between 3900 and 4093"
+api=$base rpc=$((base + 1)) web=$((base + 2)) admin=$((base + 3))
 
 dir="$(mktemp -d "${TMPDIR:-/tmp}/forkd-garage.XXXXXX")"
 cat > "$dir/garage.toml" <<CONF
@@ -25,22 +33,22 @@ metadata_dir = "$dir/meta"
 data_dir = "$dir/data"
 db_engine = "sqlite"
 replication_factor = 1
-rpc_bind_addr = "127.0.0.1:3901"
-rpc_public_addr = "127.0.0.1:3901"
+rpc_bind_addr = "127.0.0.1:$rpc"
+rpc_public_addr = "127.0.0.1:$rpc"
 rpc_secret = "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
 
 [s3_api]
 s3_region = "garage"
-api_bind_addr = "127.0.0.1:3900"
+api_bind_addr = "127.0.0.1:$api"
 root_domain = ".s3.garage.localhost"
 
 [s3_web]
-bind_addr = "127.0.0.1:3902"
+bind_addr = "127.0.0.1:$web"
 root_domain = ".web.garage.localhost"
 index = "index.html"
 
 [admin]
-api_bind_addr = "127.0.0.1:3903"
+api_bind_addr = "127.0.0.1:$admin"
 CONF
 
 g() { "$GARAGE" -c "$dir/garage.toml" "$@"; }
@@ -70,7 +78,7 @@ g bucket website --allow hub >/dev/null
 
 # Wait until the S3 API answers (any HTTP status).
 for _ in $(seq 1 50); do
-    curl -s -o /dev/null "http://127.0.0.1:3900/" && break
+    curl -s -o /dev/null "http://127.0.0.1:$api/" && break
     sleep 0.2
 done
 
@@ -82,10 +90,10 @@ AWS_ACCESS_KEY_ID=$key_id
 AWS_SECRET_ACCESS_KEY=$secret
 AWS_REGION=garage
 AWS_DEFAULT_REGION=garage
-AWS_ENDPOINT_URL=http://127.0.0.1:3900
+AWS_ENDPOINT_URL=http://127.0.0.1:$api
 FORKD_TEST_S3_BUCKET=hub
-FORKD_TEST_S3_WEB=http://hub.web.garage.localhost:3902/
-FORKD_TEST_S3_API=http://127.0.0.1:3900/
+FORKD_TEST_S3_WEB=http://hub.web.garage.localhost:$web/
+FORKD_TEST_S3_API=http://127.0.0.1:$api/
 ENVS
 trap - ERR
 say "garage running (pid $pid, data in $dir); environment in $ENV_FILE"
