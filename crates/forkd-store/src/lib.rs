@@ -41,6 +41,7 @@ pub mod pack;
 pub mod sparse;
 mod staging;
 mod store;
+pub mod synth;
 mod tag;
 
 pub use manifest::{EngineInfo, FileEntry, Manifest, ManifestError};
