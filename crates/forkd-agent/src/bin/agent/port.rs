@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// How long to wait before reading again after EOF (host not connected), when no SIGIO
 /// (host connected / data arrived) comes first.
-const EOF_BACKOFF: Duration = Duration::from_millis(500);
+const EOF_BACKOFF: Duration = Duration::from_millis(5000);
 /// Pause before reopening after a read error.
 const ERR_BACKOFF: Duration = Duration::from_millis(20);
 
