@@ -1,5 +1,7 @@
 //! Options shared by every command, and the context built from them.
 
+use anyhow::Context as _;
+use forkd_store::Store;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -30,8 +32,23 @@ impl Ctx {
         }
     }
 
+    /// Open the local store (`--home`, else `$FORKD_HOME`, else the XDG default), telling the
+    /// user when another forkd holds its lock.
+    pub fn store(&self) -> anyhow::Result<Store> {
+        let store = match &self.home {
+            Some(h) => Store::open(h),
+            None => Store::open_default(),
+        }
+        .context("cannot open the local store")?;
+        Ok(store.with_lock_notice(|p| {
+            eprintln!(
+                "waiting for lock on {} (held by another forkd process)...",
+                p.display()
+            )
+        }))
+    }
+
     /// Whether progress bars may be drawn: never with --quiet or when stderr is not a terminal.
-    #[allow(dead_code)]
     pub fn show_progress(&self) -> bool {
         use std::io::IsTerminal;
         !self.quiet && std::io::stderr().is_terminal()

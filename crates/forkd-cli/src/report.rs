@@ -67,3 +67,19 @@ pub fn format_error(err: &anyhow::Error) -> String {
 pub fn print_error(err: &anyhow::Error) {
     eprint!("{}", format_error(err));
 }
+
+/// Bytes for people: `1.5 GiB`, `320.0 KiB`, `12 B`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -10,7 +10,7 @@ use forkd_engine::qemu::{AccelChoice, Qemu};
 use forkd_engine::snapshot::{SnapshotOptions, SnapshotOutput};
 use forkd_engine::util::Interrupt;
 use forkd_store::manifest::{EngineInfo, FileEntry, Manifest};
-use forkd_store::{Overwrite, Store, Tag};
+use forkd_store::{Overwrite, Tag};
 
 use crate::ctx::Ctx;
 use crate::report::Hint;
@@ -136,14 +136,6 @@ pub struct ForkArgs {
     vm: VmArgs,
 }
 
-fn open_store(ctx: &Ctx) -> anyhow::Result<Store> {
-    let s = match &ctx.home {
-        Some(h) => Store::open(h),
-        None => Store::open_default(),
-    };
-    s.context("cannot open the local store")
-}
-
 fn locate_qemu(vm: &VmArgs) -> anyhow::Result<Qemu> {
     Qemu::locate(vm.qemu.as_deref()).context(Hint(
         "run `forkd doctor`; scripts/setup-engine.sh installs everything".into(),
@@ -211,7 +203,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
         Cmd::Fork(a) => fork(ctx, a),
         Cmd::Ps { json } => ps(ctx, json),
         Cmd::Exec { id, cmd, json } => {
-            let store = open_store(ctx)?;
+            let store = ctx.store()?;
             let r = forkd_engine::run::exec(
                 &store.home().join("run"),
                 &id,
@@ -238,7 +230,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
             }
         }
         Cmd::Kill { id, all } => {
-            let store = open_store(ctx)?;
+            let store = ctx.store()?;
             let root = store.home().join("run");
             let ids: Vec<String> = if all {
                 forkd_engine::run::list(&root)?
@@ -257,7 +249,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Doctor { json } => {
-            let store = open_store(ctx)?;
+            let store = ctx.store()?;
             let checks = forkd_engine::doctor::run(store.home(), &assets_dir());
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
@@ -291,7 +283,7 @@ fn snapshot(
 ) -> anyhow::Result<()> {
     let tag = Tag::parse(tag)?;
     let qemu = locate_qemu(vm)?;
-    let store = open_store(ctx)?;
+    let store = ctx.store()?;
     let staging = store.stage()?;
     let interrupt = Interrupt::install();
     let run_dir =
@@ -358,7 +350,7 @@ fn manifest_for(name: &str, out: &SnapshotOutput, dir: &Path) -> anyhow::Result<
 
 fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
     let tag = Tag::parse(&a.tag)?;
-    let store = open_store(ctx)?;
+    let store = ctx.store()?;
     let snap = store
         .get(&tag)
         .with_context(|| format!("no snapshot {tag} in the store"))

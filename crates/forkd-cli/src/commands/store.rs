@@ -5,11 +5,11 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use forkd_store::pack::{self, PACK_SUFFIX, PackOptions, UnpackOptions};
-use forkd_store::{ImageInfo, Overwrite, Store, Tag};
+use forkd_store::{ImageInfo, Overwrite, Tag};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::ctx::Ctx;
-use crate::report::Hint;
+use crate::report::{Hint, human_bytes};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
@@ -110,38 +110,8 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
     }
 }
 
-/// Open the store, telling the user when another forkd holds its lock.
-pub fn open_store(ctx: &Ctx) -> anyhow::Result<Store> {
-    let store = match &ctx.home {
-        Some(h) => Store::open(h),
-        None => Store::open_default(),
-    }
-    .context("cannot open the local store")?;
-    Ok(store.with_lock_notice(|p| {
-        eprintln!(
-            "waiting for lock on {} (held by another forkd process)...",
-            p.display()
-        )
-    }))
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 fn images(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
-    let store = open_store(ctx)?;
+    let store = ctx.store()?;
     let list = store.list().context("cannot list images")?;
     if json {
         let v: Vec<_> = list.iter().map(image_json).collect();
@@ -160,9 +130,9 @@ fn images(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
             [
                 i.tag.to_string(),
                 format!("{}:{}", i.manifest.name, i.manifest.version),
-                human(i.manifest.memory_mib << 20),
-                human(i.apparent_size),
-                human(i.disk_size),
+                human_bytes(i.manifest.memory_mib << 20),
+                human_bytes(i.apparent_size),
+                human_bytes(i.disk_size),
                 i.manifest.created_at.strftime("%Y-%m-%d %H:%M").to_string(),
             ]
         })
@@ -234,7 +204,7 @@ fn image_json(i: &ImageInfo) -> serde_json::Value {
 }
 
 fn rmi(ctx: &Ctx, tags: &[Tag]) -> anyhow::Result<()> {
-    let store = open_store(ctx)?;
+    let store = ctx.store()?;
     let mut failed = None;
     for t in tags {
         match store.remove(t) {
@@ -261,7 +231,7 @@ fn rmi(ctx: &Ctx, tags: &[Tag]) -> anyhow::Result<()> {
 }
 
 fn inspect(ctx: &Ctx, tag: &Tag, json: bool) -> anyhow::Result<()> {
-    let store = open_store(ctx)?;
+    let store = ctx.store()?;
     let snap = store
         .get(tag)
         .context(Hint("`forkd images` lists the local tags".into()))
@@ -319,7 +289,7 @@ fn pack_cmd(
     level: i32,
     threads: u32,
 ) -> anyhow::Result<()> {
-    let store = open_store(ctx)?;
+    let store = ctx.store()?;
     let snap = store
         .get(tag)
         .context(Hint("`forkd images` lists the local tags".into()))
@@ -344,9 +314,9 @@ fn pack_cmd(
         eprintln!(
             "packed {tag} -> {} ({} logical, {} of data, {} packed) in {:.1}s",
             out.display(),
-            human(stats.logical_bytes),
-            human(stats.data_bytes),
-            human(stats.packed_bytes),
+            human_bytes(stats.logical_bytes),
+            human_bytes(stats.data_bytes),
+            human_bytes(stats.packed_bytes),
             t0.elapsed().as_secs_f64()
         );
     }
@@ -354,7 +324,7 @@ fn pack_cmd(
 }
 
 fn unpack_cmd(ctx: &Ctx, file: &Path, tag: Option<Tag>, force: bool) -> anyhow::Result<()> {
-    let store = open_store(ctx)?;
+    let store = ctx.store()?;
     let opts = UnpackOptions {
         tag,
         overwrite: if force { Overwrite::Yes } else { Overwrite::No },
@@ -374,7 +344,7 @@ fn unpack_cmd(ctx: &Ctx, file: &Path, tag: Option<Tag>, force: bool) -> anyhow::
             "unpacked {} as {} ({}) in {:.1}s",
             file.display(),
             snap.tag,
-            human(snap.manifest.total_size()),
+            human_bytes(snap.manifest.total_size()),
             t0.elapsed().as_secs_f64()
         );
     }

@@ -2,7 +2,6 @@
 
 use forkd_engine::fork::ForkReport;
 
-use super::open_store;
 use crate::ctx::Ctx;
 
 pub(super) fn print_report(r: &ForkReport) {
@@ -54,7 +53,7 @@ pub(super) fn print_report(r: &ForkReport) {
 }
 
 pub(super) fn ps(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
-    let store = open_store(ctx)?;
+    let store = ctx.store()?;
     let list = forkd_engine::run::list(&store.home().join("run"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
