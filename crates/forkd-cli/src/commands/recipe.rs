@@ -226,10 +226,14 @@ fn build(args: BuildArgs, ctx: &Ctx) -> anyhow::Result<()> {
         .with_context(|| format!("building the root filesystem of {}", lr.recipe.name))?;
     let mut tag = None;
     if !args.rootfs_only {
-        let t = recipe_snapshot::snapshot(&lr, &built, &args.snapshot_args(), ctx, &mut progress)?;
-        if !args.no_smoke {
-            recipe_snapshot::smoke(&lr, &t, args.accel, ctx, &mut progress)?;
-        }
+        let t = recipe_snapshot::snapshot(
+            &lr,
+            &built,
+            &args.snapshot_args(),
+            !args.no_smoke,
+            ctx,
+            &mut progress,
+        )?;
         tag = Some(t);
     }
     report(

@@ -65,6 +65,7 @@ pub fn snapshot(
     lr: &LoadedRecipe,
     built: &BuiltImage,
     a: &SnapshotArgs,
+    run_smoke: bool,
     ctx: &Ctx,
     progress: &mut dyn FnMut(Progress),
 ) -> anyhow::Result<Tag> {
@@ -115,6 +116,12 @@ pub fn snapshot(
         .context("copying the licence report into the snapshot")?;
     std::fs::write(staging.dir().join(RECIPE_COPY), toml_of(lr)?).context("writing recipe.toml")?;
     let manifest = manifest_for(lr, built, &out, staging.dir())?;
+    // Smoke checks fork children from the staged snapshot: a snapshot that fails them never
+    // becomes visible in the store (the staging directory is deleted on the way out).
+    if run_smoke {
+        let run_root = store.home().join("run");
+        smoke(lr, staging.dir(), &tag, a.accel, &run_root, &qemu, progress)?;
+    }
     staging
         .commit(&tag, &manifest, Overwrite::Yes)
         .with_context(|| format!("saving {tag}"))?;
@@ -197,17 +204,16 @@ fn warm_label(lr: &LoadedRecipe) -> String {
     }
 }
 
-/// Run every `[[smoke]]` check of the recipe in a child forked from the new snapshot.
-pub fn smoke(
+/// Run every `[[smoke]]` check of the recipe in a child forked from the snapshot in `dir`.
+fn smoke(
     lr: &LoadedRecipe,
+    dir: &Path,
     tag: &Tag,
     accel: AccelChoice,
-    ctx: &Ctx,
+    run_root: &Path,
+    qemu: &Qemu,
     progress: &mut dyn FnMut(Progress),
 ) -> anyhow::Result<()> {
-    let store = open_store(ctx)?;
-    let snap = store.get(tag)?;
-    let qemu = Qemu::locate(None)?;
     for (i, check) in lr.recipe.smoke.iter().enumerate() {
         let t = Instant::now();
         progress(Progress::Start("smoke check in a forked child"));
@@ -225,12 +231,12 @@ pub fn smoke(
             accel,
             work,
             keep: false,
-            run_root: store.home().join("run"),
+            run_root: run_root.to_path_buf(),
             ready_timeout: Duration::from_secs(300),
             interrupt: Interrupt::install(),
             on_child: None,
         };
-        let report = forkd_engine::fork::fork(&snap.dir, &qemu, &opts)
+        let report = forkd_engine::fork::fork(dir, qemu, &opts)
             .with_context(|| format!("smoke[{i}]: cannot fork {tag}"))?;
         let child = report
             .children
