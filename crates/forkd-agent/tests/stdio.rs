@@ -1,58 +1,10 @@
 //! The agent binary speaking its protocol on stdin/stdout (`--stdio`), on the host.
 
-use forkd_agent::{Op, PROTOCOL_VERSION, Reply, Request, Response, encode_line};
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+mod common;
 
-struct Agent {
-    child: std::process::Child,
-    out: BufReader<std::process::ChildStdout>,
-    id: u64,
-}
-
-impl Agent {
-    fn start() -> Agent {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_forkd-agent"))
-            .arg("--stdio")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        Agent { child, out, id: 0 }
-    }
-    fn raw(&mut self, line: &str) -> Response {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        stdin.write_all(line.as_bytes()).unwrap();
-        stdin.write_all(b"\n").unwrap();
-        let mut resp = String::new();
-        self.out.read_line(&mut resp).unwrap();
-        serde_json::from_str(&resp).unwrap()
-    }
-    fn call(&mut self, op: Op) -> Result<Reply, String> {
-        self.id += 1;
-        let req = Request {
-            v: PROTOCOL_VERSION,
-            id: self.id,
-            op,
-        };
-        let line = String::from_utf8(encode_line(&req)).unwrap();
-        let r = self.raw(line.trim_end());
-        assert_eq!(r.id, self.id);
-        if r.ok {
-            Ok(r.reply.unwrap())
-        } else {
-            Err(r.error.unwrap())
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::Agent;
+use forkd_agent::{Op, PROTOCOL_VERSION, Reply};
+use std::process::Command;
 
 #[test]
 fn exec_with_stdin_env_and_timeout() {

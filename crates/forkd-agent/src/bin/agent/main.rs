@@ -8,6 +8,7 @@
 mod exec;
 mod identity;
 mod port;
+mod reaper;
 mod warm;
 
 use forkd_agent::{
@@ -31,6 +32,8 @@ fn main() {
         );
         return;
     }
+    // Before any other thread starts: reap every child (we may be PID 1), see reaper.rs.
+    reaper::init();
     // `forkd-agent --stdio` serves one session on stdin/stdout (for testing on a host).
     let stdio = args.get(1).map(String::as_str) == Some("--stdio");
     let mut state = State::default();

@@ -6,7 +6,7 @@
 
 use forkd_agent::{RunReply, RunRequest, WarmReply, WarmRequest};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
@@ -46,15 +46,17 @@ while True:
 "#;
 
 pub struct Worker {
-    child: Child,
+    pid: u32,
+    /// Its exit status comes from the reaper (nothing else in the agent calls `wait`).
+    watch: crate::reaper::Watch,
     stdin: ChildStdin,
     frames: Receiver<Vec<u8>>,
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.watch.kill();
+        self.watch.wait();
     }
 }
 
@@ -84,7 +86,8 @@ fn spawn(req: &WarmRequest) -> Result<Worker, String> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    let mut child = cmd.spawn().map_err(|e| format!("starting worker: {e}"))?;
+    let (mut child, watch) =
+        crate::reaper::spawn(&mut cmd).map_err(|e| format!("starting worker: {e}"))?;
     let stdin = child.stdin.take().ok_or("worker has no stdin")?;
     let stdout = child.stdout.take().ok_or("worker has no stdout")?;
     let (tx, frames) = channel();
@@ -105,7 +108,8 @@ fn spawn(req: &WarmRequest) -> Result<Worker, String> {
         }
     });
     Ok(Worker {
-        child,
+        pid: child.id(),
+        watch,
         stdin,
         frames,
     })
@@ -132,7 +136,7 @@ pub fn start(req: &WarmRequest, slot: &mut Option<Worker>) -> Result<WarmReply, 
         Some(code) => send(&mut w, code, Duration::from_secs(600))?,
         None => String::new(),
     };
-    let pid = w.child.id();
+    let pid = w.pid;
     *slot = Some(w);
     Ok(WarmReply {
         pid,
