@@ -1,9 +1,10 @@
 //! The download pipeline. Files are written in place in `cache/partial/<image hex>/`; a journal
 //! records every chunk that was verified and written, so a pull interrupted by a network cut,
 //! Ctrl-C or kill -9 resumes with only the missing chunks, and each byte is written to disk
-//! once. N chunks are in flight; each is verified against its digest, decompressed, checked for
-//! length and written at its offset (zero pages skipped); a hasher thread hashes every file in
-//! offset order as chunks complete (resumed chunks are read back from the file), so the
+//! once. N chunks are in flight; each is verified against its digest, decompressed (at most its
+//! `len`), checked for length and written at its offset (zero pages skipped). That verifies every
+//! byte of a fresh pull. A resumed pull also runs a hasher thread that hashes every file in
+//! offset order as chunks complete (resumed chunks are read back from the file), so its
 //! whole-file sha256 check needs no second pass.
 
 use crate::error::{HubError, Result};
@@ -66,9 +67,13 @@ pub async fn fetch(
             journal_path.display()
         )))?;
     let journal = Arc::new(Mutex::new(journal));
+    // A fresh pull (nothing from an earlier attempt) creates every file here, so whatever no
+    // chunk covers is zeros by construction; a resumed one may find anything in them.
+    let mut fresh = done.is_empty();
     let mut files = Vec::new();
     for f in &image.files {
         let path = dir.join(&f.name);
+        fresh &= !path.try_exists().unwrap_or(true);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -111,9 +116,28 @@ pub async fn fetch(
         ));
     }
 
-    let sizes: Vec<u64> = image.files.iter().map(|f| f.size).collect();
-    let (tx, rx) = tokio::sync::mpsc::channel::<(usize, u64, Bytes)>(opts.jobs.max(1) * 2);
-    let hasher = std::thread::spawn(move || crate::hasher::run(sizes, rx));
+    // Every downloaded blob is checked against its digest in the (verified) image manifest,
+    // and zstd decodes it into exactly `len` bytes, so on a fresh pull each byte of each file
+    // is already verified: present bytes by their chunk, holes by construction. Only a resumed
+    // pull, whose files predate this process, recomputes the whole-file sha256 (in offset
+    // order, on its own thread, holes hashed as zeros).
+    let hasher = (!fresh).then(|| {
+        let sizes: Vec<u64> = image.files.iter().map(|f| f.size).collect();
+        let (tx, rx) = tokio::sync::mpsc::channel::<(usize, u64, Bytes)>(opts.jobs.max(1) * 2);
+        (
+            tx,
+            std::thread::spawn(move || crate::hasher::run(sizes, rx)),
+        )
+    });
+    let (tx, hasher) = match hasher {
+        Some((tx, h)) => (Some(tx), Some(h)),
+        None => (None, None),
+    };
+    tracing::debug!(
+        fresh,
+        "whole-file hash {}",
+        if fresh { "skipped" } else { "on" }
+    );
 
     progress.start("pulling", total);
     let downloaded = AtomicU64::new(0);
@@ -124,6 +148,7 @@ pub async fn fetch(
             let file = files[w.file_idx].clone();
             let journal = journal.clone();
             let downloaded = &downloaded;
+            let keep_raw = tx.is_some();
             async move {
                 let c = w.chunk;
                 if done.contains(&w.idx) {
@@ -176,7 +201,11 @@ pub async fn fetch(
                     let mut j = journal.lock().expect("journal lock");
                     writeln!(j, "{} {digest}", w.idx)
                         .map_err(HubError::io("cannot write the download journal"))?;
-                    Ok(Bytes::from(raw))
+                    Ok(if keep_raw {
+                        Bytes::from(raw)
+                    } else {
+                        Bytes::new()
+                    })
                 })
                 .await
                 .map_err(|e| HubError::Invalid(e.to_string()))??;
@@ -187,16 +216,24 @@ pub async fn fetch(
         .try_for_each(|item| {
             let tx = tx.clone();
             async move {
-                tx.send(item)
-                    .await
-                    .map_err(|_| HubError::Invalid("hasher stopped".into()))
+                match tx {
+                    Some(tx) => tx
+                        .send(item)
+                        .await
+                        .map_err(|_| HubError::Invalid("hasher stopped".into())),
+                    None => Ok(()),
+                }
             }
         })
         .await;
     drop(tx);
-    let hashes = hasher
-        .join()
-        .map_err(|_| HubError::Invalid("hasher thread panicked".into()))?;
+    let hashes = match hasher {
+        Some(h) => Some(
+            h.join()
+                .map_err(|_| HubError::Invalid("hasher thread panicked".into()))?,
+        ),
+        None => None,
+    };
     progress.finish();
     if let Err(e) = result {
         // Out of space: free what this pull took instead of keeping it for a resume.
@@ -209,7 +246,7 @@ pub async fn fetch(
         return Err(e);
     }
 
-    for (f, actual) in image.files.iter().zip(hashes) {
+    for (f, actual) in image.files.iter().zip(hashes.into_iter().flatten()) {
         if actual != f.sha256 {
             // Start over next time: what is here cannot be trusted.
             let _ = std::fs::remove_dir_all(dir);

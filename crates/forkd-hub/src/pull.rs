@@ -1,7 +1,7 @@
 //! `forkd pull`: resolve and verify, check compatibility, then one pipeline that downloads N
-//! chunks at once, verifies each blob, caches it, decompresses it and writes it at its offset
-//! into sparse staging files, while a hasher thread computes every file's sha256 in offset order
-//! as chunks complete. The tag appears only after every file's sha256 matched.
+//! chunks at once, verifies each blob against the image manifest, decompresses it and writes it
+//! at its offset into sparse files (`fetch`). The tag appears only after every chunk was
+//! verified (and, for a resumed pull, every file's sha256 matched).
 
 use crate::cache::Cache;
 use crate::error::{HubError, Result};
