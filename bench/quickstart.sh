@@ -43,6 +43,7 @@ code='int(np.dot(np.arange(100), np.arange(100)))'
 expect=328350
 user="$work/user"
 say "fresh store: pull + fork -n $N"
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 t0=$(date +%s.%N)
 "$FORKD" --home "$user" --quiet pull forkd/python-numpy --hub "$url" --trust "$PUBLISHER_HOME/keys/forkd.pub"
 t1=$(date +%s.%N)
@@ -67,7 +68,7 @@ echo "pull ${pull_s} s + fork -n $N ${fork_s} s = ${total_s} s (goal < 60 s: rat
     echo
     echo "### quickstart: pull + fork python-numpy -n $N — $(date -u +%Y-%m-%dT%H:%MZ) (bench/quickstart.sh)"
     echo
-    echo "Hub: \`forkd hub serve\` on 127.0.0.1; fresh FORKD_HOME; snapshot $size apparent; TCG; load before: $(cut -d' ' -f1-3 /proc/loadavg)."
+    echo "Hub: \`forkd hub serve\` on 127.0.0.1; fresh FORKD_HOME; snapshot $size apparent; TCG; load average before: $load_before."
     echo
     echo "| step | seconds |"
     echo "|---|---|"
