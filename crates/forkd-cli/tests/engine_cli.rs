@@ -131,6 +131,35 @@ fn kept_children_are_listed_reached_and_killed() {
     let id = kept[0]["id"].as_str().unwrap().to_string();
     let o = forkd(&["exec", &id, "--", "sh", "-c", "exit 7"]);
     assert_eq!(o.status.code(), Some(7));
+    // The agent is PID 1: exec does not wait for a background process holding its output,
+    // and orphans that exit are reaped (no zombies pile up in a kept child).
+    let t = std::time::Instant::now();
+    let out = ok(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "sleep 30 & sleep 0.2 & echo hi",
+    ]);
+    assert_eq!(out.trim(), "hi");
+    assert!(t.elapsed().as_secs() < 20, "exec waited for `sleep 30 &`");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let z = ok(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "s=$(grep -h '^State:' /proc/[0-9]*/status); \
+         echo \"$s\" | grep -c sleeping; echo \"$s\" | grep -c zombie; true",
+    ]);
+    let counts: Vec<&str> = z.split_whitespace().collect();
+    assert!(
+        counts.len() == 2 && counts[0] != "0",
+        "process scan failed: {z}"
+    );
+    assert_eq!(counts[1], "0", "zombies in the kept child");
     let pids: Vec<u64> = kept.iter().map(|c| c["pid"].as_u64().unwrap()).collect();
     ok(&["kill", "--all"]);
     let ps = json(&ok(&["ps", "--json"]));
