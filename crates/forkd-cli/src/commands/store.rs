@@ -13,7 +13,7 @@ use crate::report::{Hint, human_bytes};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
-    /// List the images in the local store (alias: ls)
+    /// List the images in the local store
     #[command(
         visible_alias = "ls",
         after_help = "Examples:\n  forkd images\n  forkd ls --json\n  forkd images list --json | jq '.[].tag'"
