@@ -20,6 +20,22 @@ pub struct AgentConn {
 /// How often a waiting call looks at the interrupt flag.
 const INTERRUPT_POLL: Duration = Duration::from_millis(100);
 
+/// Most frames one call skips (answers to other requests, torn lines) before giving up, so a
+/// flood of stale output cannot keep a call busy until its deadline.
+const MAX_STALE_FRAMES: usize = 4096;
+
+/// A random first request id for a new connection. The agent answers a request even when the
+/// connection that sent it is gone: the guest's write blocks until the next host connects, so
+/// a new connection may first read the answer to an old, abandoned request (a timed-out
+/// `exec`, say). Ids that differ between connections keep such answers from matching.
+fn first_id() -> u64 {
+    let b = crate::util::random_bytes(8);
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    // Below 2^53 (exact in any JSON reader) and far from overflow when incremented.
+    (u64::from_le_bytes(a) & ((1 << 53) - 1)).max(1)
+}
+
 fn err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Agent(e.to_string())
 }
@@ -32,7 +48,7 @@ impl AgentConn {
         Ok(AgentConn {
             reader: BufReader::new(s),
             writer,
-            next_id: 1,
+            next_id: first_id(),
             interrupt: None,
         })
     }
@@ -84,8 +100,9 @@ impl AgentConn {
         Err(err(format!("no answer after {timeout:?}: {last_err}")))
     }
 
-    /// Send one request and wait up to `timeout` for the response with the same id (answers
-    /// to earlier, abandoned requests are skipped).
+    /// Send one request and wait up to `timeout` for the response with the same id. Answers
+    /// to earlier, abandoned requests (on this or an older connection) and torn lines are
+    /// skipped, at most [`MAX_STALE_FRAMES`] of them.
     pub fn call_timeout(&mut self, op: Op, timeout: Duration) -> Result<Reply> {
         let id = self.next_id;
         self.next_id += 1;
@@ -99,6 +116,7 @@ impl AgentConn {
             .map_err(|e| err(format!("send: {e}")))?;
         let deadline = Instant::now() + timeout;
         let mut line = String::new();
+        let mut stale = 0usize;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -126,14 +144,31 @@ impl AgentConn {
                 }
                 Err(e) => return Err(err(format!("receive: {e}"))),
             }
-            let resp: Response = match serde_json::from_str(line.trim_end()) {
-                Ok(r) => r,
-                Err(e) => return Err(err(format!("bad response {line:?}: {e}"))),
+            let parsed = serde_json::from_str::<Response>(line.trim_end());
+            let resp = match parsed {
+                Ok(r) if r.id == id => r,
+                other => {
+                    match other {
+                        Ok(r) => tracing::debug!(
+                            "agent: skipping the answer to request {} (waiting for {id})",
+                            r.id
+                        ),
+                        Err(e) => tracing::debug!(
+                            "agent: skipping an unreadable line ({e}): {:?}",
+                            line.chars().take(200).collect::<String>()
+                        ),
+                    }
+                    line.clear();
+                    stale += 1;
+                    if stale >= MAX_STALE_FRAMES {
+                        return Err(err(format!(
+                            "no answer to request {id}: skipped {stale} stale or unreadable frames"
+                        )));
+                    }
+                    continue;
+                }
             };
             line.clear();
-            if resp.id != id {
-                continue;
-            }
             return match (resp.ok, resp.reply, resp.error) {
                 (true, Some(r), _) => Ok(r),
                 (_, _, Some(e)) => Err(err(e)),

@@ -148,11 +148,27 @@ impl Drop for VmGuard {
     }
 }
 
+/// How long a child's `exec` command or warm-worker `run` may take unless told otherwise.
+pub const DEFAULT_WORK_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What a child does once it is up.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Work {
     pub exec: Option<ExecRequest>,
     pub run_code: Option<String>,
+    /// Limit for `run_code`, and for `exec` when its request has no `timeout_ms` of its own.
+    /// A command that exceeds it is killed and the child is reported as timed out.
+    pub timeout: Duration,
+}
+
+impl Default for Work {
+    fn default() -> Self {
+        Work {
+            exec: None,
+            run_code: None,
+            timeout: DEFAULT_WORK_TIMEOUT,
+        }
+    }
 }
 
 /// Everything a child thread needs (shared, read-only).
@@ -184,6 +200,8 @@ pub struct ChildReport {
     pub exec: Option<ExecReply>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run: Option<RunReply>,
+    /// The `exec` command or `run` code exceeded the work timeout (the child itself is fine).
+    pub timed_out: bool,
 }
 
 /// One child's life: launch QEMU (argv built by `args`), restore, resume, wait for the agent,
@@ -208,6 +226,7 @@ pub fn run_child(
         pid: None,
         exec: None,
         run: None,
+        timed_out: false,
     };
     let start = Instant::now();
     let result = life(plan, &hostname, &mut guard, args, &mut report, start);
@@ -295,11 +314,36 @@ fn life(
     report.ready_ms = Some(start.elapsed().as_millis() as u64);
     advance(report, ChildState::Ready);
 
+    let limit = plan.work.timeout;
     if let Some(x) = &plan.work.exec {
-        report.exec = Some(agent.exec(x.clone())?);
+        let mut req = x.clone();
+        req.timeout_ms.get_or_insert(limit.as_millis() as u64);
+        let reply = agent.exec(req)?;
+        if reply.timed_out {
+            report.timed_out = true;
+            report.error = Some(format!(
+                "exec timed out after {:.1} s",
+                reply.duration_ms as f64 / 1000.0
+            ));
+        }
+        report.exec = Some(reply);
     }
     if let Some(code) = &plan.work.run_code {
-        report.run = Some(agent.run(code, Duration::from_secs(60))?);
+        if report.timed_out {
+            return Ok(()); // the exec already used up the child's time
+        }
+        match agent.run(code, limit) {
+            Ok(r) => report.run = Some(r),
+            // The agent gave up on the worker (and restarts it on the next `warm`); the child
+            // itself answered, so this is the command's outcome, not a failed child.
+            Err(EngineError::Agent(e))
+                if e.contains("did not answer within") || e.contains("timed out") =>
+            {
+                report.timed_out = true;
+                report.error = Some(format!("run timed out after {limit:?}: {e}"));
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

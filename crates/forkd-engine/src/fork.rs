@@ -301,6 +301,7 @@ fn failed(i: usize, id: String, tag: &str, e: EngineError) -> (ChildReport, Opti
             pid: None,
             exec: None,
             run: None,
+            timed_out: false,
         },
         None,
     )

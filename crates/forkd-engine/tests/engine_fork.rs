@@ -167,3 +167,91 @@ fn an_interrupted_fork_stops_every_child_and_cleans_up() {
         );
     }
 }
+
+/// Kills the kept children of a test when it ends, even when it fails.
+struct KeptGuard(std::path::PathBuf, Vec<String>);
+impl Drop for KeptGuard {
+    fn drop(&mut self) {
+        for id in &self.1 {
+            let _ = forkd_engine::run::kill(&self.0, id);
+        }
+    }
+}
+
+#[test]
+fn a_timed_out_request_does_not_answer_the_next_one() {
+    use forkd_agent::{ExecRequest, Op};
+    use forkd_engine::agent::AgentConn;
+    use std::time::Duration;
+    let snap = tiny_snapshot();
+    let run = scratch().join("run-stale");
+    let mut opts = fork_options(1, None, &run);
+    opts.keep = true;
+    let report = forkd_engine::fork::fork(&snap, &qemu(), &opts).expect("fork");
+    let kept = KeptGuard(run.clone(), report.kept.clone());
+    assert_eq!(kept.1.len(), 1, "{report:#?}");
+    let child = forkd_engine::run::find(&run, &kept.1[0]).unwrap();
+    let shell = |s: &str| ExecRequest {
+        shell: Some(s.into()),
+        timeout_ms: Some(30_000),
+        ..Default::default()
+    };
+    for round in 0..2 {
+        // A request the host gives up on; its connection is dropped before the answer comes.
+        let mut a = AgentConn::connect(&child.agent_sock()).unwrap();
+        let r = a.call_timeout(
+            Op::Exec(shell("sleep 2; echo old")),
+            Duration::from_millis(500),
+        );
+        assert!(
+            matches!(&r, Err(forkd_engine::EngineError::Agent(e)) if e.contains("timed out")),
+            "{r:?}"
+        );
+        drop(a);
+        // The next connection's requests get their own answers, not the abandoned one's.
+        let new = if round == 0 {
+            let mut b = AgentConn::connect(&child.agent_sock()).unwrap();
+            let x = b.exec(shell("echo new")).expect("exec after a timeout");
+            let h = b.hello().expect("hello after a timeout");
+            assert_eq!(h.instance.as_deref(), Some(child.id.as_str()));
+            x
+        } else {
+            // The `forkd exec ID -- CMD` path (hello until ready, then exec).
+            forkd_engine::run::exec(&run, &child.id, shell("echo new")).expect("run::exec")
+        };
+        assert_eq!(new.exit_code, Some(0), "round {round}: {new:?}");
+        assert_eq!(new.stdout, "new\n", "round {round}: {new:?}");
+    }
+}
+
+#[test]
+fn a_command_over_the_work_timeout_is_reported_per_child() {
+    use std::time::Duration;
+    let snap = tiny_snapshot();
+    let run = scratch().join("run-timeout");
+    let mut opts = fork_options(2, Some("sleep 5; echo late"), &run);
+    opts.work.timeout = Duration::from_secs(1);
+    let t = std::time::Instant::now();
+    let report = forkd_engine::fork::fork(&snap, &qemu(), &opts).expect("fork");
+    assert_eq!(report.alive, 2, "{report:#?}");
+    for c in &report.children {
+        let x = c.exec.as_ref().expect("exec result");
+        assert!(c.timed_out && x.timed_out, "{c:?}");
+        assert_eq!(x.exit_code, None, "{c:?}");
+        assert!(x.duration_ms < 4_000, "not killed at 1 s: {c:?}");
+        assert!(!x.stdout.contains("late"), "{c:?}");
+        assert!(c.error.as_deref().unwrap_or("").contains("timed out"));
+    }
+    // The warm worker's `run` obeys the same limit.
+    let mut opts = fork_options(1, None, &run);
+    opts.work.timeout = Duration::from_secs(1);
+    opts.work.run_code = Some("sleep 5; echo late".into());
+    let report = forkd_engine::fork::fork(&snap, &qemu(), &opts).expect("fork");
+    let c = &report.children[0];
+    assert!(c.ok && c.timed_out && c.run.is_none(), "{c:?}");
+    assert!(t.elapsed() < Duration::from_secs(90), "{:?}", t.elapsed());
+    let left: Vec<_> = std::fs::read_dir(&run)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "run dir not cleaned: {left:?}");
+}

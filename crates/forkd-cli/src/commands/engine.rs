@@ -36,6 +36,9 @@ pub enum Cmd {
         id: String,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+        /// Kill the command after this many seconds
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: u64,
         #[arg(long)]
         json: bool,
     },
@@ -130,6 +133,10 @@ pub struct ForkArgs {
     /// Seconds to wait for each child's agent
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+    /// Seconds each child's --exec command or --run code may take; one that runs longer is
+    /// killed and reported as timed out
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    exec_timeout: u64,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -202,13 +209,19 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
         }
         Cmd::Fork(a) => fork(ctx, a),
         Cmd::Ps { json } => ps(ctx, json),
-        Cmd::Exec { id, cmd, json } => {
+        Cmd::Exec {
+            id,
+            cmd,
+            timeout,
+            json,
+        } => {
             let store = ctx.store()?;
             let r = forkd_engine::run::exec(
                 &store.home().join("run"),
                 &id,
                 forkd_agent::ExecRequest {
                     argv: Some(cmd),
+                    timeout_ms: Some(timeout.saturating_mul(1000)),
                     ..Default::default()
                 },
             )
@@ -222,6 +235,9 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
             match r.exit_code {
                 Some(0) => Ok(()),
                 Some(c) => std::process::exit(c),
+                None if r.timed_out => {
+                    bail!("the command timed out after {timeout} s and was killed (--timeout SECS)")
+                }
                 None => bail!(
                     "the command was killed (signal {:?}, timed out: {})",
                     r.signal,
@@ -390,6 +406,7 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
                 ..Default::default()
             }),
             run_code: a.run,
+            timeout: Duration::from_secs(a.exec_timeout),
         },
         keep: a.keep,
         run_root: store.home().join("run"),

@@ -224,6 +224,7 @@ fn smoke(
                 ..Default::default()
             }),
             run_code: check.run.clone(),
+            ..Default::default()
         };
         let opts = ForkOptions {
             n: 1,

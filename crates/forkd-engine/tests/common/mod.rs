@@ -119,6 +119,7 @@ pub fn fork_options(n: usize, shell: Option<&str>, run_root: &Path) -> ForkOptio
                 ..Default::default()
             }),
             run_code: None,
+            ..Default::default()
         },
         keep: false,
         run_root: run_root.to_path_buf(),

@@ -6,16 +6,21 @@ use crate::ctx::Ctx;
 
 pub(super) fn print_report(r: &ForkReport) {
     for c in &r.children {
-        let status = if c.ok { "ok" } else { "FAILED" };
+        let status = match (c.ok, c.timed_out) {
+            (true, true) => "TIMEOUT",
+            (true, false) => "ok",
+            (false, _) => "FAILED",
+        };
         let mut line = format!("{:<20} {:<6}", c.hostname, status);
         if let Some(ms) = c.ready_ms {
             line.push_str(&format!(" ready {ms:>5} ms"));
         }
         if let Some(x) = &c.exec {
-            let code = x
-                .exit_code
-                .map(|c| c.to_string())
-                .unwrap_or_else(|| "killed".into());
+            let code = match (x.exit_code, x.timed_out) {
+                (Some(c), _) => c.to_string(),
+                (None, true) => "timed-out".into(),
+                (None, false) => "killed".into(),
+            };
             line.push_str(&format!(
                 "  exit {code}  {}",
                 x.stdout.trim_end().replace('\n', "\\n")
@@ -38,12 +43,18 @@ pub(super) fn print_report(r: &ForkReport) {
         }
         println!("{line}");
     }
+    let timed_out = r.children.iter().filter(|c| c.timed_out).count();
     println!(
-        "{}/{} children alive ({}) in {:.2} s{}",
+        "{}/{} children alive ({}) in {:.2} s{}{}",
         r.alive,
         r.requested,
         r.accel,
         r.wall_ms as f64 / 1000.0,
+        if timed_out > 0 {
+            format!("; {timed_out} timed out")
+        } else {
+            String::new()
+        },
         if r.kept.is_empty() {
             String::new()
         } else {
