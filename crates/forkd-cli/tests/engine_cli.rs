@@ -160,6 +160,20 @@ fn kept_children_are_listed_reached_and_killed() {
         "process scan failed: {z}"
     );
     assert_eq!(counts[1], "0", "zombies in the kept child");
+    // A command over `exec --timeout` is killed and reported as timed out; the child stays usable.
+    let t = std::time::Instant::now();
+    let o = forkd(&["exec", "--timeout", "1", &id, "--", "sleep", "10"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("timed out after 1 s"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed().as_secs() < 8,
+        "not killed at 1 s: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(ok(&["exec", &id, "--", "echo", "after"]).trim(), "after");
     let pids: Vec<u64> = kept.iter().map(|c| c["pid"].as_u64().unwrap()).collect();
     ok(&["kill", "--all"]);
     let ps = json(&ok(&["ps", "--json"]));
@@ -176,6 +190,69 @@ fn kept_children_are_listed_reached_and_killed() {
     let o = forkd(&["exec", &id, "--", "true"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no running child"));
+}
+
+#[test]
+fn a_command_over_the_exec_timeout_times_out_in_every_child() {
+    tiny();
+    let t = std::time::Instant::now();
+    let o = forkd(&[
+        "fork",
+        "--tag",
+        "tiny",
+        "-n",
+        "2",
+        "--exec",
+        "sleep 5; echo late",
+        "--exec-timeout",
+        "1",
+        "--json",
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r = json(&text);
+    assert_eq!(r["alive"], 2, "{r:#}");
+    let children = r["children"].as_array().unwrap();
+    assert_eq!(children.len(), 2);
+    for c in children {
+        assert_eq!(c["timed_out"], true, "{c:#}");
+        assert_eq!(c["exec"]["timed_out"], true, "{c:#}");
+        assert!(c["exec"]["exit_code"].is_null(), "{c:#}");
+        assert!(c["exec"]["duration_ms"].as_u64().unwrap() < 4_000, "{c:#}");
+        assert!(!c["exec"]["stdout"].as_str().unwrap().contains("late"));
+        // Cleaned up: no run directory and no QEMU left for this child.
+        let id = c["id"].as_str().unwrap();
+        assert!(!home().join("run").join(id).exists(), "{id} left behind");
+        for p in std::fs::read_dir("/proc").unwrap().flatten() {
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            assert!(
+                !String::from_utf8_lossy(&cmd).contains(id),
+                "{id} still running"
+            );
+        }
+    }
+    assert!(t.elapsed().as_secs() < 60, "{:?}", t.elapsed());
+    // The table says so too.
+    let human = ok(&[
+        "fork",
+        "--tag",
+        "tiny",
+        "-n",
+        "1",
+        "--exec",
+        "sleep 5",
+        "--exec-timeout",
+        "1",
+    ]);
+    assert!(
+        human.contains("TIMEOUT") && human.contains("exit timed-out"),
+        "{human}"
+    );
+    assert!(human.contains("1/1 children alive") && human.contains("1 timed out"));
 }
 
 #[test]
