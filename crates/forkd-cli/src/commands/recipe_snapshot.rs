@@ -14,7 +14,7 @@ use forkd_engine::util::Interrupt;
 use forkd_recipe::image::{INIT_PATH, LICENCES_FILE};
 use forkd_recipe::{BuiltImage, LoadedRecipe, Progress};
 use forkd_store::manifest::{EngineInfo, FileEntry, Manifest};
-use forkd_store::{Overwrite, Store, Tag};
+use forkd_store::{Overwrite, Tag};
 
 use crate::ctx::Ctx;
 use crate::report::Hint;
@@ -27,14 +27,6 @@ pub struct SnapshotArgs {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub accel: AccelChoice,
-}
-
-fn open_store(ctx: &Ctx) -> anyhow::Result<Store> {
-    match &ctx.home {
-        Some(h) => Store::open(h),
-        None => Store::open_default(),
-    }
-    .context("cannot open the local store")
 }
 
 /// The engine's guest kernel and initramfs (recipes/tiny/build.sh makes them): the initramfs
@@ -73,7 +65,7 @@ pub fn snapshot(
     let tag = Tag::parse(a.tag.as_deref().unwrap_or(&r.name))?;
     let (kernel, initrd) = boot_files(a)?;
     let qemu = Qemu::locate(None).context(Hint("run `forkd doctor`".into()))?;
-    let store = open_store(ctx)?;
+    let store = ctx.store()?;
     let staging = store.stage()?;
     let interrupt = Interrupt::install();
     let run_dir =
@@ -279,7 +271,7 @@ pub fn stored_licences(
     ctx: &Ctx,
 ) -> anyhow::Result<(forkd_recipe::LicenceReport, String)> {
     let tag = Tag::parse(tag)?;
-    let snap = open_store(ctx)?.get(&tag)?;
+    let snap = ctx.store()?.get(&tag)?;
     let text = std::fs::read_to_string(snap.path(LICENCES_FILE))
         .with_context(|| format!("{tag} has no {LICENCES_FILE}"))
         .context(Hint(
