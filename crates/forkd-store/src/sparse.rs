@@ -108,60 +108,27 @@ pub(crate) fn stream_file(
 /// The 4 KiB-aligned extents of `file` that hold non-zero bytes (holes and zero blocks left
 /// out), merged and clipped to `len`. Reads only the data ranges.
 pub fn nonzero_extents(file: &File, len: u64) -> io::Result<Vec<Range<u64>>> {
-    Ok(scan(file, len, 0)?.extents)
-}
-
-/// One read of a file: its non-zero extents and, while their bytes fit in `budget`, those
-/// bytes and the sha256 of the whole logical content (so nothing needs reading again).
-pub(crate) struct Scan {
-    pub extents: Vec<Range<u64>>,
-    /// The bytes of `extents`, concatenated, with the lowercase-hex sha256 of the content.
-    pub kept: Option<(Vec<u8>, String)>,
-}
-
-pub(crate) fn scan(file: &File, len: u64, budget: usize) -> io::Result<Scan> {
     let mut extents: Vec<Range<u64>> = Vec::new();
-    let mut kept: Option<(Vec<u8>, Sha256)> = (budget > 0).then(|| (Vec::new(), Sha256::new()));
     stream_file(file, len, |piece| {
-        match piece {
-            Piece::Hole(n) => {
-                if let Some((_, h)) = &mut kept {
-                    hash_zeros(h, n);
-                }
-            }
-            Piece::Data(off, buf) => {
-                if let Some((_, h)) = &mut kept {
-                    h.update(buf);
-                }
-                // Data ranges start on filesystem block boundaries; check 4 KiB blocks in place.
-                let mut i = 0usize;
-                while i < buf.len() {
-                    let boff = off + i as u64;
-                    let end = ((boff / BLOCK + 1) * BLOCK - off).min(buf.len() as u64) as usize;
-                    if !is_zero(&buf[i..end]) {
-                        let r = boff..off + end as u64;
-                        match extents.last_mut() {
-                            Some(last) if last.end == r.start => last.end = r.end,
-                            _ => extents.push(r),
-                        }
-                        if let Some((data, _)) = &mut kept {
-                            if data.len() + (end - i) > budget {
-                                kept = None; // too big to keep: the caller reads it again
-                            } else {
-                                data.extend_from_slice(&buf[i..end]);
-                            }
-                        }
+        if let Piece::Data(off, buf) = piece {
+            // Data ranges start on filesystem block boundaries; check 4 KiB blocks in place.
+            let mut i = 0usize;
+            while i < buf.len() {
+                let boff = off + i as u64;
+                let end = ((boff / BLOCK + 1) * BLOCK - off).min(buf.len() as u64) as usize;
+                if !is_zero(&buf[i..end]) {
+                    let r = boff..off + end as u64;
+                    match extents.last_mut() {
+                        Some(last) if last.end == r.start => last.end = r.end,
+                        _ => extents.push(r),
                     }
-                    i = end;
                 }
+                i = end;
             }
         }
         Ok(())
     })?;
-    Ok(Scan {
-        extents,
-        kept: kept.map(|(d, h)| (d, hex::encode(h.finalize()))),
-    })
+    Ok(extents)
 }
 
 /// Writes a stream of logical content into a new, empty file, leaving every all-zero 4 KiB

@@ -108,7 +108,7 @@ fn gnu_tar_reads_our_packs() {
         &PackOptions {
             level: 1,
             workers: 2,
-            memory_budget: 0, // exercise the read-again path
+            memory_budget: 0, // exercise the spill path (data in frames of their own)
         },
         &NoProgress,
     )

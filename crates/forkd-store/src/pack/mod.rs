@@ -1,9 +1,10 @@
 //! The portable pack format v1: `.forkd-snapshot.tar.zst` (spec: docs/PACK-FORMAT.md).
 //!
-//! One zstd stream holding a GNU tar archive: `manifest.toml` first, then every file the
+//! zstd (one or more concatenated frames) holding a GNU tar archive: `manifest.toml` first, then every file the
 //! manifest lists, exactly once, as regular or GNU sparse entries. [`pack`] writes one from an
 //! installed image; [`unpack`] reads one (untrusted) into the store.
 
+mod once;
 mod read;
 mod tarfmt;
 mod write;

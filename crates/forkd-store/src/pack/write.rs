@@ -2,16 +2,14 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
-
+use super::once::{Body, Encoder, Spill, encoder, read_once};
 use super::tarfmt::{self, padding};
 use super::{PackError, Progress, invalid};
 use crate::fsutil::{IoContext, sync_dir, unique_name};
 use crate::manifest::MANIFEST_NAME;
-use crate::sparse::{CHUNK, hash_zeros, scan};
+use crate::sparse::CHUNK;
 use crate::store::Snapshot;
 
 #[derive(Debug, Clone)]
@@ -20,8 +18,10 @@ pub struct PackOptions {
     pub level: i32,
     /// zstd worker threads; 0 = one per CPU.
     pub workers: u32,
-    /// Non-zero data of one file kept in memory between reading and compressing it, so that it
-    /// is read once. A file with more is read twice (found, then streamed) instead.
+    /// Non-zero data of one file kept in memory between reading it and writing its tar entry
+    /// (whose header, with the sparse map, must come first). A file with more is compressed
+    /// while it is read into an unlinked temporary file next to the output (one zstd frame),
+    /// then copied into the pack: every file is read exactly once either way.
     pub memory_budget: usize,
 }
 
@@ -72,7 +72,9 @@ pub fn pack(
             inner: BufWriter::with_capacity(1 << 20, file),
             count: 0,
         };
-        let (mut stats, w) = pack_to_writer(snapshot, w, opts, progress)?;
+        let dir = out.parent().filter(|p| !p.as_os_str().is_empty());
+        let dir = dir.unwrap_or(Path::new("."));
+        let (mut stats, w) = pack_frames(snapshot, w, opts, dir, progress)?;
         stats.packed_bytes = w.count;
         let file = w
             .inner
@@ -107,23 +109,71 @@ impl<W: Write> Write for CountingWriter<W> {
     }
 }
 
-/// Pack `snapshot` into `w` (one zstd frame); returns the stats and `w` back.
-/// `packed_bytes` is left 0 (the caller knows what it wrote).
+/// Pack `snapshot` into `w`; returns the stats and `w` back. `packed_bytes` is left 0 (the
+/// caller knows what it wrote). Spill files (see [`PackOptions::memory_budget`]) go to the
+/// system's temporary directory.
 pub fn pack_to_writer<W: Write>(
     snapshot: &Snapshot,
     w: W,
     opts: &PackOptions,
     progress: &dyn Progress,
 ) -> Result<(PackStats, W), PackError> {
+    pack_frames(snapshot, w, opts, &std::env::temp_dir(), progress)
+}
+
+/// The zstd output: a sequence of frames. Every file is read once; a file's data that was
+/// compressed on the side (over the memory budget) is spliced in as its own frame.
+struct Frames<W: Write> {
+    enc: Option<Encoder<W>>,
+    level: i32,
+    workers: u32,
+}
+
+impl<W: Write> Frames<W> {
+    fn write_all(&mut self, data: &[u8]) -> Result<(), PackError> {
+        let enc = self.enc.as_mut().expect("encoder present between frames");
+        enc.write_all(data).map_err(PackError::Write)
+    }
+
+    /// End the current frame, copy the complete frame `frame` verbatim, start a new frame.
+    fn splice(&mut self, frame: &mut File) -> Result<(), PackError> {
+        let enc = self.enc.take().expect("encoder present between frames");
+        let mut w = enc.finish().map_err(PackError::Write)?;
+        io::copy(frame, &mut w).map_err(PackError::Write)?;
+        self.enc = Some(encoder(w, self.level, self.workers)?);
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<W, PackError> {
+        let enc = self.enc.take().expect("encoder present between frames");
+        enc.finish().map_err(PackError::Write)
+    }
+}
+
+fn pack_frames<W: Write>(
+    snapshot: &Snapshot,
+    w: W,
+    opts: &PackOptions,
+    spill_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<(PackStats, W), PackError> {
     let m = &snapshot.manifest;
-    let mut enc = zstd::stream::write::Encoder::new(w, opts.level).map_err(PackError::Write)?;
     let workers = if opts.workers == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
     } else {
         opts.workers
     };
-    enc.multithread(workers).map_err(PackError::Write)?;
-    enc.include_checksum(true).map_err(PackError::Write)?;
+    let mut out = Frames {
+        enc: Some(encoder(w, opts.level, workers)?),
+        level: opts.level,
+        workers,
+    };
+    let spill = Spill {
+        budget: opts.memory_budget,
+        dir: spill_dir,
+        level: opts.level,
+        workers,
+    };
     let mtime = m.created_at.as_second().max(0) as u64;
     let mut stats = PackStats {
         logical_bytes: m.total_size(),
@@ -133,14 +183,10 @@ pub fn pack_to_writer<W: Write>(
 
     let mpath = snapshot.path(MANIFEST_NAME);
     let mtext = fs::read(&mpath).at("cannot read", &mpath)?;
-    write_all(
-        &mut enc,
-        &tarfmt::regular(MANIFEST_NAME, mtext.len() as u64, mtime)?,
-    )?;
-    write_all(&mut enc, &mtext)?;
-    write_all(&mut enc, &[0u8; 512][..padding(mtext.len() as u64)])?;
+    out.write_all(&tarfmt::regular(MANIFEST_NAME, mtext.len() as u64, mtime)?)?;
+    out.write_all(&mtext)?;
+    out.write_all(&[0u8; 512][..padding(mtext.len() as u64)])?;
 
-    let mut buf = vec![0u8; CHUNK];
     for (name, entry) in &m.files {
         let path = snapshot.path(name);
         let file = File::open(&path).at("cannot open", &path)?;
@@ -148,10 +194,11 @@ pub fn pack_to_writer<W: Write>(
         if len != entry.size {
             return Err(corrupt_size(snapshot, name, len, entry.size));
         }
-        // One read finds the non-zero blocks, hashes the content and keeps the data (up to a
-        // budget); only files with more non-zero data than that are read a second time.
-        let scan = scan(&file, len, opts.memory_budget).at("cannot read", &path)?;
-        let extents = scan.extents;
+        // One read finds the non-zero blocks (the sparse map goes in the header, before the
+        // data), hashes the content and keeps or side-compresses the data.
+        let scanned = read_once(&file, &path, len, &spill, progress)?;
+        check_digest(snapshot, name, &entry.sha256, scanned.digest)?;
+        let extents = scanned.extents;
         let dense = len == 0 || (extents.len() == 1 && extents[0] == (0..len));
         let header = if dense {
             tarfmt::regular(name, len, mtime)?
@@ -159,65 +206,20 @@ pub fn pack_to_writer<W: Write>(
             tarfmt::sparse(name, len, &extents, mtime)?
         };
         let stored: u64 = extents.iter().map(|r| r.end - r.start).sum();
-        let actual = match scan.kept {
-            Some((data, digest)) => {
-                check_digest(snapshot, name, &entry.sha256, digest)?;
-                write_all(&mut enc, &header)?;
+        out.write_all(&header)?;
+        match scanned.body {
+            Body::Kept(data) => {
                 for c in data.chunks(CHUNK) {
-                    write_all(&mut enc, c)?;
-                    progress.advance(c.len() as u64);
+                    out.write_all(c)?;
                 }
-                progress.advance(len - stored);
-                None
             }
-            None => {
-                write_all(&mut enc, &header)?;
-                Some(stream_extents(
-                    &file, &path, &extents, len, &mut enc, &mut buf, progress,
-                )?)
-            }
-        };
-        if let Some(actual) = actual {
-            check_digest(snapshot, name, &entry.sha256, actual)?;
+            Body::Spilled(mut frame) => out.splice(&mut frame)?,
         }
-        write_all(&mut enc, &[0u8; 512][..padding(stored)])?;
+        out.write_all(&[0u8; 512][..padding(stored)])?;
         stats.data_bytes += stored;
     }
-    write_all(&mut enc, &[0u8; 1024])?;
-    let w = enc.finish().map_err(PackError::Write)?;
-    Ok((stats, w))
-}
-
-/// Read `extents` of `file` again, hash the content (zeros for the gaps) and compress the data.
-fn stream_extents(
-    file: &File,
-    path: &Path,
-    extents: &[std::ops::Range<u64>],
-    len: u64,
-    enc: &mut impl Write,
-    buf: &mut [u8],
-    progress: &dyn Progress,
-) -> Result<String, PackError> {
-    let mut hasher = Sha256::new();
-    let mut pos = 0u64;
-    for r in extents {
-        hash_zeros(&mut hasher, r.start - pos);
-        progress.advance(r.start - pos);
-        let mut off = r.start;
-        while off < r.end {
-            let n = ((r.end - off) as usize).min(CHUNK);
-            file.read_exact_at(&mut buf[..n], off)
-                .at("cannot read (did it change while packing?)", path)?;
-            hasher.update(&buf[..n]);
-            write_all(enc, &buf[..n])?;
-            off += n as u64;
-            progress.advance(n as u64);
-        }
-        pos = r.end;
-    }
-    hash_zeros(&mut hasher, len - pos);
-    progress.advance(len - pos);
-    Ok(hex::encode(hasher.finalize()))
+    out.write_all(&[0u8; 1024])?;
+    Ok((stats, out.finish()?))
 }
 
 fn check_digest(s: &Snapshot, name: &str, expected: &str, actual: String) -> Result<(), PackError> {
@@ -230,10 +232,6 @@ fn check_digest(s: &Snapshot, name: &str, expected: &str, actual: String) -> Res
         expected: expected.to_string(),
         actual,
     })
-}
-
-fn write_all(w: &mut impl Write, data: &[u8]) -> Result<(), PackError> {
-    w.write_all(data).map_err(PackError::Write)
 }
 
 fn corrupt_size(s: &Snapshot, name: &str, len: u64, expected: u64) -> PackError {
