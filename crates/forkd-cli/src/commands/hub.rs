@@ -1,7 +1,7 @@
 //! Snapshot Hub commands: push, pull, search, key generate, hub serve.
 
 use crate::ctx::Ctx;
-use crate::report::Hint;
+use crate::report::{Hint, human_bytes};
 use anyhow::{Context, Result, bail};
 use forkd_hub::{HubError, HubOptions, Reference, Transport};
 use forkd_store::{Store, Tag};
@@ -111,14 +111,6 @@ pub enum HubCmd {
     },
 }
 
-fn open_store(ctx: &Ctx) -> Result<Store> {
-    match &ctx.home {
-        Some(h) => Store::open(h),
-        None => Store::open_default(),
-    }
-    .context("cannot open the local store")
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -162,7 +154,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             jobs,
             json,
         } => {
-            let store = open_store(ctx)?;
+            let store = ctx.store()?;
             let tag = Tag::parse(&local_tag)?;
             let reference = Reference::parse(&reference)?;
             let snapshot = store.get(&tag)?;
@@ -210,9 +202,9 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
                 println!(
                     "pushed `{tag}` as {reference} ({}) to {shown}: {} stored, {} uploaded, {} already there{}",
                     out.digest,
-                    human(out.stored_size),
-                    human(out.uploaded_bytes),
-                    human(out.reused_bytes),
+                    human_bytes(out.stored_size),
+                    human_bytes(out.uploaded_bytes),
+                    human_bytes(out.reused_bytes),
                     if out.signed { "" } else { " [unsigned]" }
                 );
             }
@@ -228,7 +220,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             jobs,
             json,
         } => {
-            let store = open_store(ctx)?;
+            let store = ctx.store()?;
             let reference = Reference::parse(&reference)?;
             let tag = Tag::parse(tag.as_deref().unwrap_or(&reference.name))?;
             let trusted = trusted_keys(&store, &trust)?;
@@ -274,9 +266,9 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
                     "pulled {reference} ({}) as `{}`: {} in {secs:.1} s ({} downloaded, {} from cache){}",
                     out.digest,
                     out.tag,
-                    human(out.apparent_size),
-                    human(out.downloaded_bytes),
-                    human(out.cached_bytes),
+                    human_bytes(out.apparent_size),
+                    human_bytes(out.downloaded_bytes),
+                    human_bytes(out.cached_bytes),
                     if out.unverified.is_some() {
                         " [NOT VERIFIED]"
                     } else {
@@ -287,7 +279,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             Ok(())
         }
         Cmd::Search { text, hub, json } => {
-            let store = open_store(ctx)?;
+            let store = ctx.store()?;
             let transport = open_hub(&hub, &store)?;
             let shown = transport.describe();
             let catalog = runtime()?
@@ -307,8 +299,8 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
                     println!(
                         "    :{:<16} {:>10} download  {:>10} on disk  {}  {}",
                         v.version,
-                        human(v.size),
-                        v.disk_size.map(human).unwrap_or_default(),
+                        human_bytes(v.size),
+                        v.disk_size.map(human_bytes).unwrap_or_default(),
                         &v.digest[..19.min(v.digest.len())],
                         v.created_at
                     );
@@ -319,7 +311,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
         Cmd::Key(KeyCmd::Generate { out }) => {
             let dir = match out {
                 Some(d) => d,
-                None => open_store(ctx)?.home().join("keys"),
+                None => ctx.store()?.home().join("keys"),
             };
             let (sk, pk, line) = forkd_hub::sign::generate(&dir)?;
             println!(
@@ -337,7 +329,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             let token = read_token(&token_file)?;
             let root = match root {
                 Some(r) => r,
-                None => open_store(ctx)?.home().join("hub"),
+                None => ctx.store()?.home().join("hub"),
             };
             std::fs::create_dir_all(&root)
                 .with_context(|| format!("cannot create {}", root.display()))?;
@@ -397,20 +389,5 @@ fn with_hint(e: HubError, hub: &str) -> anyhow::Error {
     match hint {
         Some(h) => err.context(Hint(h)),
         None => err,
-    }
-}
-
-pub fn human(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
     }
 }
