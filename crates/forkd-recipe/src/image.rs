@@ -145,16 +145,7 @@ pub fn build_image(
         });
     }
     need_tool("mkfs.ext4", "e2fsprogs")?;
-    let tmp = opts
-        .cache_dir
-        .join("tmp")
-        .join(format!("image-{key}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    let log = opts.cache_dir.join("logs").join(format!("image-{key}.log"));
-    let _ = std::fs::remove_file(&log);
+    let (tmp, log) = crate::util::fresh_work_dir(&opts.cache_dir, "image", &key)?;
     let made = assemble(lr, opts, &tree, &tmp, &log, progress);
     let licences = match made {
         Ok(l) => l,

@@ -86,16 +86,7 @@ pub fn ensure_tree(
         return Err(RecipeError::NotRoot);
     }
     need_tool("mmdebstrap", "mmdebstrap")?;
-    let tmp = opts
-        .cache_dir
-        .join("tmp")
-        .join(format!("tree-{key}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    let log = opts.cache_dir.join("logs").join(format!("tree-{key}.log"));
-    let _ = std::fs::remove_file(&log);
+    let (tmp, log) = crate::util::fresh_work_dir(&opts.cache_dir, "tree", &key)?;
     let result = build_tree(r, &tmp, &log, progress);
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);

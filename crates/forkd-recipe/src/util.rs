@@ -17,6 +17,25 @@ pub fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
     }
 }
 
+/// A fresh, empty work directory `CACHE/tmp/KIND-KEY-PID` and its log file
+/// `CACHE/logs/KIND-KEY.log` (an old log is removed), for one build step.
+pub fn fresh_work_dir(
+    cache_dir: &Path,
+    kind: &str,
+    key: &str,
+) -> Result<(PathBuf, PathBuf), RecipeError> {
+    let tmp = cache_dir
+        .join("tmp")
+        .join(format!("{kind}-{key}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let log = cache_dir.join("logs").join(format!("{kind}-{key}.log"));
+    let _ = std::fs::remove_file(&log);
+    Ok((tmp, log))
+}
+
 /// Find `tool` on PATH (plus the sbin directories, which a non-login root shell may lack).
 pub fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
