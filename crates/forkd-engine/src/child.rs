@@ -179,6 +179,8 @@ pub struct ChildPlan<'a> {
     pub ready_timeout: Duration,
     pub work: &'a Work,
     pub interrupt: &'a Interrupt,
+    /// Limits how many children start at once; held from launch until ready.
+    pub start_gate: &'a crate::gate::StartGate,
 }
 
 /// The outcome of one child, as reported to the user.
@@ -273,6 +275,8 @@ fn life(
         }
     };
     check(plan.interrupt)?;
+    let starting = plan.start_gate.enter();
+    check(plan.interrupt)?;
     guard.spawn(plan.qemu, &args)?;
     let qmp_sock = guard.qmp_sock.clone();
     let mut qmp = {
@@ -313,6 +317,7 @@ fn life(
     })?;
     report.ready_ms = Some(start.elapsed().as_millis() as u64);
     advance(report, ChildState::Ready);
+    drop(starting);
 
     let limit = plan.work.timeout;
     if let Some(x) = &plan.work.exec {

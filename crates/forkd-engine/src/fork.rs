@@ -7,6 +7,7 @@
 
 use crate::child::{ChildPlan, ChildReport, ChildState, VmGuard, Work, run_child};
 use crate::error::{EngineError, IoCtx, Result};
+use crate::gate::{StartGate, max_starting};
 use crate::qemu::{AccelChoice, Qemu, resolve_accel};
 use crate::run::KeptChild;
 use crate::spec::{Launch, Role, VmSpec};
@@ -119,6 +120,7 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
     let stub = stub_path.as_path();
     crate::spec::write_stub_kernel(&dir.join(&spec.kernel), stub)?;
     crate::util::disable_thp_for_children();
+    let start_gate = StartGate::new(max_starting());
     let plan = ChildPlan {
         qemu: &qemu.bin,
         vmstate: &vmstate,
@@ -126,9 +128,9 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
         ready_timeout: opts.ready_timeout,
         work: &opts.work,
         interrupt: &opts.interrupt,
+        start_gate: &start_gate,
     };
 
-    let gate = &Gate::new(max_in_flight(opts.n));
     let results: Vec<(ChildReport, Option<VmGuard>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..opts.n)
             .map(|i| {
@@ -139,7 +141,6 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
                     .name(format!("child-{i}"))
                     .stack_size(256 * 1024)
                     .spawn_scoped(scope, move || {
-                        let _slot = gate.enter();
                         let id = format!("{}-{session}-{i}", opts.tag);
                         let guard = match VmGuard::create(&opts.run_root.join(&id)) {
                             Ok(g) => g,
@@ -231,51 +232,6 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
         children,
         kept,
     })
-}
-
-/// How many children may be in flight (starting or working) at once: `FORKD_MAX_STARTING`,
-/// default 0 = no limit. On the 2-core TCG test machine a limit of 8 sometimes helped and
-/// sometimes hurt (measurements were noisy), so the default starts everything at once.
-fn max_in_flight(n: usize) -> usize {
-    let limit = std::env::var("FORKD_MAX_STARTING")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    if limit == 0 { n.max(1) } else { limit }
-}
-
-/// A counting semaphore: at most `max` holders of a [`Slot`] at a time.
-struct Gate {
-    used: std::sync::Mutex<usize>,
-    freed: std::sync::Condvar,
-    max: usize,
-}
-
-struct Slot<'a>(&'a Gate);
-
-impl Gate {
-    fn new(max: usize) -> Gate {
-        Gate {
-            used: std::sync::Mutex::new(0),
-            freed: std::sync::Condvar::new(),
-            max: max.max(1),
-        }
-    }
-    fn enter(&self) -> Slot<'_> {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        while *used >= self.max {
-            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
-        }
-        *used += 1;
-        Slot(self)
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        *self.0.used.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-        self.0.freed.notify_one();
-    }
 }
 
 /// The per-fork scratch directory (stub kernel), removed on every path.

@@ -14,6 +14,7 @@ pub mod child;
 pub mod doctor;
 pub mod error;
 pub mod fork;
+pub mod gate;
 pub mod memory;
 pub mod qemu;
 pub mod qmp;
