@@ -156,16 +156,7 @@ pub fn build_image(
     };
     std::fs::write(tmp.join("recipe.name"), r.name.as_bytes()).map_err(io_err(&tmp))?;
     std::fs::write(tmp.join(".complete"), key.as_bytes()).map_err(io_err(&tmp))?;
-    if dir.exists() {
-        let old = opts
-            .cache_dir
-            .join("tmp")
-            .join(format!("old-{key}-{}", std::process::id()));
-        std::fs::rename(&dir, &old).map_err(io_err(&dir))?;
-        let _ = std::fs::remove_dir_all(&old);
-    }
-    std::fs::create_dir_all(dir.parent().unwrap_or(&opts.cache_dir)).map_err(io_err(&dir))?;
-    std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+    crate::util::install_dir(&tmp, &dir, &opts.cache_dir, &key)?;
     prune(&opts.cache_dir, &r.name, &key, &tree.key);
     Ok(BuiltImage {
         key,

@@ -36,6 +36,20 @@ pub fn fresh_work_dir(
     Ok((tmp, log))
 }
 
+/// Move a finished work directory `tmp` into its cache slot `dir` with one rename; an old
+/// `dir` (a `--rebuild`) is first moved aside into `CACHE/tmp` and deleted after.
+pub fn install_dir(tmp: &Path, dir: &Path, cache_dir: &Path, key: &str) -> Result<(), RecipeError> {
+    if dir.exists() {
+        let old = cache_dir
+            .join("tmp")
+            .join(format!("old-{key}-{}", std::process::id()));
+        std::fs::rename(dir, &old).map_err(io_err(dir))?;
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    std::fs::create_dir_all(dir.parent().unwrap_or(cache_dir)).map_err(io_err(dir))?;
+    std::fs::rename(tmp, dir).map_err(io_err(dir))
+}
+
 /// Find `tool` on PATH (plus the sbin directories, which a non-login root shell may lack).
 pub fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
