@@ -1,6 +1,7 @@
 //! Bad input for the hub, each its own test: the error's gist and an unchanged local store.
 
 mod hub_common;
+use forkd_hub::layout;
 use hub_common::faulty::{Faulty, Mode};
 use hub_common::*;
 use std::path::{Path, PathBuf};
@@ -202,22 +203,20 @@ fn truncated_blob_is_refused() {
 #[test]
 fn tampered_tag_and_manifest_fail_the_signature() {
     let p = Published::new(8, 17);
-    let tag_path = p.root.join("tags/acme/snap/v1.json");
+    let tag_path = p.root.join(layout::version_tag_key("acme", "snap", "v1"));
     let mut tag: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&tag_path).unwrap()).unwrap();
-    let digest = tag["digest"].as_str().unwrap().to_string();
-    let hex = &digest["sha256:".len()..];
-    let mblob = p.root.join(format!("blobs/sha256/{}/{hex}", &hex[..2]));
+    let mblob = p
+        .root
+        .join(layout::blob_key(tag["digest"].as_str().unwrap()));
     let text = std::fs::read_to_string(&mblob).unwrap();
     let evil = text.replacen("synthetic test snapshot", "evil test snapshot!!", 1);
     assert_ne!(evil, text);
-    let evil_hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(evil.as_bytes()));
-    let evil_path = p
-        .root
-        .join(format!("blobs/sha256/{}/{evil_hex}", &evil_hex[..2]));
+    let evil_digest = layout::sha256_digest(evil.as_bytes());
+    let evil_path = p.root.join(layout::blob_key(&evil_digest));
     std::fs::create_dir_all(evil_path.parent().unwrap()).unwrap();
     std::fs::write(&evil_path, &evil).unwrap();
-    tag["digest"] = format!("sha256:{evil_hex}").into();
+    tag["digest"] = evil_digest.into();
     std::fs::write(&tag_path, serde_json::to_vec(&tag).unwrap()).unwrap();
     let c = consumer();
     let err = pull_fails(
@@ -232,11 +231,13 @@ fn tampered_tag_and_manifest_fail_the_signature() {
 #[test]
 fn tampered_manifest_blob_is_corrupt() {
     let p = Published::new(8, 18);
-    let tag: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(p.root.join("tags/acme/snap/v1.json")).unwrap())
-            .unwrap();
-    let hex = tag["digest"].as_str().unwrap()["sha256:".len()..].to_string();
-    let mblob = p.root.join(format!("blobs/sha256/{}/{hex}", &hex[..2]));
+    let tag: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(p.root.join(layout::version_tag_key("acme", "snap", "v1"))).unwrap(),
+    )
+    .unwrap();
+    let mblob = p
+        .root
+        .join(layout::blob_key(tag["digest"].as_str().unwrap()));
     let text = std::fs::read_to_string(&mblob).unwrap();
     std::fs::write(&mblob, text.replacen("\"size\": ", "\"size\": 1", 1)).unwrap();
     let c = consumer();
@@ -511,7 +512,7 @@ fn pull_killed_with_sigkill_resumes() {
                 (hex.len() == 64).then_some(hex)
             })
             .map(|hex| {
-                std::fs::metadata(p.root.join(format!("blobs/sha256/{}/{hex}", &hex[..2])))
+                std::fs::metadata(p.root.join(layout::blob_key(&hex)))
                     .unwrap()
                     .len()
             })
