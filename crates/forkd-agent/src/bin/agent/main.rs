@@ -134,10 +134,8 @@ impl Agent {
 
     /// The host went away: answers still being produced are dropped, uploads are aborted.
     fn disconnected(&self) {
-        {
-            let _w = lock(&self.out.w);
-            self.out.generation.fetch_add(1, Ordering::SeqCst);
-        }
+        // Not under the writer lock: a write blocked on the gone host must not stall the reader.
+        self.out.generation.fetch_add(1, Ordering::SeqCst);
         self.uploads.abort_all();
     }
 

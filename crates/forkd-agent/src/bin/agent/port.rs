@@ -134,6 +134,7 @@ impl Port {
         PortReader {
             port: self.clone(),
             buf: Vec::new(),
+            idle: false,
         }
     }
 
@@ -145,6 +146,8 @@ impl Port {
 pub struct PortReader {
     port: Arc<Port>,
     buf: Vec<u8>,
+    /// The last read saw EOF: wait for the host before reading again.
+    idle: bool,
 }
 
 impl PortReader {
@@ -152,6 +155,9 @@ impl PortReader {
     /// (after waiting a while for the host to come back). A partial line cut off by a host
     /// disconnect is dropped: it belonged to a connection that is gone.
     pub fn read_line(&mut self) -> Incoming {
+        if std::mem::take(&mut self.idle) {
+            wait_sigio(EOF_BACKOFF);
+        }
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
             if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
@@ -168,9 +174,10 @@ impl PortReader {
             let file = self.port.current();
             match (&*file).read(&mut chunk) {
                 Ok(0) => {
-                    // Host not connected (e.g. a child just restored). Wait, then read again.
+                    // Host not connected (e.g. a child just restored): report it at once,
+                    // then wait (on the next call) and read again.
                     self.buf.clear();
-                    wait_sigio(EOF_BACKOFF);
+                    self.idle = true;
                     return Incoming::Disconnected;
                 }
                 Ok(n) => {
