@@ -136,6 +136,7 @@ fn router(st: Arc<AppState>) -> Router {
         .route("/metrics", get(routes::metrics))
         .route("/v1/openapi.json", get(routes::openapi))
         .route("/v1/images", get(routes::list_images))
+        .route("/v1/images/pull", post(routes::pull_image))
         .route(
             "/v1/sandboxes",
             post(routes::create_sandboxes).get(routes::list_sandboxes),
