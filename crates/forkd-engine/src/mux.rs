@@ -132,6 +132,8 @@ struct Table {
 #[derive(Default)]
 struct Shared {
     table: Mutex<Table>,
+    /// The socket, shut down on close (ends the reader thread and the peer's writes).
+    socket: Option<UnixStream>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -149,6 +151,9 @@ impl Shared {
             std::mem::take(&mut t.waiters)
         };
         drop(waiters);
+        if let Some(s) = &self.socket {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     fn closure(&self) -> Option<Closure> {
@@ -160,22 +165,12 @@ struct Inner {
     shared: Arc<Shared>,
     writer: Mutex<Box<dyn Write + Send>>,
     next_id: AtomicU64,
-    /// The socket, to shut down when the last client goes (ends the reader thread).
-    socket: Option<UnixStream>,
-}
-
-impl Inner {
-    fn shutdown(&self) {
-        if let Some(s) = &self.socket {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
 }
 
 impl Drop for Inner {
+    /// The last client is gone: close the connection (ends the reader thread).
     fn drop(&mut self) {
         self.shared.close(Closure::Closed);
-        self.shutdown();
     }
 }
 
@@ -305,7 +300,11 @@ impl std::fmt::Debug for AgentClient {
 impl AgentClient {
     /// Connect to an agent socket (QEMU's chardev for the VM's `forkd.agent` port).
     pub fn connect(sock: &Path) -> Result<AgentClient, AgentError> {
-        let s = UnixStream::connect(sock)?;
+        AgentClient::from_stream(UnixStream::connect(sock)?)
+    }
+
+    /// A client on a connected socket; closing the client shuts the socket down.
+    pub fn from_stream(s: UnixStream) -> Result<AgentClient, AgentError> {
         s.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let r = s.try_clone()?;
         let w = s.try_clone()?;
@@ -313,6 +312,7 @@ impl AgentClient {
     }
 
     /// A client over any pair of byte streams (e.g. `forkd-agent --stdio`'s stdout and stdin).
+    /// The reader thread runs until `r` reaches EOF or fails.
     pub fn from_io(
         r: Box<dyn Read + Send>,
         w: Box<dyn Write + Send>,
@@ -325,12 +325,14 @@ impl AgentClient {
         w: Box<dyn Write + Send>,
         socket: Option<UnixStream>,
     ) -> Result<AgentClient, AgentError> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            table: Mutex::default(),
+            socket,
+        });
         let inner = Arc::new(Inner {
             shared: shared.clone(),
             writer: Mutex::new(w),
             next_id: AtomicU64::new(first_id()?),
-            socket,
         });
         std::thread::Builder::new()
             .name("agent-mux".into())
@@ -352,10 +354,11 @@ impl AgentClient {
         self.inner.shared.closure().is_some()
     }
 
-    /// Close the connection now: every waiter gets [`AgentError::Closed`].
+    /// Close the connection now: every waiter gets [`AgentError::Closed`]. (With
+    /// [`AgentClient::from_io`], the writer is closed; the reader thread ends at the peer's EOF.)
     pub fn close(&self) {
         self.inner.shared.close(Closure::Closed);
-        self.inner.shutdown();
+        *lock(&self.inner.writer) = Box::new(std::io::sink());
     }
 
     /// Register a waiter and send the request.
@@ -387,7 +390,6 @@ impl AgentClient {
             // Part of the line may have gone out: the stream is unusable from here on.
             drop(w);
             self.inner.shared.close(Closure::Closed);
-            self.inner.shutdown();
             return Err(AgentError::Io(e));
         }
         Ok(pending)
