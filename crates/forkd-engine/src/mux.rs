@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 /// Longest line accepted from the agent: its own limit plus room for the envelope.
 pub const MAX_FRAME: usize = MAX_LINE + 64 * 1024;
 
+/// Line buffer capacity the reader keeps between lines.
+const LINE_KEEP: usize = 256 * 1024;
+
 /// Frames queued per streaming waiter before the reader thread waits for its consumer.
 const STREAM_QUEUE: usize = 16;
 
@@ -259,6 +262,10 @@ fn read_frames(shared: Arc<Shared>, r: Box<dyn Read + Send>) {
         // Blocks while the waiter's queue is full: backpressure.
         if tx.send(frame).is_err() {
             lock(&shared.table).waiters.remove(&id);
+        }
+        if line.capacity() > LINE_KEEP {
+            // Do not hold on to a big line's buffer for the life of the connection.
+            line = Vec::with_capacity(LINE_KEEP);
         }
     };
     shared.close(why);
@@ -771,5 +778,56 @@ impl ExecStream {
             message: "the command has not started yet".into(),
         })?;
         self.client.signal(pid, signal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_is_clone_send_sync() {
+        fn check<T: Clone + Send + Sync + 'static>() {}
+        check::<AgentClient>();
+        fn send<T: Send + 'static>() {}
+        send::<ExecStream>();
+        send::<AgentError>();
+    }
+
+    #[test]
+    fn lines_are_capped_and_split() {
+        let data = b"one\r\ntwo\nthree-is-too-long\nx".to_vec();
+        let mut r = BufReader::with_capacity(4, &data[..]);
+        let mut line = Vec::new();
+        assert_eq!(read_line_capped(&mut r, &mut line, 8), Ok(true));
+        assert_eq!(line, b"one\r");
+        line.clear();
+        assert_eq!(read_line_capped(&mut r, &mut line, 8), Ok(true));
+        assert_eq!(line, b"two");
+        line.clear();
+        assert!(read_line_capped(&mut r, &mut line, 8).is_err());
+        assert!(line.len() <= 8);
+        // A partial last line is dropped at EOF.
+        let mut r = BufReader::new(&b"partial"[..]);
+        line.clear();
+        assert_eq!(read_line_capped(&mut r, &mut line, 100), Ok(false));
+    }
+
+    #[test]
+    fn transient_errors() {
+        assert!(AgentError::Timeout(Duration::from_secs(1)).is_transient());
+        assert!(AgentError::Closed.is_transient());
+        let busy = AgentError::Guest {
+            code: ErrorCode::Busy,
+            message: "busy".into(),
+        };
+        assert!(busy.is_transient());
+        assert_eq!(busy.code(), Some(ErrorCode::Busy));
+        let nf = AgentError::Guest {
+            code: ErrorCode::NotFound,
+            message: "x".into(),
+        };
+        assert!(!nf.is_transient());
+        assert!(!AgentError::Protocol("x".into()).is_transient());
     }
 }
