@@ -384,7 +384,7 @@ fn timeouts_and_interrupts_are_typed() {
         matches!(e, AgentError::Timeout(_)) && e.is_transient(),
         "{e}"
     );
-    let intr = forkd_engine::util::Interrupt::never();
+    let intr = forkd_engine::Interrupt::never();
     client.set_interrupt(intr.clone());
     let setter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(200));

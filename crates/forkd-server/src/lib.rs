@@ -51,13 +51,15 @@ impl HubConfig {
     }
 }
 
+pub type OnReady = Box<dyn FnOnce(&str) + Send>;
+
 pub struct ServeOptions {
     pub manager: Manager,
     pub listen: Listen,
     pub log_dir: PathBuf,
     pub hub: HubConfig,
     /// Called once the daemon listens (the address it is reachable at).
-    pub on_ready: Option<Box<dyn FnOnce(&str) + Send>>,
+    pub on_ready: Option<OnReady>,
 }
 
 #[derive(Debug, thiserror::Error)]

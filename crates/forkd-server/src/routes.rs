@@ -172,18 +172,25 @@ impl forkd_hub::progress::Progress for NdjsonProgress {
         s.2 += bytes;
         if s.3.elapsed() >= Duration::from_millis(200) {
             s.3 = std::time::Instant::now();
-            self.emit(serde_json::json!({"event": "progress", "phase": s.0, "done": s.2, "total": s.1}));
+            self.emit(
+                serde_json::json!({"event": "progress", "phase": s.0, "done": s.2, "total": s.1}),
+            );
         }
     }
     fn finish(&self) {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.emit(serde_json::json!({"event": "progress", "phase": s.0, "done": s.2, "total": s.1}));
+        self.emit(
+            serde_json::json!({"event": "progress", "phase": s.0, "done": s.2, "total": s.1}),
+        );
     }
 }
 
 #[utoipa::path(post, path = "/v1/images/pull", request_body = PullRequest,
     responses((status = 200, description = "NDJSON: progress events, then done or error", content_type = "application/x-ndjson")))]
-pub async fn pull_image(State(st): S, JsonBody(body): JsonBody<PullRequest>) -> ApiResult<Response> {
+pub async fn pull_image(
+    State(st): S,
+    JsonBody(body): JsonBody<PullRequest>,
+) -> ApiResult<Response> {
     let reference = forkd_hub::reference::Reference::parse(&body.reference)
         .map_err(|e| ApiError::bad_request(format!("field `ref`: {e}")))?;
     let tag = forkd_store::Tag::parse(&reference.name)
@@ -204,7 +211,9 @@ pub async fn pull_image(State(st): S, JsonBody(body): JsonBody<PullRequest>) -> 
                           "downloaded_bytes": out.downloaded_bytes, "up_to_date": out.up_to_date,
                           "verified": out.unverified.is_none()},
             })),
-            Err(e) => ndjson_line(&serde_json::json!({"event": "error", "error": ApiError::from(e).detail})),
+            Err(e) => ndjson_line(
+                &serde_json::json!({"event": "error", "error": ApiError::from(e).detail}),
+            ),
         };
         let _ = tx.blocking_send(line);
     });
@@ -286,7 +295,7 @@ async fn create(
             Err(message) => ChildResult {
                 index,
                 sandbox: None,
-                error: Some(ApiError::internal(message).detail),
+                error: Some(*ApiError::internal(message).detail),
             },
         })
         .collect();
