@@ -5,6 +5,7 @@
 //! - [`qmp`]: a small synchronous QMP client.
 //! - [`agent`]: the host side of the guest agent protocol (types in `forkd-agent`).
 //! - [`snapshot`]: boot a parent, warm it, save memory.bin + vmstate + rootfs.
+//! - [`image`]: a snapshot taken into the local store, and the check that one is whole.
 //! - [`fork`]: restore N copy-on-write children concurrently; [`child`] is one child's life.
 //! - [`run`]: children kept running (`--keep`), tracked under `$FORKD_HOME/run/`.
 //! - [`doctor`]: what this host has and lacks.
@@ -15,6 +16,7 @@ pub mod doctor;
 pub mod error;
 pub mod fork;
 pub mod gate;
+pub mod image;
 pub mod memory;
 pub mod qemu;
 pub mod qmp;

@@ -65,7 +65,7 @@ pub(super) fn print_report(r: &ForkReport) {
 
 pub(super) fn ps(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
     let store = ctx.store()?;
-    let list = forkd_engine::run::list(&store.home().join("run"))?;
+    let list = forkd_engine::run::list(&store.home().run_dir())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
