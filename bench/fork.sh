@@ -11,6 +11,8 @@ repo="$(cd "$here/.." && pwd)"
 NS=("${@:-1 10 50 100}"); NS=(${NS[*]})
 ACCEL="${FORKD_ACCEL:-auto}"
 COLD_CAP="${COLD_CAP:-20}"
+# The assets CI keeps, set explicitly (forkd's own default is $FORKD_HOME/assets).
+export FORKD_ASSETS="${FORKD_ASSETS:-/var/cache/forkd-ci/assets}"
 "$repo/scripts/setup-engine.sh"
 if [[ -z "${FORKD:-}" ]]; then
     (cd "$repo" && cargo build --release -q -j2 -p forkd-cli)

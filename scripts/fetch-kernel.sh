@@ -4,13 +4,14 @@
 #
 #   scripts/fetch-kernel.sh            # prints the kernel directory on stdout
 #
-# Result: ${FORKD_ASSETS:-/var/cache/forkd-ci/assets}/kernel/{vmlinuz,modules/,VERSION}
+# Result: ASSETS/kernel/{vmlinuz,modules/,VERSION}, where ASSETS is forkd's assets directory:
+# $FORKD_ASSETS, else $FORKD_HOME/assets (CI sets FORKD_ASSETS=/var/cache/forkd-ci/assets).
 # Debian: linux-image-cloud-amd64 (its virtio drivers are modules).
 # Ubuntu: linux-image-kvm, falling back to linux-image-virtual.
 # Idempotent: a complete cache is reused without touching the network.
 set -euo pipefail
 
-ASSETS="${FORKD_ASSETS:-/var/cache/forkd-ci/assets}"
+ASSETS="${FORKD_ASSETS:-${FORKD_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/forkd}/assets}"
 OUT="$ASSETS/kernel"
 if [[ -s "$OUT/vmlinuz" && -s "$OUT/VERSION" && -d "$OUT/modules" ]]; then
     echo "$OUT"

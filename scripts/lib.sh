@@ -4,6 +4,10 @@
 # It lives outside the checkout so a fresh clone reuses it.
 FORKD_CACHE="${FORKD_CACHE:-/var/cache/forkd-ci}"
 export FORKD_CACHE
+# The guest kernel and initramfs CI builds once and keeps there, set explicitly: forkd's own
+# default is $FORKD_HOME/assets, and every forkd that a script runs must find the same ones.
+FORKD_ASSETS="${FORKD_ASSETS:-$FORKD_CACHE/assets}"
+export FORKD_ASSETS
 
 say() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

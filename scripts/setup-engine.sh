@@ -2,11 +2,14 @@
 # Everything the fork engine and its tests need on a Debian/Ubuntu host. Idempotent and cached:
 # a second run installs nothing and downloads nothing.
 #   - apt: qemu-system-x86 (QEMU >= 7.2), qemu-utils, busybox-static, cpio, e2fsprogs, gzip
-#   - the guest kernel (scripts/fetch-kernel.sh -> ${FORKD_ASSETS:-/var/cache/forkd-ci/assets}/kernel)
+#   - the guest kernel (scripts/fetch-kernel.sh -> ASSETS/kernel), where ASSETS is forkd's assets
+#     directory: $FORKD_ASSETS, else $FORKD_HOME/assets (CI sets FORKD_ASSETS=/var/cache/forkd-ci/assets)
 #   - the static guest agent and the tiny recipe's assets (recipes/tiny/build.sh)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
+FORKD_ASSETS="${FORKD_ASSETS:-${FORKD_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/forkd}/assets}"
+export FORKD_ASSETS
 
 pkgs=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs gzip file binutils)
 missing=()
@@ -24,4 +27,4 @@ qemu-system-x86_64 --version | head -n1 >&2
 
 "$here/fetch-kernel.sh" >/dev/null
 "$repo/recipes/tiny/build.sh" >/dev/null
-echo "setup-engine: ready (assets in ${FORKD_ASSETS:-/var/cache/forkd-ci/assets})" >&2
+echo "setup-engine: ready (assets in $FORKD_ASSETS)" >&2

@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
         max_total_size: 64 << 20,
     };
     let result = unpack_from_reader(&env.store, input, &opts, &NoProgress);
-    let tmp = std::fs::read_dir(env.store.home().join("tmp")).unwrap().count();
+    let tmp = std::fs::read_dir(env.store.home().tmp_dir()).unwrap().count();
     assert_eq!(tmp, 0, "leftovers in tmp/ after {:?}", result.as_ref().err());
     if result.is_ok() {
         env.store.remove(&Tag::parse("fuzz").unwrap()).unwrap();

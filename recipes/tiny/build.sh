@@ -3,7 +3,8 @@
 # modules + forkd-agent) and a small ext4 root disk (busybox tree). No network once the kernel
 # is cached (scripts/fetch-kernel.sh).
 #
-#   recipes/tiny/build.sh [OUT_DIR]     # default: ${FORKD_ASSETS:-/var/cache/forkd-ci/assets}/tiny
+#   recipes/tiny/build.sh [OUT_DIR]     # default: ASSETS/tiny, forkd's assets directory:
+#                                       # $FORKD_ASSETS, else $FORKD_HOME/assets
 #
 # Prints OUT_DIR; it then holds vmlinuz, initrd.img, rootfs.ext4. Snapshot it with:
 #   forkd snapshot --tag tiny --kernel OUT/vmlinuz --initrd OUT/initrd.img --rootfs OUT/rootfs.ext4
@@ -11,7 +12,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-ASSETS="${FORKD_ASSETS:-/var/cache/forkd-ci/assets}"
+ASSETS="${FORKD_ASSETS:-${FORKD_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/forkd}/assets}"
 OUT="${1:-$ASSETS/tiny}"
 
 need() { command -v "$1" >/dev/null || { echo "tiny: missing $1 — apt-get install $2" >&2; exit 1; }; }

@@ -1,7 +1,7 @@
 //! Options shared by every command, and the context built from them.
 
 use anyhow::Context as _;
-use forkd_store::Store;
+use forkd_store::{Home, Store};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -46,6 +46,15 @@ impl Ctx {
                 p.display()
             )
         }))
+    }
+
+    /// The forkd home (`--home`, else `$FORKD_HOME`, else the XDG default), without opening
+    /// the store in it.
+    pub fn home_dir(&self) -> anyhow::Result<Home> {
+        match &self.home {
+            Some(h) => Ok(Home::new(h)),
+            None => Ok(Home::from_env()?),
+        }
     }
 
     /// Whether progress bars may be drawn: never with --quiet or when stderr is not a terminal.

@@ -29,9 +29,19 @@ fn ok(out: Output, what: &str) -> String {
     stdout
 }
 
+/// The guest assets CI keeps (scripts/setup-engine.sh fills them): `$FORKD_ASSETS`, else
+/// /var/cache/forkd-ci/assets. Passed explicitly: forkd's own default is `$FORKD_HOME/assets`.
+fn ci_assets() -> PathBuf {
+    std::env::var_os("FORKD_ASSETS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/forkd-ci/assets"))
+}
+
 fn tiny_assets() -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let out = Command::new(repo.join("recipes/tiny/build.sh"))
+        .env("FORKD_ASSETS", ci_assets())
         .output()
         .expect("cannot run recipes/tiny/build.sh");
     let dir = ok(

@@ -20,10 +20,20 @@ fn home() -> &'static Path {
     .path()
 }
 
+/// The guest assets CI keeps (scripts/setup-engine.sh fills them): `$FORKD_ASSETS`, else
+/// /var/cache/forkd-ci/assets. Passed explicitly: forkd's own default is `$FORKD_HOME/assets`.
+fn ci_assets() -> PathBuf {
+    std::env::var_os("FORKD_ASSETS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/forkd-ci/assets"))
+}
+
 fn forkd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_forkd"))
         .args(args)
         .env("FORKD_HOME", home())
+        .env("FORKD_ASSETS", ci_assets())
         .env("FORKD_ACCEL", "tcg")
         .output()
         .expect("running forkd")
@@ -48,7 +58,10 @@ fn tiny() {
             which("qemu-system-x86_64"),
             "these tests need QEMU: apt-get install qemu-system-x86 (or run scripts/setup-engine.sh)"
         );
-        let out = Command::new(repo().join("recipes/tiny/build.sh")).output().unwrap();
+        let out = Command::new(repo().join("recipes/tiny/build.sh"))
+            .env("FORKD_ASSETS", ci_assets())
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "recipes/tiny/build.sh failed (run scripts/setup-engine.sh):\n{}",

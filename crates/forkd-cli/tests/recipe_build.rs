@@ -9,11 +9,18 @@ use std::process::Command;
 
 use forkd_recipe::{LoadedRecipe, rootfs};
 
-fn assets() -> PathBuf {
+/// The guest assets CI keeps (scripts/setup-engine.sh fills them): `$FORKD_ASSETS`, else
+/// /var/cache/forkd-ci/assets. Passed explicitly: forkd's own default is `$FORKD_HOME/assets`.
+fn ci_assets() -> PathBuf {
     std::env::var_os("FORKD_ASSETS")
+        .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/forkd-ci/assets"))
-        .join("tiny")
+}
+
+/// The engine's kernel and initramfs, made by recipes/tiny/build.sh.
+fn assets() -> PathBuf {
+    ci_assets().join("tiny")
 }
 
 fn need_file(p: &Path, how: &str) {
@@ -84,6 +91,7 @@ fn forkd(home: &Path, work: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_forkd"))
         .args(args)
         .env("FORKD_HOME", home)
+        .env("FORKD_ASSETS", ci_assets())
         .env("FORKD_BUILD_CACHE", work.join("cache"))
         .env("FORKD_AGENT", work.join("agent"))
         .output()

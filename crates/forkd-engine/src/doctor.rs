@@ -1,6 +1,7 @@
 //! `forkd doctor`: what this host has for running VMs, and what to install.
 
 use crate::qemu::{self, Qemu};
+use forkd_store::Home;
 use serde::Serialize;
 use std::path::Path;
 
@@ -22,8 +23,10 @@ fn check(name: &str, ok: bool, detail: String, fix: Option<&str>) -> Check {
     }
 }
 
-/// Run every check. `home` is the store (for disk space), `assets` the kernel cache.
-pub fn run(home: &Path, assets: &Path) -> Vec<Check> {
+/// Run every check for the store at `home`: its disk space, and the guest kernel in its
+/// assets directory.
+pub fn run(home: &Home) -> Vec<Check> {
+    let assets = home.assets_dir();
     let mut out = Vec::new();
     match Qemu::locate(None) {
         Ok(q) => {
@@ -61,6 +64,12 @@ pub fn run(home: &Path, assets: &Path) -> Vec<Check> {
             fix: Some("for KVM, run on bare metal or a VM with nested virtualisation, and make /dev/kvm accessible".into()),
         }),
     }
+    out.push(check(
+        "assets",
+        assets.is_dir(),
+        assets.display().to_string(),
+        Some("scripts/setup-engine.sh fills it (set FORKD_ASSETS to use another directory)"),
+    ));
     let kernel = assets.join("kernel/vmlinuz");
     out.push(check(
         "guest kernel",
@@ -88,6 +97,7 @@ pub fn run(home: &Path, assets: &Path) -> Vec<Check> {
             )),
         ));
     }
+    let home = home.path();
     let probe = if home.exists() {
         home
     } else {

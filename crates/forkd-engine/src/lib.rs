@@ -6,6 +6,7 @@
 //! - [`agent`]: the host side of the guest agent protocol (types in `forkd-agent`).
 //! - [`mux`]: a multiplexing agent client (many concurrent requests on one connection).
 //! - [`snapshot`]: boot a parent, warm it, save memory.bin + vmstate + rootfs.
+//! - [`image`]: a snapshot taken into the local store, and the check that one is whole.
 //! - [`fork`]: restore N copy-on-write children concurrently; [`child`] is one child's life.
 //! - [`run`]: children kept running (`--keep`), tracked under `$FORKD_HOME/run/`.
 //! - [`doctor`]: what this host has and lacks.
@@ -16,6 +17,7 @@ pub mod doctor;
 pub mod error;
 pub mod fork;
 mod gate;
+pub mod image;
 mod memory;
 pub mod mux;
 pub mod qemu;

@@ -28,7 +28,7 @@ pub fn check_capacity(spec: &VmSpec, n: usize) -> Result<u64> {
     let avail = mem_available_mib().unwrap_or(u64::MAX / 2);
     let budget = avail / 10 * 9;
     if need > budget {
-        return Err(EngineError::Capacity(Capacity {
+        return Err(EngineError::Capacity(Box::new(Capacity {
             n,
             per_child_mib: per,
             qemu_mib: QEMU_OVERHEAD_MIB,
@@ -36,7 +36,7 @@ pub fn check_capacity(spec: &VmSpec, n: usize) -> Result<u64> {
             need_mib: need,
             available_mib: avail,
             max_children: budget / per.max(1),
-        }));
+        })));
     }
     Ok(need)
 }

@@ -3,6 +3,7 @@
 //! `locks/<image hex>.lock` serialises pulls of one image (so two pulls download it once).
 
 use crate::error::{HubError, Result};
+use forkd_store::{FileLock, Home};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -10,15 +11,11 @@ pub struct Cache {
     root: PathBuf,
 }
 
-/// An exclusive per-image lock; released on drop (closing the file drops the flock).
-pub struct CacheLock {
-    _file: std::fs::File,
-}
-
 impl Cache {
-    pub fn new(home: &Path) -> Self {
+    /// The download cache of the store at `home`.
+    pub fn new(home: &Home) -> Self {
         Self {
-            root: home.join("cache"),
+            root: home.cache_dir(),
         }
     }
 
@@ -28,28 +25,22 @@ impl Cache {
 
     /// Where a pull of image `digest` writes its files and journal until it is installed.
     pub fn partial_dir(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-        self.root.join("partial").join(hex)
+        self.root.join("partial").join(hex_of(digest))
     }
 
-    /// Lock the image `digest`. If another pull holds it, `on_wait` is told, then this waits.
-    pub fn lock(&self, digest: &str, on_wait: impl FnOnce()) -> Result<CacheLock> {
-        use rustix::fs::{FlockOperation, flock};
+    /// Lock the image `digest` (released on drop). If another pull holds it, `on_wait` is
+    /// told, then this waits.
+    pub fn lock(&self, digest: &str, on_wait: impl FnOnce()) -> Result<FileLock> {
         let dir = self.root.join("locks");
-        let what = || format!("cannot create a lock in {}", dir.display());
-        fs_err::create_dir_all(&dir).map_err(HubError::io(what()))?;
-        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(format!("{hex}.lock")))
-            .map_err(HubError::io(what()))?;
-        if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
-            on_wait();
-            flock(&file, FlockOperation::LockExclusive)
-                .map_err(|e| HubError::io(what())(e.into()))?;
-        }
-        Ok(CacheLock { _file: file })
+        fs_err::create_dir_all(&dir).map_err(HubError::io(format!(
+            "cannot create a lock in {}",
+            dir.display()
+        )))?;
+        let path = dir.join(format!("{}.lock", hex_of(digest)));
+        Ok(FileLock::exclusive(&path, |_| on_wait())?)
     }
+}
+
+fn hex_of(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
 }

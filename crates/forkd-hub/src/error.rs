@@ -49,6 +49,8 @@ pub enum HubError {
     Incompatible { reference: String, reason: String },
     #[error(transparent)]
     Store(#[from] forkd_store::StoreError),
+    #[error(transparent)]
+    Lock(#[from] forkd_store::PathError),
     #[error("{what}: {source}")]
     Io {
         what: String,

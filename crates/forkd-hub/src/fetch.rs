@@ -10,9 +10,8 @@
 use crate::error::{HubError, Result};
 use crate::layout::{self, Chunk, ImageManifest};
 use crate::progress::Progress;
-use crate::pull::{PullOptions, fetch_retry, write_sparse};
 use crate::remote::transport_err;
-use crate::transport::Transport;
+use crate::transport::{TResult, Transport};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use std::collections::HashSet;
@@ -21,6 +20,13 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How hard a fetch works: chunks in flight, and attempts per blob for transient errors.
+pub struct Limits {
+    pub jobs: usize,
+    pub attempts: u32,
+}
 
 pub struct Fetched {
     pub downloaded: u64,
@@ -28,6 +34,28 @@ pub struct Fetched {
 }
 
 const JOURNAL: &str = ".journal";
+
+async fn fetch_retry(
+    hub: &dyn Transport,
+    key: &str,
+    attempts: u32,
+    progress: &dyn Progress,
+) -> TResult<Bytes> {
+    let mut delay = Duration::from_millis(200);
+    let mut n = 1;
+    loop {
+        match hub.get(key).await {
+            Err(e) if e.is_transient() && n < attempts => {
+                progress.message(&format!("retrying {key} in {delay:?} ({e})"));
+                tracing::debug!("attempt {n} for {key} failed: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                n += 1;
+            }
+            r => return r,
+        }
+    }
+}
 
 /// Chunk indices recorded as done. A torn last line (kill -9 mid-append) is ignored.
 fn read_journal(path: &Path, image: &ImageManifest) -> HashSet<usize> {
@@ -52,7 +80,7 @@ pub async fn fetch(
     hub: Arc<dyn Transport>,
     image: &ImageManifest,
     dir: &Path,
-    opts: &PullOptions,
+    opts: &Limits,
     progress: &dyn Progress,
 ) -> Result<Fetched> {
     fs_err::create_dir_all(dir).map_err(HubError::io("cannot create the download directory"))?;
@@ -196,7 +224,7 @@ pub async fn fetch(
                             actual: format!("{} bytes", raw.len()),
                         });
                     }
-                    write_sparse(&file, &raw, c.offset)
+                    forkd_store::sparse::write_sparse_at(&file, &raw, c.offset)
                         .map_err(HubError::io("cannot write the pulled snapshot"))?;
                     let mut j = journal.lock().expect("journal lock");
                     writeln!(j, "{} {digest}", w.idx)

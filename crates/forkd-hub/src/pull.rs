@@ -7,13 +7,10 @@ use crate::cache::Cache;
 use crate::error::{HubError, Result};
 use crate::progress::Progress;
 use crate::reference::Reference;
-use crate::transport::{TResult, Transport};
-use bytes::Bytes;
+use crate::transport::Transport;
 use forkd_store::{Overwrite, Store, Tag};
 use minisign::PublicKey;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::time::Duration;
 
 pub struct PullOptions {
     pub tag: Tag,
@@ -34,28 +31,6 @@ pub struct PullOutcome {
     pub cached_bytes: u64,
     pub apparent_size: u64,
     pub unverified: Option<String>,
-}
-
-pub(crate) async fn fetch_retry(
-    hub: &dyn Transport,
-    key: &str,
-    attempts: u32,
-    progress: &dyn Progress,
-) -> TResult<Bytes> {
-    let mut delay = Duration::from_millis(200);
-    let mut n = 1;
-    loop {
-        match hub.get(key).await {
-            Err(e) if e.is_transient() && n < attempts => {
-                progress.message(&format!("retrying {key} in {delay:?} ({e})"));
-                tracing::debug!("attempt {n} for {key} failed: {e}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                n += 1;
-            }
-            r => return r,
-        }
-    }
 }
 
 pub async fn pull(
@@ -151,7 +126,11 @@ pub async fn pull(
     }
 
     let partial = cache.partial_dir(&r.digest);
-    let fetched = crate::fetch::fetch(hub, &r.image, &partial, opts, progress).await?;
+    let limits = crate::fetch::Limits {
+        jobs: opts.jobs,
+        attempts: opts.attempts,
+    };
+    let fetched = crate::fetch::fetch(hub, &r.image, &partial, &limits, progress).await?;
     outcome.downloaded_bytes = fetched.downloaded;
     outcome.cached_bytes = fetched.resumed;
     tracing::debug!("fetched and verified in {:?}", t0.elapsed());
@@ -171,29 +150,4 @@ pub async fn pull(
     tracing::debug!("installed in {:?}", t0.elapsed());
     drop(lock);
     Ok(outcome)
-}
-
-/// Write `data` at `offset`, leaving all-zero 4 KiB pages as holes (the file was sized with
-/// set_len, so skipped pages read as zeros and take no disk).
-pub(crate) fn write_sparse(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
-    const PAGE: usize = 4096;
-    let mut run: Option<usize> = None;
-    let mut i = 0;
-    while i < data.len() {
-        let end = (i + PAGE).min(data.len());
-        let zero = crate::push::is_zero(&data[i..end]);
-        match (zero, run) {
-            (false, None) => run = Some(i),
-            (true, Some(s)) => {
-                file.write_all_at(&data[s..i], offset + s as u64)?;
-                run = None;
-            }
-            _ => {}
-        }
-        i = end;
-    }
-    if let Some(s) = run {
-        file.write_all_at(&data[s..], offset + s as u64)?;
-    }
-    Ok(())
 }

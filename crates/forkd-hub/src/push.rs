@@ -31,16 +31,6 @@ pub struct PushOutcome {
     pub signed: bool,
 }
 
-pub(crate) fn is_zero(buf: &[u8]) -> bool {
-    let (head, body, tail) = {
-        // SAFETY: every bit pattern is a valid u64; align_to only reinterprets aligned bytes.
-        unsafe { buf.align_to::<u64>() }
-    };
-    head.iter().all(|&b| b == 0)
-        && body.iter().fold(0u64, |a, &w| a | w) == 0
-        && tail.iter().all(|&b| b == 0)
-}
-
 struct Job {
     file: Arc<std::fs::File>,
     name: String,
@@ -57,7 +47,7 @@ fn encode(job: &Job, level: i32) -> Result<Option<(String, Bytes)>> {
             "cannot read {} at offset {}",
             job.name, job.offset
         )))?;
-    if is_zero(&buf) {
+    if forkd_store::sparse::is_zero(&buf) {
         return Ok(None);
     }
     let stored = zstd::bulk::compress(&buf, level)

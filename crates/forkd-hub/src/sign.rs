@@ -2,6 +2,7 @@
 //! comment binds the signature to `image=OWNER/NAME digest=sha256:HEX`, so a valid signature
 //! cannot be moved to another image name.
 
+use forkd_store::Home;
 use minisign::{KeyPair, PublicKey, PublicKeyBox, SecretKey, SecretKeyBox, SignatureBox};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,8 @@ pub enum SignError {
     },
     #[error("{what}: {msg}")]
     Key { what: String, msg: String },
+    #[error("no signing key at {}", .0.display())]
+    NoSigningKey(PathBuf),
     #[error("refusing to overwrite the existing key {0} (remove it first)")]
     Exists(PathBuf),
     #[error("the image is not signed")]
@@ -88,6 +91,28 @@ pub fn load_secret_key(path: &Path) -> Result<SecretKey, SignError> {
             what: path.display().to_string(),
             msg: format!("{e} (encrypted keys take their password from {PASSWORD_ENV})"),
         })
+}
+
+/// The key `forkd push` signs with: `given`, else `keys/forkd.key` in `home`.
+pub fn signing_key(home: &Home, given: Option<&Path>) -> Result<SecretKey, SignError> {
+    let path = given
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| home.keys_dir().join(SECRET_KEY_FILE));
+    if !path.exists() {
+        return Err(SignError::NoSigningKey(path));
+    }
+    load_secret_key(&path)
+}
+
+/// The keys `home` trusts: its `trusted-keys` file, and its own public key from `forkd key
+/// generate` if there is one.
+pub fn trusted_keys(home: &Home) -> Result<Vec<PublicKey>, SignError> {
+    let mut keys = read_trusted_keys(&home.trusted_keys())?;
+    let own = home.keys_dir().join(PUBLIC_KEY_FILE);
+    if own.is_file() {
+        keys.push(parse_public_key(own.to_str().unwrap_or_default())?);
+    }
+    Ok(keys)
 }
 
 /// The subject a signature is bound to.

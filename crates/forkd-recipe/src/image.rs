@@ -68,6 +68,36 @@ command -v ip >/dev/null 2>&1 && ip link set lo up 2>/dev/null
 exec /usr/local/sbin/forkd-agent
 "#;
 
+/// No forkd-agent binary where one was looked for.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentNotFound {
+    #[error("agent binary {} not found", .0.display())]
+    Given(PathBuf),
+    #[error("no forkd-agent binary next to {}", .0.display())]
+    NextTo(PathBuf),
+}
+
+/// The static forkd-agent binary to install in the guest: `given`, else the static build
+/// (scripts/setup-engine.sh makes it) or one next to the `forkd` binary at `forkd_exe`.
+pub fn find_agent(given: Option<PathBuf>, forkd_exe: &Path) -> Result<PathBuf, AgentNotFound> {
+    if let Some(p) = given {
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(AgentNotFound::Given(p))
+        };
+    }
+    let dir = forkd_exe.parent().unwrap_or(Path::new("."));
+    let candidates = [
+        dir.join("../x86_64-unknown-linux-gnu/release/forkd-agent"),
+        dir.join("forkd-agent"),
+    ];
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| AgentNotFound::NextTo(forkd_exe.to_path_buf()))
+}
+
 /// A finished root filesystem image.
 #[derive(Debug, Clone)]
 pub struct BuiltImage {

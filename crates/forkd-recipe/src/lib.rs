@@ -6,11 +6,14 @@
 //! - [`rootfs`]: the package tree (mmdebstrap + pip + npm), cached by a hash of what it holds.
 //! - [`image`]: the tree plus agent, init and files, made into `rootfs.ext4`, also cached.
 //! - [`licence`]: package → licences, from the filesystem itself.
+//! - [`parent`]: the image booted, warmed and saved as a parent snapshot in the local store,
+//!   smoke-checked in a forked child first.
 //!
 //! Building needs root (mmdebstrap in root mode, files owned by root in the image).
 
 pub mod image;
 pub mod licence;
+pub mod parent;
 pub mod recipe;
 pub mod rootfs;
 mod util;

@@ -137,7 +137,7 @@ impl SandboxError {
 impl From<EngineError> for SandboxError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::Capacity(c) => SandboxError::Capacity(Box::new(c)),
+            EngineError::Capacity(c) => SandboxError::Capacity(c),
             EngineError::NoSuchChild(id) => SandboxError::NoSuchSandbox(id),
             e => SandboxError::Engine(Box::new(e)),
         }

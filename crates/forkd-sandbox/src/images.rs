@@ -10,7 +10,7 @@ use forkd_store::Tag;
 /// Where to pull from and whom to trust.
 #[derive(Debug, Clone, Default)]
 pub struct PullConfig {
-    /// Hub URL; default `$FORKD_HUB`, else the embedded hub in `$FORKD_HOME/hub`.
+    /// Hub URL; default: the embedded hub in `$FORKD_HOME/hub`.
     pub hub: Option<String>,
     /// Extra trusted public keys (minisign key text).
     pub trust: Vec<String>,
@@ -53,32 +53,17 @@ pub fn pull(
 ) -> Result<forkd_hub::pull::PullOutcome> {
     let store = mgr.store();
     let home = store.home();
-    let mut trusted = Vec::new();
+    let err = |e: forkd_hub::HubError| pull_err(reference)(e);
+    let mut trusted = forkd_hub::sign::trusted_keys(home).map_err(|e| err(e.into()))?;
     for k in &cfg.trust {
-        trusted.push(
-            forkd_hub::sign::parse_public_key(k)
-                .map_err(|e| pull_err(reference)(forkd_hub::HubError::from(e)))?,
-        );
+        trusted.push(forkd_hub::sign::parse_public_key(k).map_err(|e| err(e.into()))?);
     }
-    trusted.extend(
-        forkd_hub::sign::read_trusted_keys(&home.join("trusted-keys"))
-            .map_err(|e| pull_err(reference)(forkd_hub::HubError::from(e)))?,
-    );
-    let own = home.join("keys").join(forkd_hub::sign::PUBLIC_KEY_FILE);
-    if own.is_file() {
-        trusted.push(
-            forkd_hub::sign::parse_public_key(own.to_str().unwrap_or_default())
-                .map_err(|e| pull_err(reference)(forkd_hub::HubError::from(e)))?,
-        );
-    }
-    let url = cfg
-        .hub
-        .clone()
-        .or_else(|| std::env::var("FORKD_HUB").ok().filter(|u| !u.is_empty()))
-        .unwrap_or_else(|| format!("file://{}", home.join("hub").display()));
-    let transport =
-        forkd_hub::transport::open(&url, &forkd_hub::transport::HubOptions { token: None })
-            .map_err(|e| pull_err(reference)(forkd_hub::HubError::from(e)))?;
+    let transport = forkd_hub::transport::open_or_default(
+        home,
+        cfg.hub.as_deref(),
+        &forkd_hub::transport::HubOptions { token: None },
+    )
+    .map_err(|e| err(e.into()))?;
     let opts = forkd_hub::pull::PullOptions {
         tag,
         jobs: 8,

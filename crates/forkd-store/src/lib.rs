@@ -2,7 +2,9 @@
 //!
 //! - [`Tag`]: a validated local tag name, safe to use as a directory name.
 //! - [`manifest`]: `manifest.toml`, the description of one snapshot (untrusted input when parsed).
+//! - [`Home`]: the `$FORKD_HOME` layout, the one owner of every path in it.
 //! - [`Store`]: the local store under `$FORKD_HOME` with atomic installs and a store lock.
+//! - [`lock`]: the advisory file lock every part of forkd takes.
 //! - [`sparse`]: hole-aware file I/O and hashing while streaming.
 //! - [`pack`]: the portable `.forkd-snapshot.tar.zst` format.
 //!
@@ -35,7 +37,8 @@
 //! ```
 
 mod fsutil;
-mod lock;
+pub mod home;
+pub mod lock;
 pub mod manifest;
 pub mod pack;
 pub mod sparse;
@@ -44,6 +47,9 @@ mod store;
 pub mod synth;
 mod tag;
 
+pub use fsutil::PathError;
+pub use home::{Home, default_home};
+pub use lock::FileLock;
 pub use manifest::{EngineInfo, FileEntry, Manifest, ManifestError};
 pub use staging::Staging;
 pub use store::{ImageInfo, Overwrite, Snapshot, Store, StoreError};

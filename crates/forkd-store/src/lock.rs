@@ -1,4 +1,5 @@
-//! Advisory file locks (std's `File::lock`), with a notice when we have to wait.
+//! Advisory file locks (std's `File::lock`, an flock), with a notice when we have to wait. The
+//! one lock of forkd: the store and the hub's download cache both take theirs here.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -7,7 +8,7 @@ use crate::fsutil::{IoContext, PathError};
 
 /// An exclusive lock, released on drop.
 #[derive(Debug)]
-pub(crate) struct FileLock {
+pub struct FileLock {
     file: File,
     #[allow(dead_code)]
     path: PathBuf,
@@ -16,7 +17,7 @@ pub(crate) struct FileLock {
 impl FileLock {
     /// Take the exclusive lock on `path` (created if missing), blocking if another process holds
     /// it. Before blocking, `on_wait(path)` is called once so the user learns why nothing happens.
-    pub(crate) fn exclusive(path: &Path, on_wait: &dyn Fn(&Path)) -> Result<FileLock, PathError> {
+    pub fn exclusive(path: &Path, on_wait: impl FnOnce(&Path)) -> Result<FileLock, PathError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)

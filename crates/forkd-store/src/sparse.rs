@@ -247,6 +247,27 @@ impl Write for SparseWriter {
     }
 }
 
+/// Write `data` at `offset` of `file`, leaving every all-zero 4 KiB block unwritten: in a file
+/// sized beforehand (`set_len`) such blocks read as zeros and take no disk.
+pub fn write_sparse_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    let mut run: Option<usize> = None;
+    for start in (0..data.len()).step_by(BLOCK as usize) {
+        let end = (start + BLOCK as usize).min(data.len());
+        match (is_zero(&data[start..end]), run) {
+            (false, None) => run = Some(start),
+            (true, Some(s)) => {
+                file.write_all_at(&data[s..start], offset + s as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = run {
+        file.write_all_at(&data[s..], offset + s as u64)?;
+    }
+    Ok(())
+}
+
 /// Copy `src` into the new, empty file `dst`: holes and zero blocks stay holes. Reads each
 /// data range once. Returns (size, sha256 hex) of the content.
 pub fn copy_sparse(src: &File, dst: File) -> io::Result<(u64, String)> {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::fsutil::{IoContext, PathError, disk_usage, sync_dir, unique_name};
+use crate::home::{Home, NoHome, default_home};
 use crate::lock::{FileLock, warn_waiting};
 use crate::manifest::{MANIFEST_NAME, Manifest, ManifestError};
 use crate::staging::Staging;
@@ -36,8 +37,8 @@ pub enum StoreError {
     },
     #[error("cannot install: {0}")]
     Staging(String),
-    #[error("cannot find the store: set FORKD_HOME, XDG_DATA_HOME or HOME")]
-    NoHome,
+    #[error(transparent)]
+    NoHome(#[from] NoHome),
 }
 
 /// Whether `commit` may replace an existing tag.
@@ -81,29 +82,16 @@ type WaitHook = Arc<dyn Fn(&Path) + Send + Sync>;
 /// A handle on the local store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    home: PathBuf,
+    home: Home,
     on_wait: WaitHook,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("home", &self.home).finish()
+        f.debug_struct("Store")
+            .field("home", &self.home.path())
+            .finish()
     }
-}
-
-/// `$FORKD_HOME`, else `$XDG_DATA_HOME/forkd`, else `~/.local/share/forkd`.
-pub fn default_home() -> Result<PathBuf, StoreError> {
-    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(h) = nonempty("FORKD_HOME") {
-        return Ok(PathBuf::from(h));
-    }
-    if let Some(x) = nonempty("XDG_DATA_HOME") {
-        return Ok(PathBuf::from(x).join("forkd"));
-    }
-    if let Some(h) = nonempty("HOME") {
-        return Ok(PathBuf::from(h).join(".local/share/forkd"));
-    }
-    Err(StoreError::NoHome)
 }
 
 impl Store {
@@ -111,19 +99,19 @@ impl Store {
     pub fn open(home: &Path) -> Result<Store, StoreError> {
         fs::create_dir_all(home).at("cannot create store directory", home)?;
         let store = Store {
-            home: home.to_path_buf(),
+            home: Home::new(home),
             on_wait: Arc::new(warn_waiting),
         };
         store.check_layout()?;
-        for d in ["images", "tmp", "locks"] {
-            let p = home.join(d);
+        let h = &store.home;
+        for p in [h.images_dir(), h.tmp_dir(), h.locks_dir()] {
             fs::create_dir_all(&p).at("cannot create directory", &p)?;
         }
         store.sweep_tmp();
         Ok(store)
     }
 
-    /// Open the store at [`default_home`].
+    /// Open the store at [`default_home`](crate::home::default_home).
     pub fn open_default() -> Result<Store, StoreError> {
         Store::open(&default_home()?)
     }
@@ -134,36 +122,37 @@ impl Store {
         self
     }
 
-    pub fn home(&self) -> &Path {
+    /// The home directory and its layout.
+    pub fn home(&self) -> &Home {
         &self.home
     }
 
     pub(crate) fn images_dir(&self) -> PathBuf {
-        self.home.join("images")
+        self.home.images_dir()
     }
 
     pub(crate) fn tmp_dir(&self) -> PathBuf {
-        self.home.join("tmp")
+        self.home.tmp_dir()
     }
 
     /// Take the store-wide exclusive lock (telling the user if we have to wait).
     pub(crate) fn lock(&self) -> Result<FileLock, StoreError> {
-        let path = self.home.join("locks").join("store.lock");
-        Ok(FileLock::exclusive(&path, &*self.on_wait)?)
+        let path = self.home.store_lock();
+        Ok(FileLock::exclusive(&path, |p| (self.on_wait)(p))?)
     }
 
     fn check_layout(&self) -> Result<(), StoreError> {
-        let path = self.home.join("store.toml");
+        let path = self.home.layout_file();
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let tmp = self.home.join(unique_name(".store.toml.tmp-"));
+                let tmp = self.home.path().join(unique_name(".store.toml.tmp-"));
                 fs::write(&tmp, format!("layout = {LAYOUT_VERSION}\n")).at("cannot write", &tmp)?;
                 fs::File::open(&tmp)
                     .and_then(|f| f.sync_all())
                     .at("cannot sync", &tmp)?;
                 fs::rename(&tmp, &path).at("cannot create", &path)?;
-                sync_dir(&self.home)?;
+                sync_dir(self.home.path())?;
                 return Ok(());
             }
             Err(e) => return Err(e).at("cannot read", &path)?,

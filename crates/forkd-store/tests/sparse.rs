@@ -122,3 +122,26 @@ fn writer_handles_unaligned_pieces() {
         "content differs"
     );
 }
+
+#[test]
+fn write_sparse_at_skips_zero_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("out"))
+        .unwrap();
+    f.set_len(1 << 20).unwrap();
+    // Block 0 zero, block 1 data, block 2 zero, a trailing partial block of data.
+    let mut data = vec![0u8; 3 * 4096 + 100];
+    data[4096 + 7] = 1;
+    data[3 * 4096 + 99] = 2;
+    forkd_store::sparse::write_sparse_at(&f, &data, 8192).unwrap();
+    let mut back = vec![0u8; data.len()];
+    f.read_exact_at(&mut back, 8192).unwrap();
+    assert_eq!(back, data);
+    let ranges = data_ranges(&f, 1 << 20).unwrap();
+    assert!(ranges.iter().all(|r| !r.contains(&8192)), "{ranges:?}");
+}

@@ -1,6 +1,6 @@
 //! Engine commands: `snapshot`, `build-tiny`, `fork`, `ps`, `exec`, `kill`, `doctor`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -8,8 +8,7 @@ use forkd_engine::Interrupt;
 use forkd_engine::child::Work;
 use forkd_engine::fork::ForkOptions;
 use forkd_engine::qemu::{AccelChoice, Qemu};
-use forkd_engine::snapshot::{SnapshotOptions, SnapshotOutput};
-use forkd_store::manifest::{EngineInfo, FileEntry, Manifest};
+use forkd_engine::snapshot::SnapshotOptions;
 use forkd_store::{Overwrite, Tag};
 
 use crate::ctx::Ctx;
@@ -126,13 +125,6 @@ fn locate_qemu(vm: &VmArgs) -> anyhow::Result<Qemu> {
     ))
 }
 
-fn assets_dir() -> PathBuf {
-    std::env::var_os("FORKD_ASSETS")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/forkd-ci/assets"))
-}
-
 pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
     match cmd {
         Cmd::Snapshot(a) => {
@@ -156,7 +148,10 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
             snapshot(ctx, &a.tag, &opts, &a.vm, a.force)
         }
         Cmd::BuildTiny(a) => {
-            let dir = a.assets.unwrap_or_else(|| assets_dir().join("tiny"));
+            let dir = match a.assets {
+                Some(d) => d,
+                None => forkd_recipe::parent::tiny_assets(&ctx.home_dir()?),
+            };
             let f = |n: &str| dir.join(n);
             if !f("vmlinuz").is_file() || !f("initrd.img").is_file() || !f("rootfs.ext4").is_file()
             {
@@ -187,7 +182,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
         Cmd::Fork(a) => fork(ctx, a),
         Cmd::Doctor { json } => {
             let store = ctx.store()?;
-            let checks = forkd_engine::doctor::run(store.home(), &assets_dir());
+            let checks = forkd_engine::doctor::run(store.home());
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {
@@ -221,68 +216,26 @@ fn snapshot(
     let tag = Tag::parse(tag)?;
     let qemu = locate_qemu(vm)?;
     let store = ctx.store()?;
-    let staging = store.stage()?;
     let interrupt = Interrupt::install();
-    let run_dir =
-        store
-            .home()
-            .join("run")
-            .join(format!("parent-{}-{}", tag.as_str(), std::process::id()));
     if !ctx.quiet {
         eprintln!(
             "booting the parent ({} MiB, {} vCPU)...",
             opts.mem_mib, opts.vcpus
         );
     }
-    let out = forkd_engine::snapshot::take(&qemu, opts, staging.dir(), &run_dir, &interrupt)
-        .context("snapshot failed; the store is unchanged")?;
-    let manifest = manifest_for(tag.as_str(), &out, staging.dir())?;
-    let snap = staging.commit(
-        &tag,
-        &manifest,
-        if force { Overwrite::Yes } else { Overwrite::No },
-    )?;
+    let overwrite = if force { Overwrite::Yes } else { Overwrite::No };
+    let stored =
+        forkd_engine::image::snapshot_into_store(&store, &tag, opts, &qemu, overwrite, &interrupt)?;
     if !ctx.quiet {
         eprintln!(
             "snapshot {} saved: parent up in {} ms, state saved in {} ms ({})",
             tag,
-            out.boot_ms,
-            out.save_ms,
-            snap.dir.display()
+            stored.output.boot_ms,
+            stored.output.save_ms,
+            stored.snapshot.dir.display()
         );
     }
     Ok(())
-}
-
-fn manifest_for(name: &str, out: &SnapshotOutput, dir: &Path) -> anyhow::Result<Manifest> {
-    let mut m = Manifest::new(
-        name,
-        "1",
-        out.spec.mem_mib,
-        EngineInfo {
-            name: "qemu".into(),
-            version: out.spec.qemu_version.clone(),
-            machine_type: out.spec.machine.clone(),
-            cpu_model: out.spec.cpu.clone(),
-            accel_hint: Some(out.spec.accel.clone()),
-        },
-    );
-    m.description = "forkd parent snapshot".into();
-    for (file, role) in &out.files {
-        let p = dir.join(file);
-        let f = std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
-        let (size, sha256) = forkd_store::sparse::hash_file(&f)
-            .with_context(|| format!("cannot hash {}", p.display()))?;
-        m.files.insert(
-            file.clone(),
-            FileEntry {
-                size,
-                sha256,
-                role: Some(role.to_string()),
-            },
-        );
-    }
-    Ok(m)
 }
 
 fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
@@ -301,17 +254,7 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
             "forkd pull OWNER/{tag}, or build it (forkd build-tiny)"
         )))?;
     let qemu = locate_qemu(&a.vm)?;
-    let spec = forkd_engine::spec::VmSpec::load(&snap.dir)?;
-    let e = &snap.manifest.engine;
-    if e.machine_type != spec.machine || e.cpu_model != spec.cpu {
-        bail!(
-            "snapshot {tag} is inconsistent: manifest says machine {} / cpu {}, engine.json says {} / {}",
-            e.machine_type,
-            e.cpu_model,
-            spec.machine,
-            spec.cpu
-        );
-    }
+    forkd_engine::image::check_consistent(&snap)?;
     let progress = ctx.show_progress().then(|| {
         let pb = indicatif::ProgressBar::new(a.n as u64);
         pb.set_style(
@@ -336,7 +279,7 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
             timeout: Duration::from_secs(a.exec_timeout),
         },
         keep: a.keep,
-        run_root: store.home().join("run"),
+        run_root: store.home().run_dir(),
         ready_timeout: Duration::from_secs(a.timeout),
         interrupt: Interrupt::install(),
         on_child: progress.clone().map(|pb| {

@@ -2,10 +2,11 @@
 
 use crate::ctx::Ctx;
 use crate::report::{Hint, human_bytes};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use forkd_hub::sign::SignError;
 use forkd_hub::{HubError, HubOptions, Reference, Transport};
 use forkd_store::{Store, Tag};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -118,28 +119,19 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn read_token(path: &Path) -> Result<String> {
-    let t = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the token file {}", path.display()))?;
-    let t = t.trim().to_string();
-    if t.is_empty() {
-        bail!("the token file {} is empty", path.display());
-    }
-    Ok(t)
-}
-
 fn open_hub(args: &HubArgs, store: &Store) -> Result<Arc<dyn Transport>> {
     let token = match &args.token_file {
-        Some(f) => Some(read_token(f)?),
+        Some(f) => Some(forkd_hub::transport::read_token(f)?),
         None => std::env::var("FORKD_HUB_TOKEN")
             .ok()
             .filter(|t| !t.is_empty()),
     };
-    let url = match &args.hub {
-        Some(u) => u.clone(),
-        None => format!("file://{}", store.home().join("hub").display()),
-    };
-    forkd_hub::transport::open(&url, &HubOptions { token }).map_err(anyhow::Error::from)
+    let opts = HubOptions { token };
+    Ok(forkd_hub::transport::open_or_default(
+        store.home(),
+        args.hub.as_deref(),
+        &opts,
+    )?)
 }
 
 pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
@@ -161,18 +153,13 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             let key = if unsigned {
                 None
             } else {
-                let path = key.unwrap_or_else(|| {
-                    store
-                        .home()
-                        .join("keys")
-                        .join(forkd_hub::sign::SECRET_KEY_FILE)
-                });
-                if !path.exists() {
-                    return Err(anyhow::anyhow!("no signing key at {}", path.display())).context(
-                        Hint("run `forkd key generate` (or pass --key FILE, or --unsigned)".into()),
-                    );
-                }
-                Some(forkd_hub::sign::load_secret_key(&path)?)
+                let key = forkd_hub::sign::signing_key(store.home(), key.as_deref());
+                Some(key.map_err(|e| match e {
+                    SignError::NoSigningKey(_) => anyhow::Error::from(e).context(Hint(
+                        "run `forkd key generate` (or pass --key FILE, or --unsigned)".into(),
+                    )),
+                    e => e.into(),
+                })?)
             };
             let transport = open_hub(&hub, &store)?;
             let shown = transport.describe();
@@ -311,7 +298,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
         Cmd::Key(KeyCmd::Generate { out }) => {
             let dir = match out {
                 Some(d) => d,
-                None => ctx.store()?.home().join("keys"),
+                None => ctx.store()?.home().keys_dir(),
             };
             let (sk, pk, line) = forkd_hub::sign::generate(&dir)?;
             println!(
@@ -326,10 +313,10 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             root,
             token_file,
         }) => {
-            let token = read_token(&token_file)?;
+            let token = forkd_hub::transport::read_token(&token_file)?;
             let root = match root {
                 Some(r) => r,
-                None => ctx.store()?.home().join("hub"),
+                None => ctx.store()?.home().hub_dir(),
             };
             std::fs::create_dir_all(&root)
                 .with_context(|| format!("cannot create {}", root.display()))?;
@@ -349,7 +336,8 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
     }
 }
 
-/// Trusted keys: --trust, $FORKD_HOME/trusted-keys, and the local key from `forkd key generate`.
+/// Trusted keys: --trust, then those of the store (trusted-keys, and its own from `forkd key
+/// generate`).
 fn trusted_keys(store: &Store, given: &[String]) -> Result<Vec<minisign::PublicKey>> {
     let mut keys = Vec::new();
     for k in given {
@@ -357,18 +345,7 @@ fn trusted_keys(store: &Store, given: &[String]) -> Result<Vec<minisign::PublicK
             forkd_hub::sign::parse_public_key(k).with_context(|| "bad --trust key".to_string())?,
         );
     }
-    keys.extend(forkd_hub::sign::read_trusted_keys(
-        &store.home().join("trusted-keys"),
-    )?);
-    let own = store
-        .home()
-        .join("keys")
-        .join(forkd_hub::sign::PUBLIC_KEY_FILE);
-    if own.is_file() {
-        keys.push(forkd_hub::sign::parse_public_key(
-            own.to_str().unwrap_or_default(),
-        )?);
-    }
+    keys.extend(forkd_hub::sign::trusted_keys(store.home())?);
     Ok(keys)
 }
 

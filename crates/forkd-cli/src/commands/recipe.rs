@@ -5,13 +5,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context as _;
+use forkd_engine::qemu::Qemu;
+use forkd_recipe::image::AgentNotFound;
+use forkd_recipe::parent::{ParentError, ParentOptions};
 use forkd_recipe::{BuildOptions, BuiltImage, LoadedRecipe, Progress};
+use forkd_store::Tag;
 
 use crate::ctx::Ctx;
 use crate::report::Hint;
-
-#[path = "recipe_snapshot.rs"]
-mod recipe_snapshot;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
@@ -138,7 +139,10 @@ fn licences(
                 .with_context(|| format!("collecting licences under {}", root.display()))?;
             (r, root.display().to_string())
         }
-        (None, Some(tag)) => recipe_snapshot::stored_licences(tag, ctx)?,
+        (None, Some(tag)) => {
+            let tag = Tag::parse(tag)?;
+            forkd_recipe::parent::stored_licences(&ctx.store()?, &tag).map_err(with_hint)?
+        }
         (None, None) => anyhow::bail!("give a root directory or --tag"),
     };
     if json {
@@ -154,36 +158,14 @@ fn licences(
     Ok(())
 }
 
-fn default_home() -> Option<PathBuf> {
-    std::env::var_os("XDG_DATA_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .map(|d| d.join("forkd"))
-}
-
 fn find_agent(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = given {
-        anyhow::ensure!(p.is_file(), "agent binary {} not found", p.display());
-        return Ok(p);
-    }
-    // Prefer the static build (scripts/setup-engine.sh makes it), then one next to `forkd`.
     let exe = std::env::current_exe().context("locating the forkd binary")?;
-    let dir = exe.parent().unwrap_or(Path::new("."));
-    let candidates = [
-        dir.join("../x86_64-unknown-linux-gnu/release/forkd-agent"),
-        dir.join("forkd-agent"),
-    ];
-    if let Some(found) = candidates.into_iter().find(|p| p.is_file()) {
-        return Ok(found);
-    }
-    Err(anyhow::anyhow!(
-        "no forkd-agent binary next to {}",
-        exe.display()
-    ))
-    .context(Hint(
-        "build it with `cargo build -p forkd-agent`, or pass --agent FILE".into(),
-    ))
+    forkd_recipe::image::find_agent(given, &exe).map_err(|e| match e {
+        AgentNotFound::NextTo(_) => anyhow::Error::from(e).context(Hint(
+            "build it with `cargo build -p forkd-agent`, or pass --agent FILE".into(),
+        )),
+        e => e.into(),
+    })
 }
 
 fn progress_printer(quiet: bool) -> impl FnMut(Progress) {
@@ -207,15 +189,10 @@ fn progress_printer(quiet: bool) -> impl FnMut(Progress) {
 fn build(args: BuildArgs, ctx: &Ctx) -> anyhow::Result<()> {
     let started = Instant::now();
     let lr = load(&args.recipe)?;
-    let home = ctx
-        .home
-        .clone()
-        .or_else(default_home)
-        .context("no FORKD_HOME and no HOME")?;
-    let cache_dir = args
-        .cache_dir
-        .clone()
-        .unwrap_or_else(|| home.join("build-cache"));
+    let cache_dir = match &args.cache_dir {
+        Some(d) => d.clone(),
+        None => ctx.home_dir()?.build_cache_dir(),
+    };
     let opts = BuildOptions {
         cache_dir,
         rebuild: args.rebuild,
@@ -226,15 +203,7 @@ fn build(args: BuildArgs, ctx: &Ctx) -> anyhow::Result<()> {
         .with_context(|| format!("building the root filesystem of {}", lr.recipe.name))?;
     let mut tag = None;
     if !args.rootfs_only {
-        let t = recipe_snapshot::snapshot(
-            &lr,
-            &built,
-            &args.snapshot_args(),
-            !args.no_smoke,
-            ctx,
-            &mut progress,
-        )?;
-        tag = Some(t);
+        tag = Some(parent(&lr, &built, &args, ctx, &mut progress)?);
     }
     report(
         &lr,
@@ -245,21 +214,56 @@ fn build(args: BuildArgs, ctx: &Ctx) -> anyhow::Result<()> {
     )
 }
 
-impl BuildArgs {
-    fn snapshot_args(&self) -> recipe_snapshot::SnapshotArgs {
-        recipe_snapshot::SnapshotArgs {
-            tag: self.tag.clone(),
-            kernel: self.kernel.clone(),
-            initrd: self.initrd.clone(),
-            accel: self.accel,
+/// Boot, warm and save the parent of `lr` into the store; returns its tag.
+fn parent(
+    lr: &LoadedRecipe,
+    built: &BuiltImage,
+    args: &BuildArgs,
+    ctx: &Ctx,
+    progress: &mut dyn FnMut(Progress),
+) -> anyhow::Result<Tag> {
+    let tag = Tag::parse(args.tag.as_deref().unwrap_or(&lr.recipe.name))?;
+    let (kernel, initrd) = forkd_recipe::parent::boot_files(
+        &ctx.home_dir()?,
+        args.kernel.clone(),
+        args.initrd.clone(),
+    )
+    .map_err(with_hint)?;
+    let qemu = Qemu::locate(None).context(Hint("run `forkd doctor`".into()))?;
+    let opts = ParentOptions {
+        tag,
+        kernel,
+        initrd,
+        accel: args.accel,
+        smoke: !args.no_smoke,
+    };
+    let snap = forkd_recipe::parent::build_parent(lr, built, &ctx.store()?, &qemu, &opts, progress)
+        .map_err(with_hint)?;
+    Ok(snap.tag)
+}
+
+/// What to do about a failed parent build, where the error says.
+fn with_hint(e: ParentError) -> anyhow::Error {
+    let hint = match &e {
+        ParentError::BootFile(_) => Some(
+            "build the kernel and initramfs with recipes/tiny/build.sh, or pass --kernel/--initrd",
+        ),
+        ParentError::NoLicences { .. } => {
+            Some("only snapshots made by `forkd build` carry licences")
         }
+        _ => None,
+    };
+    let err = anyhow::Error::from(e);
+    match hint {
+        Some(h) => err.context(Hint(h.into())),
+        None => err,
     }
 }
 
 fn report(
     lr: &LoadedRecipe,
     b: &BuiltImage,
-    tag: Option<&forkd_store::Tag>,
+    tag: Option<&Tag>,
     args: &BuildArgs,
     secs: f64,
 ) -> anyhow::Result<()> {

@@ -104,7 +104,7 @@ pub(super) fn manager(
 ) -> anyhow::Result<Manager> {
     let store = ctx.store()?;
     Ok(Manager::new(ManagerOptions {
-        run_root: store.home().join("run"),
+        run_root: store.home().run_dir(),
         store,
         qemu: vm.and_then(|v| v.qemu.clone()),
         accel: vm.map(|v| v.accel).unwrap_or_default(),
@@ -116,7 +116,7 @@ pub(super) fn manager(
 /// The daemon if one answers, else the library directly.
 pub(super) fn backend(ctx: &Ctx) -> anyhow::Result<Backend> {
     let store = ctx.store()?;
-    let socket = store.home().join("forkd.sock");
+    let socket = store.home().socket();
     Ok(Backend::open(
         manager(ctx, Ownership::Visitor, None)?,
         &socket,
@@ -440,7 +440,7 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
             addr: addr.clone(),
             token: read_private_token(f)?,
         },
-        _ => forkd_server::Listen::Unix(store.home().join("forkd.sock")),
+        _ => forkd_server::Listen::Unix(store.home().socket()),
     };
     let mgr = manager(ctx, Ownership::Owner, Some(&a.vm))?;
     let quiet = ctx.quiet;
@@ -451,7 +451,7 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
     rt.block_on(forkd_server::serve(forkd_server::ServeOptions {
         manager: mgr,
         listen,
-        log_dir: store.home().join("log"),
+        log_dir: store.home().log_dir(),
         hub: forkd_server::HubConfig {
             url: a.hub,
             insecure: a.insecure,

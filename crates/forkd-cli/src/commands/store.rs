@@ -120,7 +120,7 @@ fn images(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
     if list.is_empty() {
         eprintln!(
             "no images in {} (get one with `forkd pull OWNER/NAME` or `forkd unpack FILE`)",
-            store.home().display()
+            store.home().path().display()
         );
         return Ok(());
     }

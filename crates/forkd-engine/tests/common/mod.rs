@@ -21,11 +21,21 @@ pub fn qemu() -> Qemu {
     })
 }
 
+/// The guest assets CI keeps (scripts/setup-engine.sh fills them): `$FORKD_ASSETS`, else
+/// /var/cache/forkd-ci/assets. Passed explicitly: forkd's own default is `$FORKD_HOME/assets`.
+pub fn ci_assets() -> PathBuf {
+    std::env::var_os("FORKD_ASSETS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/forkd-ci/assets"))
+}
+
 /// The tiny recipe's assets (vmlinuz, initrd.img, rootfs.ext4), built by recipes/tiny/build.sh.
 pub fn tiny_assets() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let out = std::process::Command::new(repo().join("recipes/tiny/build.sh"))
+            .env("FORKD_ASSETS", ci_assets())
             .output()
             .expect("running recipes/tiny/build.sh");
         assert!(

@@ -15,9 +15,10 @@ pub fn s3_multipart_threshold() -> usize {
 
 use crate::redact::redact_url;
 use bytes::Bytes;
+use forkd_store::Home;
 use futures::future::BoxFuture;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +87,44 @@ pub enum OpenError {
     Scheme { scheme: String, url: String },
     #[error("cannot set up the S3 client for {url}: {msg}")]
     S3 { url: String, msg: String },
+    #[error("cannot read the token file {}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the token file {} is empty", .0.display())]
+    EmptyToken(PathBuf),
+}
+
+/// The bearer token in `path` (surrounding white space removed; an empty file is an error).
+pub fn read_token(path: &Path) -> Result<String, OpenError> {
+    let t = std::fs::read_to_string(path).map_err(|source| OpenError::TokenFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let t = t.trim();
+    if t.is_empty() {
+        return Err(OpenError::EmptyToken(path.to_path_buf()));
+    }
+    Ok(t.to_string())
+}
+
+/// The hub a store uses when none is named: the embedded one, `file://$FORKD_HOME/hub`.
+pub fn default_url(home: &Home) -> String {
+    format!("file://{}", home.hub_dir().display())
+}
+
+/// Open the hub at `url`, else the embedded hub of `home`.
+pub fn open_or_default(
+    home: &Home,
+    url: Option<&str>,
+    opts: &HubOptions,
+) -> Result<Arc<dyn Transport>, OpenError> {
+    match url {
+        Some(u) => open(u, opts),
+        None => open(&default_url(home), opts),
+    }
 }
 
 /// Open a hub by URL. A bare absolute path is accepted as `file://`.

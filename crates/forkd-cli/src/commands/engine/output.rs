@@ -1,4 +1,4 @@
-//! How engine results are shown: the fork table and `forkd ps`.
+//! How engine results are shown: the fork table.
 
 use forkd_engine::fork::ForkReport;
 
