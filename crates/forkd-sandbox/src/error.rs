@@ -42,6 +42,8 @@ pub enum SandboxError {
     Engine(Box<EngineError>),
     #[error(transparent)]
     Store(#[from] forkd_store::StoreError),
+    #[error(transparent)]
+    Image(Box<forkd_engine::image::ImageError>),
     #[error("cannot pull {reference}")]
     Pull {
         reference: String,

@@ -72,20 +72,42 @@ pub fn pull(
         skip_compat_check: false,
         attempts: 4,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| SandboxError::Io {
-            what: "cannot start a runtime for",
-            path: "pull".into(),
-            source,
-        })?;
     let silent = forkd_hub::progress::Silent;
     let progress = progress.unwrap_or(&silent);
-    rt.block_on(forkd_hub::pull::pull(
-        transport, store, reference, &opts, progress,
-    ))
-    .map_err(pull_err(reference))
+    // The hub's pipeline is async. Run it on a runtime of its own, on a thread of its own: the
+    // caller may be a thread of another runtime (a daemon's blocking pool), where starting a
+    // runtime is not allowed.
+    std::thread::scope(|scope| {
+        let job = std::thread::Builder::new()
+            .name("pull".into())
+            .spawn_scoped(scope, || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .map_err(|source| SandboxError::Io {
+                        what: "cannot start a runtime for",
+                        path: "pull".into(),
+                        source,
+                    })?;
+                rt.block_on(forkd_hub::pull::pull(
+                    transport, store, reference, &opts, progress,
+                ))
+                .map_err(pull_err(reference))
+            })
+            .map_err(|source| SandboxError::Io {
+                what: "cannot start a thread for",
+                path: "pull".into(),
+                source,
+            })?;
+        job.join().unwrap_or_else(|_| {
+            Err(SandboxError::Io {
+                what: "the pull thread failed for",
+                path: reference.to_string().into(),
+                source: std::io::Error::other("panicked"),
+            })
+        })
+    })
 }
 
 fn pull_err(reference: &Reference) -> impl FnOnce(forkd_hub::HubError) -> SandboxError + '_ {

@@ -202,6 +202,7 @@ impl Manager {
                 ),
             });
         }
+        forkd_engine::image::check_consistent(&snap).map_err(|e| SandboxError::Image(Box::new(e)))?;
         let qemu = Qemu::locate(self.inner.qemu_path.as_deref())?;
         let opts = ForkOptions {
             n: req.count,
