@@ -165,6 +165,11 @@ class Request:
     read_timeout: Any = DEFAULT
     consumer: Consumer[Any] | None = None
 
+    @property
+    def idempotent(self) -> bool:
+        """Safe to send again when a pooled keep-alive connection turns out to be closed."""
+        return self.method in ("GET", "HEAD", "DELETE") and self.content is None
+
     def httpx_kwargs(self) -> dict[str, Any]:
         """The arguments of ``httpx.Client.build_request`` that do not depend on sync/async
         (``content`` and ``timeout`` are added by the executor)."""

@@ -29,7 +29,7 @@ import httpx
 
 from . import _core as core
 from ._core import DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_TIMEOUT_S, Op, Request, Response, Target, T
-from .client import http_timeout, transport_error
+from .client import STALE_CONNECTION, http_timeout, transport_error
 from .errors import ForkdError, ForkError
 from .models import (
     CommandOutput,
@@ -106,7 +106,12 @@ class _AsyncExecutor:
             kw["content"] = _async_content(req.content)
         kw["timeout"] = http_timeout(self.timeout, req)
         with self._errors():
-            resp = await self.http.send(self.http.build_request(**kw), stream=True)
+            try:
+                resp = await self.http.send(self.http.build_request(**kw), stream=True)
+            except STALE_CONNECTION:
+                if not req.idempotent:
+                    raise
+                resp = await self.http.send(self.http.build_request(**kw), stream=True)
             if resp.status_code >= 400:
                 try:
                     body = await resp.aread()

@@ -31,6 +31,10 @@ from .models import (
 __all__ = ["Client", "Sandbox", "Commands", "CommandHandle", "Files", "ByteStream"]
 
 
+#: what a request sent on a keep-alive connection the daemon just closed fails with
+STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
 def transport_error(e: httpx.TransportError, target: Target) -> ForkdError:
     """A ``ForkdError`` for an httpx failure (shared with the asyncio client)."""
     if isinstance(e, httpx.TimeoutException):
@@ -86,7 +90,12 @@ class _Executor:
     def _open(self, req: Request) -> httpx.Response:
         """Send and return the response with its body unread; raise the error if it is one."""
         with self._errors():
-            resp = self.http.send(self._build(req), stream=True)
+            try:
+                resp = self.http.send(self._build(req), stream=True)
+            except STALE_CONNECTION:
+                if not req.idempotent:
+                    raise
+                resp = self.http.send(self._build(req), stream=True)
             if resp.status_code >= 400:
                 try:
                     body = resp.read()

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
-from .. import AsyncClient, ForkError, __version__
+from .. import AsyncClient, ForkdError, ForkError, __version__
 
 try:  # mcp >= 2 renamed FastMCP to MCPServer
     from mcp.server.mcpserver import MCPServer as _Server
+    from mcp.server.mcpserver.exceptions import ToolError
 except ImportError:  # pragma: no cover - mcp 1.x
     try:
         from mcp.server.fastmcp import FastMCP as _Server
+        from mcp.server.fastmcp.exceptions import ToolError
     except ImportError as e:
         raise SystemExit(
             "forkd.mcp needs the MCP SDK: pip install 'forkd[mcp]' (or pip install mcp)"
@@ -45,6 +48,23 @@ def _summary(info: Any) -> dict[str, Any]:
     return {k: info.get(k) for k in keys if k in info}
 
 
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _forkd_errors(fn: F) -> F:
+    """Report the daemon's errors to the model as tool errors with their code and hint
+    (other exceptions stay crashes, whose text the MCP SDK keeps on the server)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*a: Any, **kw: Any) -> Any:
+        try:
+            return await fn(*a, **kw)
+        except ForkdError as e:
+            raise ToolError(f"{e.code}: {e}") from e
+
+    return wrapper  # type: ignore[return-value]
+
+
 def build_server(
     url: str | None = None, token: str | None = None, home: str | None = None
 ) -> Any:
@@ -59,6 +79,7 @@ def build_server(
         return state["c"]
 
     @server.tool()
+    @_forkd_errors
     async def create_sandbox(image: str, count: int = 1) -> str:
         """Fork `count` new sandboxes (Linux VMs) from `image` (a local image tag such as "tiny"
         or "python-numpy", or a hub reference OWNER/NAME[:VERSION]). Returns their ids."""
@@ -75,6 +96,7 @@ def build_server(
         return json.dumps({"sandboxes": [_summary(s.info) for s in sbs]}, indent=1)
 
     @server.tool()
+    @_forkd_errors
     async def run_command(sandbox_id: str, cmd: str, timeout_s: int = 60) -> str:
         """Run a shell command (/bin/sh -c) in a sandbox and wait for it (killed after
         `timeout_s` seconds). Returns exit_code, stdout and stderr as JSON."""
@@ -92,6 +114,7 @@ def build_server(
         )
 
     @server.tool()
+    @_forkd_errors
     async def run_code(sandbox_id: str, code: str, timeout_s: int = 60) -> str:
         """Run code in the sandbox image's warm worker (e.g. Python with numpy already
         imported as np in "python-numpy"; a shell in "tiny"). State persists between calls.
@@ -100,6 +123,7 @@ def build_server(
         return await sb.run_code(code, timeout=timeout_s)
 
     @server.tool()
+    @_forkd_errors
     async def read_file(sandbox_id: str, path: str) -> str:
         """Read a text file from a sandbox (absolute path). Binary files are not returned:
         the answer says the file is binary and how large it is."""
@@ -129,6 +153,7 @@ def build_server(
         return text
 
     @server.tool()
+    @_forkd_errors
     async def write_file(sandbox_id: str, path: str, content: str) -> str:
         """Write text `content` (UTF-8) to the absolute `path` in a sandbox, replacing the
         file. Parent directories must exist."""
@@ -137,12 +162,14 @@ def build_server(
         return f"wrote {info.size} bytes to {info.path}"
 
     @server.tool()
+    @_forkd_errors
     async def list_sandboxes() -> str:
         """List the daemon's sandboxes (id, image, state...) as JSON."""
         sbs = await client().list()
         return json.dumps({"sandboxes": [_summary(s.info) for s in sbs]}, indent=1)
 
     @server.tool()
+    @_forkd_errors
     async def kill_sandbox(sandbox_id: str) -> str:
         """Kill a sandbox; its VM, disk and processes are gone."""
         gone = await client().kill(sandbox_id)
