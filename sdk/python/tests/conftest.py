@@ -49,9 +49,7 @@ def base_env() -> dict[str, str]:
 
 def run_forkd(bin_: Path, home: Path, *args: str, timeout: float = 900) -> str:
     env = base_env() | {"FORKD_HOME": str(home)}
-    p = subprocess.run(
-        [str(bin_), *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
+    p = subprocess.run([str(bin_), *args], env=env, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         die(f"`forkd {' '.join(args)}` failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p.stdout
@@ -120,7 +118,10 @@ class Daemon:
                 last = e
             time.sleep(0.2)
         self.stop()
-        die(f"`forkd serve` did not answer /v1/health in {START_TIMEOUT_S} s ({last}):\n{self.log_tail()}")
+        die(
+            f"`forkd serve` did not answer /v1/health in {START_TIMEOUT_S} s ({last}):\n"
+            + self.log_tail()
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -161,7 +162,9 @@ def tiny_home(forkd_bin: Path) -> Iterator[Path]:
             die(f"FORKD_TEST_TINY_HOME={reuse} is not a directory")
         yield Path(reuse)
         return
-    missing = [n for n in ("vmlinuz", "initrd.img", "rootfs.ext4") if not (ASSETS / "tiny" / n).is_file()]
+    missing = [
+        n for n in ("vmlinuz", "initrd.img", "rootfs.ext4") if not (ASSETS / "tiny" / n).is_file()
+    ]
     if missing:
         die(
             f"the tiny image's assets are missing in {ASSETS / 'tiny'} ({', '.join(missing)}): "

@@ -16,7 +16,6 @@ from .conftest import Daemon
 pytestmark = pytest.mark.anyio
 
 
-
 def _is_error(result: Any) -> bool:
     # mcp 2 spells it is_error, mcp 1 isError
     return bool(getattr(result, "is_error", None) or getattr(result, "isError", False))
@@ -50,7 +49,9 @@ async def test_mcp_stdio_session(daemon: Daemon, client: forkd.Client) -> None:
                 "list_sandboxes",
                 "kill_sandbox",
             }
-            created = json.loads(_text(await session.call_tool("create_sandbox", {"image": "tiny"})))
+            created = json.loads(
+                _text(await session.call_tool("create_sandbox", {"image": "tiny"}))
+            )
             (sb,) = created["sandboxes"]
             sid = sb["id"]
             try:
@@ -58,28 +59,43 @@ async def test_mcp_stdio_session(daemon: Daemon, client: forkd.Client) -> None:
                 assert sid in [s["id"] for s in listed["sandboxes"]]
 
                 r = json.loads(
-                    _text(await session.call_tool("run_command", {"sandbox_id": sid, "cmd": "echo hi", "timeout_s": 30}))
+                    _text(
+                        await session.call_tool(
+                            "run_command", {"sandbox_id": sid, "cmd": "echo hi", "timeout_s": 30}
+                        )
+                    )
                 )
                 assert r["exit_code"] == 0 and r["stdout"] == "hi\n"
 
                 w = _text(
                     await session.call_tool(
-                        "write_file", {"sandbox_id": sid, "path": "/tmp/m.txt", "content": "héllo mcp\n"}
+                        "write_file",
+                        {"sandbox_id": sid, "path": "/tmp/m.txt", "content": "héllo mcp\n"},
                     )
                 )
                 assert "/tmp/m.txt" in w
-                got = _text(await session.call_tool("read_file", {"sandbox_id": sid, "path": "/tmp/m.txt"}))
+                got = _text(
+                    await session.call_tool("read_file", {"sandbox_id": sid, "path": "/tmp/m.txt"})
+                )
                 assert got == "héllo mcp\n"
                 # the SDK sees the same file; a binary one is reported, not dumped
                 assert client.get(sid).files.read("/tmp/m.txt") == "héllo mcp\n".encode()
                 client.get(sid).files.write("/tmp/b.bin", b"\x00\xff" * 10)
-                b = _text(await session.call_tool("read_file", {"sandbox_id": sid, "path": "/tmp/b.bin"}))
+                b = _text(
+                    await session.call_tool("read_file", {"sandbox_id": sid, "path": "/tmp/b.bin"})
+                )
                 assert "binary" in b and "20 bytes" in b
 
-                code = _text(await session.call_tool("run_code", {"sandbox_id": sid, "code": "echo $((6*7))"}))
+                code = _text(
+                    await session.call_tool(
+                        "run_code", {"sandbox_id": sid, "code": "echo $((6*7))"}
+                    )
+                )
                 assert code.strip() == "42"
 
-                bad = await session.call_tool("run_command", {"sandbox_id": "tiny-nope-0", "cmd": "true"})
+                bad = await session.call_tool(
+                    "run_command", {"sandbox_id": "tiny-nope-0", "cmd": "true"}
+                )
                 assert _is_error(bad)
                 assert "not_found" in "".join(getattr(c, "text", "") for c in bad.content)
             finally:

@@ -201,7 +201,9 @@ def test_tcp_wrong_token_is_unauthorized(tcp_daemon: tuple[Daemon, str]) -> None
             assert ei.value.status == 401 and ei.value.code == "unauthorized"
 
 
-def test_tcp_right_token_works(tcp_daemon: tuple[Daemon, str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tcp_right_token_works(
+    tcp_daemon: tuple[Daemon, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     d, token = tcp_daemon
     with Client(d.url, token=token) as c:
         with Sandbox.create("tiny", client=c) as sb:

@@ -571,16 +571,15 @@ def op_run(
     on_stderr: Callback | None = None,
 ) -> Op[CommandResult]:
     t = _secs(timeout)
-    return (
-        yield Request(
-            "POST",
-            f"{_sb(sid)}/commands",
-            json=command_body(cmd, env, cwd, stdin, t, False),
-            headers={"Accept": NDJSON},
-            read_timeout=_stream_timeout(t),
-            consumer=CommandConsumer(on_stdout, on_stderr),
-        )
+    result: CommandResult = yield Request(
+        "POST",
+        f"{_sb(sid)}/commands",
+        json=command_body(cmd, env, cwd, stdin, t, False),
+        headers={"Accept": NDJSON},
+        read_timeout=_stream_timeout(t),
+        consumer=CommandConsumer(on_stdout, on_stderr),
     )
+    return result
 
 
 def op_start(

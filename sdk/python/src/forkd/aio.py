@@ -28,7 +28,7 @@ import anyio.to_thread
 import httpx
 
 from . import _core as core
-from ._core import DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_TIMEOUT_S, Op, Request, Response, Target, T
+from ._core import DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_TIMEOUT_S, Op, Request, Response, T, Target
 from .client import STALE_CONNECTION, http_timeout, transport_error
 from .errors import ForkdError, ForkError
 from .models import (

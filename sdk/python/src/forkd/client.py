@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence, overload
 import httpx
 
 from . import _core as core
-from ._core import DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_TIMEOUT_S, Op, Request, Response, Target, T
+from ._core import DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_TIMEOUT_S, Op, Request, Response, T, Target
 from .errors import DaemonUnavailable, ForkdError, ForkError, ProtocolError, TimeoutError_
 from .models import (
     CommandOutput,
@@ -237,9 +237,7 @@ class Client:
         and ``errors`` the failures. A request that fails as a whole raises its own error
         (``NotFound`` for an unknown image, ``CapacityError``...) and starts nothing.
         """
-        out = self._run(
-            core.op_fork(image, count, env, ttl_s, labels, memory_mib, on_progress)
-        )
+        out = self._run(core.op_fork(image, count, env, ttl_s, labels, memory_mib, on_progress))
         sbs = [Sandbox(self, info) for info in out.sandboxes]
         if out.errors:
             raise ForkError(out.message(), sandboxes=sbs, errors=out.errors, result=out.result)
@@ -417,7 +415,9 @@ class CommandHandle:
         return self.command_id
 
     def __repr__(self) -> str:
-        return f"CommandHandle(sandbox={self.sandbox.id!r}, id={self.command_id!r}, pid={self.pid!r})"
+        return (
+            f"CommandHandle(sandbox={self.sandbox.id!r}, id={self.command_id!r}, pid={self.pid!r})"
+        )
 
     def _run(self, op: Op[T]) -> T:
         return self.sandbox.client._run(op)

@@ -15,8 +15,8 @@ try:  # mcp >= 2 renamed FastMCP to MCPServer
     from mcp.server.mcpserver.exceptions import ToolError
 except ImportError:  # pragma: no cover - mcp 1.x
     try:
-        from mcp.server.fastmcp import FastMCP as _Server
-        from mcp.server.fastmcp.exceptions import ToolError
+        from mcp.server.fastmcp import FastMCP as _Server  # type: ignore[attr-defined,no-redef]
+        from mcp.server.fastmcp.exceptions import ToolError  # type: ignore[import-not-found,no-redef]
     except ImportError as e:
         raise SystemExit(
             "forkd.mcp needs the MCP SDK: pip install 'forkd[mcp]' (or pip install mcp)"
@@ -65,9 +65,7 @@ def _forkd_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def build_server(
-    url: str | None = None, token: str | None = None, home: str | None = None
-) -> Any:
+def build_server(url: str | None = None, token: str | None = None, home: str | None = None) -> Any:
     """The MCP server with forkd's tools, talking to the daemon given (or the default one)."""
     server = _Server("forkd", instructions=INSTRUCTIONS)
     state: dict[str, AsyncClient] = {}
@@ -89,7 +87,9 @@ def build_server(
             return json.dumps(
                 {
                     "sandboxes": [_summary(s.info) for s in e.sandboxes],
-                    "errors": [{"index": x.index, "code": x.code, "message": x.message} for x in e.errors],
+                    "errors": [
+                        {"index": x.index, "code": x.code, "message": x.message} for x in e.errors
+                    ],
                 },
                 indent=1,
             )
