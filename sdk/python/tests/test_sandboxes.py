@@ -117,6 +117,26 @@ def test_unknown_sandbox_and_bad_request(client: Client) -> None:
     assert ei.value.status == 400
 
 
+def _mem_available_mib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def test_too_many_children_is_a_capacity_error_and_starts_none(client: Client) -> None:
+    # the engine estimates 24 MiB of QEMU + 1/8 of the guest's 192 MiB per tiny child and
+    # admits up to 90 % of MemAvailable
+    if _mem_available_mib() * 0.9 >= 1000 * 48:
+        pytest.skip("this host has room for 1000 tiny children: no capacity error to provoke")
+    before = {s.id for s in client.list()}
+    with pytest.raises(forkd.CapacityError) as ei:
+        client.fork("tiny", 1000)
+    assert ei.value.status == 422 and ei.value.code == "capacity"
+    assert "MiB" in ei.value.message
+    assert {s.id for s in client.list()} == before
+
+
 def test_no_daemon_is_daemon_unavailable_with_a_hint() -> None:
     home = short_tmp("fkpy-none")
     try:
