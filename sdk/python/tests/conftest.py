@@ -179,7 +179,7 @@ def tiny_home(forkd_bin: Path) -> Iterator[Path]:
 def copy_home(template: Path, prefix: str) -> Path:
     home = short_tmp(prefix)
     for entry in template.iterdir():
-        if entry.name in ("run", "forkd.sock", "log") or entry.name.endswith(".log"):
+        if entry.name in ("run", "tmp", "forkd.sock", "log") or entry.name.endswith(".log"):
             continue
         subprocess.run(["cp", "-a", "--reflink=auto", str(entry), str(home)], check=True)
     return home
