@@ -397,17 +397,23 @@ def _sb(sid: str) -> str:
     return f"{API}/sandboxes/{quote(sid, safe='')}"
 
 
-def _secs(timeout: float | None) -> int:
-    """A timeout in whole seconds for the API (rounded up; ``None`` -> 0 = no limit)."""
+#: the longest timeout the daemon takes (30 days): what ``timeout=None`` sends where the API
+#: has no "no limit" value
+MAX_TIMEOUT_S = 30 * 86400
+
+
+def _secs(timeout: float | None, none: int = 0) -> int:
+    """A timeout in whole seconds for the API (rounded up); ``None`` becomes ``none``."""
     if timeout is None:
-        return 0
+        return none
     if timeout < 0:
         raise ValueError("timeout must be >= 0")
-    return int(math.ceil(timeout))
+    return min(int(math.ceil(timeout)), MAX_TIMEOUT_S)
 
 
 def _stream_timeout(timeout_s: int) -> float | None:
-    return None if timeout_s == 0 else timeout_s + STREAM_MARGIN_S
+    """The client's read timeout for an answer that may take ``timeout_s`` to come."""
+    return None if timeout_s in (0, MAX_TIMEOUT_S) else timeout_s + STREAM_MARGIN_S
 
 
 def _json(req: Request) -> Op[Any]:
@@ -492,6 +498,9 @@ def op_fork(
         read_timeout=None,
         consumer=DoneConsumer(on_progress, on_child),
     )
+    # the done event carries the plain answer's fields, either inline or under "result"
+    if isinstance(res.get("result"), dict) and "results" not in res:
+        res = res["result"]
     res = {k: v for k, v in res.items() if k != "event"}
     sandboxes: list[SandboxInfo] = []
     errors: list[ChildError] = []
@@ -570,7 +579,7 @@ def op_run(
     on_stdout: Callback | None = None,
     on_stderr: Callback | None = None,
 ) -> Op[CommandResult]:
-    t = _secs(timeout)
+    t = _secs(timeout, none=MAX_TIMEOUT_S)
     result: CommandResult = yield Request(
         "POST",
         f"{_sb(sid)}/commands",
@@ -653,7 +662,7 @@ def op_signal(sid: str, cid: str, sig: int) -> Op[None]:
 
 
 def op_run_code(sid: str, code: str, timeout: float | None = 60) -> Op[str]:
-    t = _secs(timeout)
+    t = _secs(timeout, none=MAX_TIMEOUT_S)
     j = yield from _json(
         Request(
             "POST",
