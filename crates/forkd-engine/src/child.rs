@@ -7,9 +7,10 @@
 
 use crate::agent::AgentConn;
 use crate::error::{EngineError, IoCtx, Result};
+use crate::mux::AgentError;
 use crate::qmp::Qmp;
 use crate::util::{Interrupt, sh_quote, tail};
-use forkd_agent::{ExecReply, ExecRequest, IdentityRequest, RunReply};
+use forkd_agent::{ErrorCode, ExecReply, ExecRequest, IdentityRequest, RunReply};
 use serde::Serialize;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -341,9 +342,13 @@ fn life(
             Ok(r) => report.run = Some(r),
             // The agent gave up on the worker (and restarts it on the next `warm`); the child
             // itself answered, so this is the command's outcome, not a failed child.
-            Err(EngineError::Agent(e))
-                if e.contains("did not answer within") || e.contains("timed out") =>
-            {
+            Err(EngineError::AgentCall(
+                e @ (AgentError::Timeout(_)
+                | AgentError::Guest {
+                    code: ErrorCode::Timeout,
+                    ..
+                }),
+            )) => {
                 report.timed_out = true;
                 report.error = Some(format!("run timed out after {limit:?}: {e}"));
             }

@@ -54,6 +54,9 @@ pub enum EngineError {
     Qmp(String),
     #[error("guest agent: {0}")]
     Agent(String),
+    /// A request to the guest agent failed (typed: match on the [`AgentError`]).
+    #[error("guest agent: {0}")]
+    AgentCall(crate::mux::AgentError),
     #[error("the parent VM failed: {msg}{}", tail_suffix(.console))]
     Parent { msg: String, console: String },
     #[error("the warm-up command failed (exit {code:?}): {stderr}")]
@@ -69,6 +72,15 @@ pub enum EngineError {
     },
     #[error("no running child {0} (see `forkd ps`)")]
     NoSuchChild(String),
+}
+
+impl From<crate::mux::AgentError> for EngineError {
+    fn from(e: crate::mux::AgentError) -> EngineError {
+        match e {
+            crate::mux::AgentError::Interrupted => EngineError::Interrupted,
+            e => EngineError::AgentCall(e),
+        }
+    }
 }
 
 fn tail_suffix(console: &str) -> String {

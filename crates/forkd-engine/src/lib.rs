@@ -4,6 +4,7 @@
 //! - [`spec`]: `engine.json`, the exact machine a snapshot needs, and the QEMU argv for it.
 //! - [`qmp`]: a small synchronous QMP client.
 //! - [`agent`]: the host side of the guest agent protocol (types in `forkd-agent`).
+//! - [`mux`]: a multiplexing agent client (many concurrent requests on one connection).
 //! - [`snapshot`]: boot a parent, warm it, save memory.bin + vmstate + rootfs.
 //! - [`fork`]: restore N copy-on-write children concurrently; [`child`] is one child's life.
 //! - [`run`]: children kept running (`--keep`), tracked under `$FORKD_HOME/run/`.
@@ -16,6 +17,7 @@ pub mod error;
 pub mod fork;
 pub mod gate;
 pub mod memory;
+pub mod mux;
 pub mod qemu;
 pub mod qmp;
 pub mod run;

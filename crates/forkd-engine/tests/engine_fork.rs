@@ -204,7 +204,12 @@ fn a_timed_out_request_does_not_answer_the_next_one() {
             Duration::from_millis(500),
         );
         assert!(
-            matches!(&r, Err(forkd_engine::EngineError::Agent(e)) if e.contains("timed out")),
+            matches!(
+                &r,
+                Err(forkd_engine::EngineError::AgentCall(
+                    forkd_engine::mux::AgentError::Timeout(_)
+                ))
+            ),
             "{r:?}"
         );
         drop(a);

@@ -48,6 +48,39 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Send a request without waiting; returns its id.
+    pub fn send(&mut self, op: Op) -> u64 {
+        self.id += 1;
+        let req = Request {
+            v: PROTOCOL_VERSION,
+            id: self.id,
+            op,
+        };
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(&encode_line(&req)).unwrap();
+        stdin.flush().unwrap();
+        self.id
+    }
+    /// The next response line, whichever request it belongs to.
+    pub fn recv(&mut self) -> Response {
+        let mut resp = String::new();
+        assert!(self.out.read_line(&mut resp).unwrap() > 0, "agent closed");
+        serde_json::from_str(&resp).unwrap()
+    }
+    /// A request and its final response, with the error code on failure.
+    pub fn call_code(&mut self, op: Op) -> Result<Reply, (forkd_agent::ErrorCode, String)> {
+        let id = self.send(op);
+        let r = self.recv();
+        assert_eq!(r.id, id);
+        match r.into_frame() {
+            forkd_agent::Frame::Done(Ok(reply)) => Ok(reply),
+            forkd_agent::Frame::Done(Err(e)) => Err((e.code, e.message)),
+            forkd_agent::Frame::Event(e) => panic!("unexpected event {e:?}"),
+        }
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -3,14 +3,70 @@
 //! The reply is sent when the command's own process has exited and its stdout/stderr are
 //! drained; a background process that inherited the pipes only gets [`GRACE`] more to finish
 //! writing, then the agent closes its ends and replies (see docs/AGENT-PROTOCOL.md).
+//!
+//! Each command starts in its own process group (its pid), so `signal` reaches the whole tree.
+//! With `stream`, output is sent as events while the command runs: each chunk is written to
+//! the host before more is read from the pipe, so a host that does not read stalls the command
+//! instead of growing the agent's memory.
 
-use crate::reaper;
-use forkd_agent::{ExecReply, ExecRequest};
+use crate::{Failure, Res, reaper};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use forkd_agent::{ErrorCode, Event, ExecReply, ExecRequest, MAX_EXEC_OUTPUT, STREAM_CHUNK};
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Pids (= process group ids) of the commands of `exec`s still in progress (with a count, in
+/// case a pid is reused while an earlier exec with it is finishing).
+#[derive(Default)]
+pub struct Running(Mutex<HashMap<u32, usize>>);
+
+impl Running {
+    /// Send `signal` to the process group of a running exec's command.
+    pub fn signal(&self, pid: u32, signal: i32) -> Res<()> {
+        if !(0..=64).contains(&signal) {
+            return Err(Failure::bad(format!("no such signal {signal}")));
+        }
+        let running = crate::lock(&self.0);
+        if !running.contains_key(&pid) {
+            return Err(Failure::new(
+                ErrorCode::NotFound,
+                format!("pid {pid} is not the command of a running exec"),
+            ));
+        }
+        // SAFETY: kill(2) with plain integers. The group is that of a command whose exec is
+        // still in progress (registered under this lock), so the id has not been reused.
+        let rc = unsafe { libc::kill(-(pid as libc::pid_t), signal) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(Failure::io(format!("kill process group {pid}"), &e));
+        }
+        Ok(())
+    }
+}
+
+/// Registration of one command in [`Running`], undone on drop.
+struct Registered<'a>(&'a Running, u32);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut running = crate::lock(&self.0.0);
+        if let Some(n) = running.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                running.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Sends one event to the host; false when the host is gone.
+pub type Emit<'a> = &'a dyn Fn(Event) -> bool;
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -24,10 +80,22 @@ const TICK: Duration = Duration::from_millis(10);
 struct Stream {
     fd: Option<OwnedFd>,
     buf: Vec<u8>,
+    stderr: bool,
+    truncated: bool,
+}
+
+/// What to do with output.
+enum Sink<'a> {
+    /// Keep up to [`MAX_EXEC_OUTPUT`] bytes for the reply.
+    Collect,
+    /// Send it to the host as events.
+    Stream(Emit<'a>),
+    /// The host is gone: read and drop.
+    Discard,
 }
 
 impl Stream {
-    fn new(fd: Option<OwnedFd>) -> Stream {
+    fn new(fd: Option<OwnedFd>, stderr: bool) -> Stream {
         if let Some(f) = &fd {
             // SAFETY: fcntl on a descriptor we own; only toggles O_NONBLOCK on our read end.
             unsafe {
@@ -38,18 +106,42 @@ impl Stream {
         Stream {
             fd,
             buf: Vec::new(),
+            stderr,
+            truncated: false,
         }
     }
 
-    /// Read everything available now; close on EOF or error.
-    fn drain(&mut self) {
-        let Some(fd) = &self.fd else { return };
-        let mut chunk = [0u8; 65536];
+    /// Read everything available now; close on EOF or error. Returns false if the sink is a
+    /// stream whose host has gone away.
+    fn drain(&mut self, sink: &Sink<'_>) -> bool {
+        let Some(fd) = &self.fd else { return true };
+        let mut chunk = vec![0u8; STREAM_CHUNK];
         loop {
             // SAFETY: reads at most chunk.len() bytes into a buffer we own from our own fd.
             let n = unsafe { libc::read(fd.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) };
             if n > 0 {
-                self.buf.extend_from_slice(&chunk[..n as usize]);
+                let data = &chunk[..n as usize];
+                match sink {
+                    Sink::Collect => {
+                        let room = MAX_EXEC_OUTPUT.saturating_sub(self.buf.len());
+                        if data.len() > room {
+                            self.truncated = true;
+                        }
+                        self.buf.extend_from_slice(&data[..data.len().min(room)]);
+                    }
+                    Sink::Stream(emit) => {
+                        let data = B64.encode(data);
+                        let ev = if self.stderr {
+                            Event::Stderr { data }
+                        } else {
+                            Event::Stdout { data }
+                        };
+                        if !emit(ev) {
+                            return false;
+                        }
+                    }
+                    Sink::Discard => {}
+                }
                 continue;
             }
             let err = std::io::Error::last_os_error().raw_os_error();
@@ -57,10 +149,10 @@ impl Stream {
                 continue;
             }
             if n < 0 && err == Some(libc::EAGAIN) {
-                return;
+                return true;
             }
             self.fd = None; // EOF (every writer closed) or a read error
-            return;
+            return true;
         }
     }
 
@@ -86,7 +178,7 @@ fn poll(fds: &mut [libc::pollfd], max: Duration) {
     }
 }
 
-fn command(req: &ExecRequest) -> Result<Command, String> {
+fn command(req: &ExecRequest) -> Res<Command> {
     let mut cmd = match (&req.argv, &req.shell) {
         (Some(argv), None) if !argv.is_empty() => {
             let mut c = Command::new(&argv[0]);
@@ -98,35 +190,92 @@ fn command(req: &ExecRequest) -> Result<Command, String> {
             c.arg("-c").arg(sh);
             c
         }
-        _ => return Err("exec needs exactly one of `argv` (non-empty) or `shell`".into()),
+        _ => {
+            return Err(Failure::bad(
+                "exec needs exactly one of `argv` (non-empty) or `shell`",
+            ));
+        }
     };
     if std::env::var_os("PATH").is_none() {
         cmd.env("PATH", DEFAULT_PATH);
     }
     cmd.envs(&req.env);
     cmd.current_dir(req.cwd.as_deref().unwrap_or("/"));
-    cmd.stdin(if req.stdin.is_some() {
+    cmd.stdin(if req.stdin.is_some() || req.stdin_b64.is_some() {
         Stdio::piped()
     } else {
         Stdio::null()
     });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    // Its own process group, so a signal can reach everything it starts.
+    cmd.process_group(0);
     Ok(cmd)
 }
 
-pub fn run(req: &ExecRequest) -> Result<ExecReply, String> {
+fn stdin_bytes(req: &ExecRequest) -> Res<Option<Vec<u8>>> {
+    match (&req.stdin, &req.stdin_b64) {
+        (Some(_), Some(_)) => Err(Failure::bad(
+            "exec takes at most one of `stdin` and `stdin_b64`",
+        )),
+        (Some(s), None) => Ok(Some(s.clone().into_bytes())),
+        (None, Some(b)) => B64
+            .decode(b)
+            .map(Some)
+            .map_err(|e| Failure::bad(format!("stdin_b64 is not base64: {e}"))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// SIGKILL a process group (best effort).
+fn kill_group(pid: u32) {
+    // SAFETY: kill(2) with plain integers on the group of a command we still track.
+    unsafe {
+        libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+    }
+}
+
+pub fn run(req: &ExecRequest, running: &Running, emit: Emit<'_>) -> Res<ExecReply> {
     let mut cmd = command(req)?;
+    let stdin = stdin_bytes(req)?;
     let start = Instant::now();
-    let (mut child, watch) = reaper::spawn(&mut cmd).map_err(|e| format!("spawn failed: {e}"))?;
-    if let (Some(data), Some(mut sin)) = (req.stdin.clone(), child.stdin.take()) {
+    let (mut child, watch) = {
+        // Registered under the lock `signal` takes, so a signal never misses a new command.
+        let mut reg = crate::lock(&running.0);
+        let spawned = reaper::spawn(&mut cmd).map_err(|e| Failure::io("spawn failed", &e))?;
+        *reg.entry(spawned.0.id()).or_default() += 1;
+        spawned
+    };
+    let pid = child.id();
+    let _registered = Registered(running, pid);
+    let mut sink = if req.stream {
+        Sink::Stream(emit)
+    } else {
+        Sink::Collect
+    };
+    if req.stream && !emit(Event::Started { pid }) {
+        kill_group(pid);
+        sink = Sink::Discard;
+    }
+    if let (Some(data), Some(mut sin)) = (stdin, child.stdin.take()) {
         std::thread::spawn(move || {
-            let _ = sin.write_all(data.as_bytes());
+            let _ = sin.write_all(&data);
         });
     }
     let mut streams = [
-        Stream::new(child.stdout.take().map(OwnedFd::from)),
-        Stream::new(child.stderr.take().map(OwnedFd::from)),
+        Stream::new(child.stdout.take().map(OwnedFd::from), false),
+        Stream::new(child.stderr.take().map(OwnedFd::from), true),
     ];
+    // Drain both pipes; if the host of a stream went away, kill the command's group and
+    // drop the rest of its output.
+    let drain_all = |streams: &mut [Stream; 2], sink: &mut Sink<'_>| {
+        for s in streams.iter_mut() {
+            if !s.drain(sink) {
+                kill_group(pid);
+                *sink = Sink::Discard;
+                s.drain(sink);
+            }
+        }
+    };
     let deadline = start + Duration::from_millis(req.timeout_ms.unwrap_or(60_000));
     let mut status: Option<ExitStatus> = None;
     let mut grace_end = None;
@@ -143,7 +292,7 @@ pub fn run(req: &ExecRequest) -> Result<ExecReply, String> {
             break;
         }
         if grace_end.is_some_and(|g| now >= g) {
-            streams.iter_mut().for_each(Stream::drain); // whatever is already buffered
+            drain_all(&mut streams, &mut sink); // whatever is already buffered
             break;
         }
         if status.is_none() && !timed_out && now >= deadline {
@@ -168,7 +317,7 @@ pub fn run(req: &ExecRequest) -> Result<ExecReply, String> {
             _ => None,
         };
         poll(&mut fds, wait);
-        streams.iter_mut().for_each(Stream::drain);
+        drain_all(&mut streams, &mut sink);
         if pidfd_at.is_some_and(|i| fds[i].revents != 0) {
             // The process has exited; the reaper collects it on the SIGCHLD that follows.
             status = Some(watch.wait());
@@ -182,5 +331,6 @@ pub fn run(req: &ExecRequest) -> Result<ExecReply, String> {
         stdout: streams[0].text(),
         stderr: streams[1].text(),
         duration_ms: start.elapsed().as_millis() as u64,
+        truncated: streams.iter().any(|s| s.truncated),
     })
 }

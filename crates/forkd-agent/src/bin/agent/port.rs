@@ -1,8 +1,13 @@
 //! The virtio-serial port: find it by name, read request lines, survive host disconnects.
+//!
+//! One thread reads ([`PortReader`]) while request threads write ([`PortWriter`], under the
+//! agent's writer lock); both use the port's current descriptor, which a failed read or write
+//! replaces by reopening the device.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long to wait before reading again after EOF (host not connected), when no SIGIO
@@ -47,10 +52,18 @@ fn wait_sigio(max: Duration) {
     }
 }
 
+/// The open port; reader and writer share it.
 pub struct Port {
-    file: File,
     path: PathBuf,
-    buf: Vec<u8>,
+    file: Mutex<Arc<File>>,
+}
+
+/// What the reader saw.
+pub enum Incoming {
+    /// One complete request line (without the newline).
+    Line(Vec<u8>),
+    /// EOF: no host is connected (it went away, or a restored child has none yet).
+    Disconnected,
 }
 
 /// Find the port's device node: the udev symlink if present, else scan sysfs for the name.
@@ -73,7 +86,7 @@ fn find() -> Option<PathBuf> {
 
 impl Port {
     /// Open the port, waiting (forever) until it appears.
-    pub fn open_forever() -> Port {
+    pub fn open_forever() -> Arc<Port> {
         let mut warned = false;
         loop {
             if let Some(path) = find() {
@@ -81,11 +94,10 @@ impl Port {
                     Ok(file) => {
                         arm_sigio(&file);
                         eprintln!("forkd-agent: listening on {}", path.display());
-                        return Port {
-                            file,
+                        return Arc::new(Port {
                             path,
-                            buf: Vec::new(),
-                        };
+                            file: Mutex::new(Arc::new(file)),
+                        });
                     }
                     Err(e) if !warned => {
                         eprintln!("forkd-agent: open {}: {e}", path.display());
@@ -101,18 +113,52 @@ impl Port {
         }
     }
 
-    fn reopen(&mut self) {
+    fn current(&self) -> Arc<File> {
+        crate::lock(&self.file).clone()
+    }
+
+    /// Reopen the device after `failed` returned an error, unless another thread already did.
+    fn reopen(&self, failed: &Arc<File>) {
         std::thread::sleep(ERR_BACKOFF);
+        let mut cur = crate::lock(&self.file);
+        if !Arc::ptr_eq(&cur, failed) {
+            return;
+        }
         if let Ok(f) = OpenOptions::new().read(true).write(true).open(&self.path) {
             arm_sigio(&f);
-            self.file = f;
+            *cur = Arc::new(f);
         }
     }
 
-    /// The next complete line (without the newline). A partial line cut off by a host
+    pub fn reader(self: &Arc<Port>) -> PortReader {
+        PortReader {
+            port: self.clone(),
+            buf: Vec::new(),
+            idle: false,
+        }
+    }
+
+    pub fn writer(self: &Arc<Port>) -> PortWriter {
+        PortWriter { port: self.clone() }
+    }
+}
+
+pub struct PortReader {
+    port: Arc<Port>,
+    buf: Vec<u8>,
+    /// The last read saw EOF: wait for the host before reading again.
+    idle: bool,
+}
+
+impl PortReader {
+    /// The next complete line (without the newline), or [`Incoming::Disconnected`] on EOF
+    /// (after waiting a while for the host to come back). A partial line cut off by a host
     /// disconnect is dropped: it belonged to a connection that is gone.
-    pub fn read_line(&mut self) -> Vec<u8> {
-        let mut chunk = [0u8; 64 * 1024];
+    pub fn read_line(&mut self) -> Incoming {
+        if std::mem::take(&mut self.idle) {
+            wait_sigio(EOF_BACKOFF);
+        }
+        let mut chunk = vec![0u8; 64 * 1024];
         loop {
             if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
                 let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
@@ -123,31 +169,48 @@ impl Port {
                 if line.is_empty() {
                     continue;
                 }
-                return line;
+                return Incoming::Line(line);
             }
-            match self.file.read(&mut chunk) {
+            let file = self.port.current();
+            match (&*file).read(&mut chunk) {
                 Ok(0) => {
-                    // Host not connected (e.g. a child just restored). Wait, then read again.
+                    // Host not connected (e.g. a child just restored): report it at once,
+                    // then wait (on the next call) and read again.
                     self.buf.clear();
-                    wait_sigio(EOF_BACKOFF);
+                    self.idle = true;
+                    return Incoming::Disconnected;
                 }
                 Ok(n) => {
                     self.buf.extend_from_slice(&chunk[..n]);
                     if self.buf.len() > forkd_agent::MAX_LINE + 1 && !self.buf.contains(&b'\n') {
                         // Oversized line: hand it up so it gets an error answer.
-                        return std::mem::take(&mut self.buf);
+                        return Incoming::Line(std::mem::take(&mut self.buf));
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => self.reopen(),
+                Err(_) => self.port.reopen(&file),
             }
         }
     }
+}
 
-    /// Write a response; if the host went away, the answer is lost (the host will ask again).
-    pub fn write_line(&mut self, data: &[u8]) {
-        if self.file.write_all(data).is_err() {
-            self.reopen();
+/// Writes go to the port's current descriptor; a failed write reopens it (the answer is lost:
+/// the host that asked is gone).
+pub struct PortWriter {
+    port: Arc<Port>,
+}
+
+impl Write for PortWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let file = self.port.current();
+        let r = (&*file).write(data);
+        if r.is_err() {
+            self.port.reopen(&file);
         }
+        r
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -4,7 +4,8 @@
 //! Worker protocol on the worker's stdin/stdout: each message is a decimal byte count, a
 //! newline, then that many bytes. The agent sends code; the worker answers with its output.
 
-use forkd_agent::{RunReply, RunRequest, WarmReply, WarmRequest};
+use crate::{Failure, Res};
+use forkd_agent::{ErrorCode, RunReply, RunRequest, WarmReply, WarmRequest};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
@@ -60,7 +61,7 @@ impl Drop for Worker {
     }
 }
 
-fn spawn(req: &WarmRequest) -> Result<Worker, String> {
+fn spawn(req: &WarmRequest) -> Res<Worker> {
     let mut cmd = match (req.kind.as_deref(), &req.argv) {
         (Some("sh"), None) => {
             let mut c = Command::new("/bin/sh");
@@ -77,7 +78,11 @@ fn spawn(req: &WarmRequest) -> Result<Worker, String> {
             c.args(&argv[1..]);
             c
         }
-        _ => return Err("warm needs `kind` (\"sh\" or \"python\") or a non-empty `argv`".into()),
+        _ => {
+            return Err(Failure::bad(
+                "warm needs `kind` (\"sh\" or \"python\") or a non-empty `argv`",
+            ));
+        }
     };
     if std::env::var_os("PATH").is_none() {
         cmd.env("PATH", crate::exec::DEFAULT_PATH);
@@ -87,9 +92,15 @@ fn spawn(req: &WarmRequest) -> Result<Worker, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let (mut child, watch) =
-        crate::reaper::spawn(&mut cmd).map_err(|e| format!("starting worker: {e}"))?;
-    let stdin = child.stdin.take().ok_or("worker has no stdin")?;
-    let stdout = child.stdout.take().ok_or("worker has no stdout")?;
+        crate::reaper::spawn(&mut cmd).map_err(|e| Failure::io("starting worker", &e))?;
+    let stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| Failure::from("worker has no stdin"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Failure::from("worker has no stdout"))?;
     let (tx, frames) = channel();
     std::thread::spawn(move || {
         let mut r = BufReader::new(stdout);
@@ -115,21 +126,24 @@ fn spawn(req: &WarmRequest) -> Result<Worker, String> {
     })
 }
 
-fn send(w: &mut Worker, code: &str, timeout: Duration) -> Result<String, String> {
+fn send(w: &mut Worker, code: &str, timeout: Duration) -> Res<String> {
     let mut msg = format!("{}\n", code.len()).into_bytes();
     msg.extend_from_slice(code.as_bytes());
     w.stdin
         .write_all(&msg)
         .and_then(|_| w.stdin.flush())
-        .map_err(|e| format!("worker gone: {e}"))?;
+        .map_err(|e| Failure::io("worker gone", &e))?;
     match w.frames.recv_timeout(timeout) {
         Ok(body) => Ok(String::from_utf8_lossy(&body).into_owned()),
-        Err(RecvTimeoutError::Timeout) => Err(format!("worker did not answer within {timeout:?}")),
+        Err(RecvTimeoutError::Timeout) => Err(Failure::new(
+            ErrorCode::Timeout,
+            format!("worker did not answer within {timeout:?}"),
+        )),
         Err(RecvTimeoutError::Disconnected) => Err("worker exited".into()),
     }
 }
 
-pub fn start(req: &WarmRequest, slot: &mut Option<Worker>) -> Result<WarmReply, String> {
+pub fn start(req: &WarmRequest, slot: &mut Option<Worker>) -> Res<WarmReply> {
     *slot = None; // stop any previous worker first
     let mut w = spawn(req)?;
     let preload_output = match &req.preload {
@@ -144,10 +158,13 @@ pub fn start(req: &WarmRequest, slot: &mut Option<Worker>) -> Result<WarmReply, 
     })
 }
 
-pub fn run(req: &RunRequest, slot: &mut Option<Worker>) -> Result<RunReply, String> {
-    let w = slot
-        .as_mut()
-        .ok_or("no warm worker: send a `warm` request first")?;
+pub fn run(req: &RunRequest, slot: &mut Option<Worker>) -> Res<RunReply> {
+    let w = slot.as_mut().ok_or_else(|| {
+        Failure::new(
+            ErrorCode::NotFound,
+            "no warm worker: send a `warm` request first",
+        )
+    })?;
     let start = Instant::now();
     let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(60_000));
     match send(w, &req.code, timeout) {
