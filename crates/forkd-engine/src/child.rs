@@ -207,6 +207,34 @@ pub struct ChildReport {
     pub timed_out: bool,
 }
 
+impl ChildReport {
+    /// A child that is about to start: the one place a report is made.
+    pub fn new(index: usize, id: String, hostname: String) -> ChildReport {
+        ChildReport {
+            index,
+            id,
+            hostname,
+            state: ChildState::Starting,
+            ok: false,
+            error: None,
+            restored_ms: None,
+            ready_ms: None,
+            pid: None,
+            exec: None,
+            run: None,
+            timed_out: false,
+        }
+    }
+
+    /// A child that failed before its VM could start.
+    pub fn failed(index: usize, id: String, tag: &str, e: &EngineError) -> ChildReport {
+        let mut r = ChildReport::new(index, id, format!("{tag}-{index}"));
+        r.state = ChildState::Gone;
+        r.error = Some(e.to_string());
+        r
+    }
+}
+
 /// One child's life: launch QEMU (argv built by `args`), restore, resume, wait for the agent,
 /// give it an identity, do the work. Returns the report and, when it came up, its guard.
 pub fn run_child(
@@ -217,20 +245,7 @@ pub fn run_child(
     args: Vec<String>,
 ) -> (ChildReport, Option<VmGuard>) {
     let hostname = format!("{}-{index}", plan.tag);
-    let mut report = ChildReport {
-        index,
-        id,
-        hostname: hostname.clone(),
-        state: ChildState::Starting,
-        ok: false,
-        error: None,
-        restored_ms: None,
-        ready_ms: None,
-        pid: None,
-        exec: None,
-        run: None,
-        timed_out: false,
-    };
+    let mut report = ChildReport::new(index, id, hostname.clone());
     let start = Instant::now();
     let result = life(plan, &hostname, &mut guard, args, &mut report, start);
     report.pid = guard.pid();
@@ -312,7 +327,7 @@ fn life(
         .unwrap_or(0);
     agent.identity(IdentityRequest {
         hostname: Some(hostname.to_string()),
-        seed_hex: Some(hex::encode(crate::util::random_bytes(64))),
+        seed_hex: Some(hex::encode(crate::util::random_bytes(64)?)),
         time_unix_ns: Some(now_ns),
         instance: Some(report.id.clone()),
     })?;

@@ -47,7 +47,7 @@ pub enum EngineError {
         mib: u64,
     },
     #[error("{0}")]
-    TooMany(String),
+    Capacity(crate::memory::Capacity),
     #[error("KVM was requested but is not usable here: {0}")]
     NoKvm(String),
     #[error("QMP: {0}")]

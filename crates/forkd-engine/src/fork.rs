@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 pub const BREAK_CHILD_ENV: &str = "FORKD_TEST_BREAK_CHILD";
 
 /// Progress callback, called once per child as it finishes.
-pub type OnChild = Box<dyn Fn(&ChildReport) + Sync>;
+pub type OnChild = Box<dyn Fn(&ChildReport) + Send + Sync>;
 
 pub struct ForkOptions {
     pub n: usize,
@@ -103,12 +103,59 @@ pub fn preflight(dir: &Path, qemu: &Qemu) -> Result<VmSpec> {
     Ok(spec)
 }
 
+/// Fork `opts.n` children. Without `opts.keep` each child is stopped once its work is done;
+/// with it, each child that came up is recorded in `run/<id>/child.json` and left running
+/// (detached: `forkd ps`/`exec`/`kill`, or a daemon, take it from there).
 pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
+    let (mut report, guards) = fork_children(dir, qemu, opts, opts.keep)?;
+    for (child, guard) in report.children.iter_mut().zip(guards) {
+        let Some(guard) = guard else {
+            child.state = ChildState::Gone;
+            continue;
+        };
+        // Record first, detach second: if the record cannot be written, dropping the guard
+        // stops the VM, so no QEMU runs that nothing can see.
+        let rec = KeptChild::new(child, &opts.tag, dir, &guard);
+        match rec.save() {
+            Ok(()) => {
+                guard.detach();
+                report.kept.push(child.id.clone());
+            }
+            Err(e) => {
+                child.ok = false;
+                child.state = ChildState::Gone;
+                child.error = Some(format!("cannot record kept child: {e}"));
+                drop(guard);
+            }
+        }
+    }
+    report.alive = report.children.iter().filter(|c| c.ok).count();
+    Ok(report)
+}
+
+/// Fork `opts.n` children and hand every child that came up to the caller, still running,
+/// with the guard that owns its QEMU and run directory (`opts.keep` is ignored). The guards
+/// are in the same order as `report.children`; `None` where a child failed. This is what a
+/// daemon uses: it owns the children for their whole life.
+pub fn fork_owned(
+    dir: &Path,
+    qemu: &Qemu,
+    opts: &ForkOptions,
+) -> Result<(ForkReport, Vec<Option<VmGuard>>)> {
+    fork_children(dir, qemu, opts, true)
+}
+
+fn fork_children(
+    dir: &Path,
+    qemu: &Qemu,
+    opts: &ForkOptions,
+    keep: bool,
+) -> Result<(ForkReport, Vec<Option<VmGuard>>)> {
     let start = Instant::now();
     let spec = preflight(dir, qemu)?;
     let estimate_mib = crate::memory::check_capacity(&spec, opts.n)?;
     let accel = resolve_accel(opts.accel)?;
-    let session = hex::encode(crate::util::random_bytes(3));
+    let session = hex::encode(crate::util::random_bytes(3)?);
     let break_child: Option<usize> = std::env::var(BREAK_CHILD_ENV)
         .ok()
         .and_then(|v| v.parse().ok());
@@ -144,7 +191,7 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
                         let id = format!("{}-{session}-{i}", opts.tag);
                         let guard = match VmGuard::create(&opts.run_root.join(&id)) {
                             Ok(g) => g,
-                            Err(e) => return failed(i, id, &opts.tag, e),
+                            Err(e) => return (ChildReport::failed(i, id, &opts.tag, &e), None),
                         };
                         let args = Launch {
                             spec,
@@ -159,7 +206,7 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
                         }
                         .args();
                         let mut out = run_child(plan, i, id, guard, args);
-                        if !opts.keep {
+                        if !keep {
                             // Its work is done: stop it now, so finished children do not
                             // compete for the CPU with those still coming up.
                             out.1 = None;
@@ -177,11 +224,10 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
             .enumerate()
             .map(|(i, h)| {
                 h.join().unwrap_or_else(|_| {
-                    failed(
-                        i,
-                        format!("{}-{i}", opts.tag),
-                        &opts.tag,
-                        EngineError::Agent("child thread panicked".into()),
+                    let e = EngineError::Agent("child thread panicked".into());
+                    (
+                        ChildReport::failed(i, format!("{}-{i}", opts.tag), &opts.tag, &e),
+                        None,
                     )
                 })
             })
@@ -192,37 +238,9 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
     if opts.interrupt.is_set() {
         return Err(EngineError::Interrupted); // guards dropped above: every VM is gone
     }
-    let mut children = Vec::with_capacity(results.len());
-    let mut kept = Vec::new();
-    for (mut report, guard) in results {
-        if let (true, Some(g)) = (opts.keep, guard) {
-            let (pid, run_dir) = g.detach();
-            let rec = KeptChild {
-                id: report.id.clone(),
-                tag: opts.tag.clone(),
-                hostname: report.hostname.clone(),
-                pid,
-                snapshot_dir: dir.to_path_buf(),
-                run_dir,
-                started_unix: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
-            };
-            match rec.save() {
-                Ok(()) => kept.push(report.id.clone()),
-                Err(e) => {
-                    report.error = Some(format!("cannot record kept child: {e}"));
-                    let _ = crate::run::kill(&opts.run_root, &report.id);
-                }
-            }
-        } else {
-            report.state = ChildState::Gone;
-        }
-        children.push(report);
-    }
+    let (children, guards): (Vec<ChildReport>, Vec<Option<VmGuard>>) = results.into_iter().unzip();
     let alive = children.iter().filter(|c| c.ok).count();
-    Ok(ForkReport {
+    let report = ForkReport {
         tag: opts.tag.clone(),
         requested: opts.n,
         alive,
@@ -230,8 +248,9 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
         wall_ms,
         estimate_mib,
         children,
-        kept,
-    })
+        kept: Vec::new(),
+    };
+    Ok((report, guards))
 }
 
 /// The per-fork scratch directory (stub kernel), removed on every path.
@@ -241,24 +260,4 @@ impl Drop for StubDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn failed(i: usize, id: String, tag: &str, e: EngineError) -> (ChildReport, Option<VmGuard>) {
-    (
-        ChildReport {
-            index: i,
-            id,
-            hostname: format!("{tag}-{i}"),
-            state: ChildState::Gone,
-            ok: false,
-            error: Some(e.to_string()),
-            restored_ms: None,
-            ready_ms: None,
-            pid: None,
-            exec: None,
-            run: None,
-            timed_out: false,
-        },
-        None,
-    )
 }

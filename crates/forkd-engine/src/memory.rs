@@ -24,17 +24,49 @@ pub fn per_child_estimate_mib(spec: &VmSpec) -> u64 {
 /// Refuse `n` children up front when their estimate exceeds 90 % of MemAvailable.
 pub fn check_capacity(spec: &VmSpec, n: usize) -> Result<u64> {
     let per = per_child_estimate_mib(spec);
-    let need = per * n as u64;
+    let need = per.saturating_mul(n as u64);
     let avail = mem_available_mib().unwrap_or(u64::MAX / 2);
     let budget = avail / 10 * 9;
     if need > budget {
-        let max = budget / per.max(1);
-        return Err(EngineError::TooMany(format!(
-            "{n} children need about {need} MiB ({per} MiB each: {QEMU_OVERHEAD_MIB} MiB QEMU + \
-             1/8 of {} MiB guest RAM), but only {avail} MiB is available (MemAvailable; \
-             forkd uses at most 90 %): at most {max} children fit",
-            spec.mem_mib
-        )));
+        return Err(EngineError::Capacity(Capacity {
+            n,
+            per_child_mib: per,
+            qemu_mib: QEMU_OVERHEAD_MIB,
+            guest_mib: spec.mem_mib,
+            need_mib: need,
+            available_mib: avail,
+            max_children: budget / per.max(1),
+        }));
     }
     Ok(need)
+}
+
+/// Why `n` children do not fit: the arithmetic, for the user and for programs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Capacity {
+    pub n: usize,
+    pub per_child_mib: u64,
+    pub qemu_mib: u64,
+    pub guest_mib: u64,
+    pub need_mib: u64,
+    pub available_mib: u64,
+    pub max_children: u64,
+}
+
+impl std::fmt::Display for Capacity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} children need about {} MiB ({} MiB each: {} MiB QEMU + 1/8 of {} MiB guest RAM), \
+             but only {} MiB is available (MemAvailable; forkd uses at most 90 %): at most {} \
+             children fit",
+            self.n,
+            self.need_mib,
+            self.per_child_mib,
+            self.qemu_mib,
+            self.guest_mib,
+            self.available_mib,
+            self.max_children
+        )
+    }
 }

@@ -184,7 +184,7 @@ impl Drop for Inner {
 /// connections keep such answers from matching a waiter.
 fn first_id() -> std::io::Result<u64> {
     let mut b = [0u8; 8];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    crate::util::fill_random(&mut b)?;
     // Below 2^53 (exact in any JSON reader) and far from overflow when incremented.
     Ok((u64::from_le_bytes(b) & ((1 << 53) - 1)).max(1))
 }

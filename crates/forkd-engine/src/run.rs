@@ -30,6 +30,59 @@ pub struct ChildStatus {
 }
 
 impl KeptChild {
+    /// The record of a child that came up, whose QEMU `guard` owns.
+    pub fn new(
+        report: &crate::child::ChildReport,
+        tag: &str,
+        snapshot_dir: &Path,
+        guard: &crate::child::VmGuard,
+    ) -> KeptChild {
+        KeptChild {
+            id: report.id.clone(),
+            tag: tag.to_string(),
+            hostname: report.hostname.clone(),
+            pid: guard.pid().unwrap_or(0),
+            snapshot_dir: snapshot_dir.to_path_buf(),
+            run_dir: guard.run_dir.clone(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+    }
+
+    pub fn qmp_sock(&self) -> PathBuf {
+        self.run_dir.join("qmp.sock")
+    }
+
+    /// Stop the child's vCPUs (QMP `stop`): it keeps its memory but uses no CPU.
+    pub fn pause(&self) -> Result<()> {
+        self.qmp("stop")
+    }
+
+    /// Let a paused child run again (QMP `cont`).
+    pub fn resume(&self) -> Result<()> {
+        self.qmp("cont")
+    }
+
+    /// Whether the child's vCPUs are stopped (QMP `query-status`).
+    pub fn paused(&self) -> Result<bool> {
+        let mut q =
+            crate::qmp::Qmp::connect(&self.qmp_sock(), Duration::from_secs(5), &mut || {
+                self.running()
+            })?;
+        Ok(q.status()? == "paused")
+    }
+
+    fn qmp(&self, command: &str) -> Result<()> {
+        let mut q =
+            crate::qmp::Qmp::connect(&self.qmp_sock(), Duration::from_secs(5), &mut || {
+                self.running()
+            })?;
+        q.execute(command, None)?;
+        Ok(())
+    }
+
     pub fn save(&self) -> Result<()> {
         let p = self.run_dir.join(RECORD);
         let text =

@@ -22,13 +22,29 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// `n` bytes from the host's kernel RNG.
-pub fn random_bytes(n: usize) -> Vec<u8> {
+/// `n` bytes from the host's kernel RNG (`getrandom(2)`). These seed every child's RNG and
+/// name sessions, so a failure is an error: zeros would give every child the same "entropy".
+pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
     let mut v = vec![0u8; n];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut v);
+    fill_random(&mut v).map_err(|source| crate::error::EngineError::Io {
+        what: "cannot read random bytes from",
+        path: "getrandom(2)".into(),
+        source,
+    })?;
+    Ok(v)
+}
+
+/// Fill `buf` from the kernel RNG, or fail.
+pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match rustix::rand::getrandom(&mut buf[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(k) => filled += k,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
-    v
+    Ok(())
 }
 
 /// The last `lines` lines of a text file (empty if unreadable).

@@ -170,7 +170,7 @@ fn too_many_children_are_refused_up_front_with_the_estimate() {
     let run = scratch().join("run-too-many");
     let e =
         forkd_engine::fork::fork(&dir, &qemu(), &fork_options(1_000_000, None, &run)).unwrap_err();
-    assert!(matches!(e, EngineError::TooMany(_)), "{e}");
+    assert!(matches!(e, EngineError::Capacity(_)), "{e}");
     let msg = e.to_string();
     assert!(
         msg.contains("MiB each") && msg.contains("MemAvailable") && msg.contains("at most"),

@@ -4,11 +4,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use forkd_engine::Interrupt;
 use forkd_engine::child::Work;
 use forkd_engine::fork::ForkOptions;
 use forkd_engine::qemu::{AccelChoice, Qemu};
 use forkd_engine::snapshot::{SnapshotOptions, SnapshotOutput};
-use forkd_engine::util::Interrupt;
 use forkd_store::manifest::{EngineInfo, FileEntry, Manifest};
 use forkd_store::{Overwrite, Tag};
 
@@ -16,7 +16,7 @@ use crate::ctx::Ctx;
 use crate::report::Hint;
 
 mod output;
-use output::{print_report, ps};
+use output::print_report;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
@@ -26,29 +26,6 @@ pub enum Cmd {
     BuildTiny(TinyArgs),
     /// Fork N copy-on-write children from a snapshot
     Fork(ForkArgs),
-    /// List children kept running with `fork --keep`
-    Ps {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Run a command in a kept child: forkd exec ID -- CMD [ARGS...]
-    Exec {
-        id: String,
-        #[arg(last = true, required = true)]
-        cmd: Vec<String>,
-        /// Kill the command after this many seconds
-        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
-        timeout: u64,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Stop kept children
-    Kill {
-        #[arg(required_unless_present = "all")]
-        id: Option<String>,
-        #[arg(long)]
-        all: bool,
-    },
     /// Check this host: QEMU, accelerator, guest kernel, disk space
     Doctor {
         #[arg(long)]
@@ -60,10 +37,10 @@ pub enum Cmd {
 pub struct VmArgs {
     /// Accelerator: kvm, tcg, or auto (kvm when the CPU has vmx/svm and /dev/kvm opens)
     #[arg(long, default_value = "auto", env = "FORKD_ACCEL")]
-    accel: AccelChoice,
+    pub(super) accel: AccelChoice,
     /// QEMU binary [default: $FORKD_QEMU, else qemu-system-x86_64 on PATH]
     #[arg(long, value_name = "FILE")]
-    qemu: Option<PathBuf>,
+    pub(super) qemu: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -208,62 +185,6 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
             snapshot(ctx, &a.tag, &opts, &a.vm, a.force)
         }
         Cmd::Fork(a) => fork(ctx, a),
-        Cmd::Ps { json } => ps(ctx, json),
-        Cmd::Exec {
-            id,
-            cmd,
-            timeout,
-            json,
-        } => {
-            let store = ctx.store()?;
-            let r = forkd_engine::run::exec(
-                &store.home().join("run"),
-                &id,
-                forkd_agent::ExecRequest {
-                    argv: Some(cmd),
-                    timeout_ms: Some(timeout.saturating_mul(1000)),
-                    ..Default::default()
-                },
-            )
-            .with_context(|| format!("cannot run the command in {id}"))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                print!("{}", r.stdout);
-                eprint!("{}", r.stderr);
-            }
-            match r.exit_code {
-                Some(0) => Ok(()),
-                Some(c) => std::process::exit(c),
-                None if r.timed_out => {
-                    bail!("the command timed out after {timeout} s and was killed (--timeout SECS)")
-                }
-                None => bail!(
-                    "the command was killed (signal {:?}, timed out: {})",
-                    r.signal,
-                    r.timed_out
-                ),
-            }
-        }
-        Cmd::Kill { id, all } => {
-            let store = ctx.store()?;
-            let root = store.home().join("run");
-            let ids: Vec<String> = if all {
-                forkd_engine::run::list(&root)?
-                    .into_iter()
-                    .map(|c| c.child.id)
-                    .collect()
-            } else {
-                id.into_iter().collect()
-            };
-            for id in &ids {
-                forkd_engine::run::kill(&root, id).with_context(|| format!("cannot stop {id}"))?;
-                if !ctx.quiet {
-                    eprintln!("stopped {id}");
-                }
-            }
-            Ok(())
-        }
         Cmd::Doctor { json } => {
             let store = ctx.store()?;
             let checks = forkd_engine::doctor::run(store.home(), &assets_dir());
@@ -366,6 +287,12 @@ fn manifest_for(name: &str, out: &SnapshotOutput, dir: &Path) -> anyhow::Result<
 
 fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
     let tag = Tag::parse(&a.tag)?;
+    if a.keep
+        && let forkd_server::backend::Backend::Daemon(_) = super::sandbox::backend(ctx)?
+    {
+        // A daemon runs: it becomes the kept children's owner.
+        return super::sandbox::fork_kept(ctx, &a.tag, a.n, a.exec.as_deref(), a.json);
+    }
     let store = ctx.store()?;
     let snap = store
         .get(&tag)

@@ -4,6 +4,7 @@ mod engine;
 mod hub;
 mod hub_progress;
 mod recipe;
+mod sandbox;
 mod store;
 
 use crate::ctx::Ctx;
@@ -20,6 +21,8 @@ pub enum Command {
     Hub(hub::Cmd),
     #[command(flatten)]
     Engine(engine::Cmd),
+    #[command(flatten)]
+    Sandbox(sandbox::Cmd),
 }
 
 pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
@@ -35,5 +38,6 @@ pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
         Command::Recipe(c) => recipe::run(c, ctx),
         Command::Hub(c) => hub::run(c, ctx),
         Command::Engine(c) => engine::run(c, ctx),
+        Command::Sandbox(c) => sandbox::run(c, ctx),
     }
 }

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use forkd_engine::Interrupt;
 use forkd_engine::child::Work;
 use forkd_engine::fork::ForkOptions;
 use forkd_engine::qemu::{AccelChoice, Qemu};
 use forkd_engine::snapshot::{SnapshotOptions, SnapshotOutput};
-use forkd_engine::util::Interrupt;
 use forkd_recipe::image::{INIT_PATH, LICENCES_FILE};
 use forkd_recipe::{BuiltImage, LoadedRecipe, Progress};
 use forkd_store::manifest::{EngineInfo, FileEntry, Manifest};

@@ -2,11 +2,11 @@
 //! snapshot per test binary. Missing tools fail loudly, naming what to install.
 #![allow(dead_code)]
 
+use forkd_engine::Interrupt;
 use forkd_engine::child::Work;
 use forkd_engine::fork::ForkOptions;
 use forkd_engine::qemu::{AccelChoice, Qemu};
 use forkd_engine::snapshot::SnapshotOptions;
-use forkd_engine::util::Interrupt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -130,5 +130,5 @@ pub fn fork_options(n: usize, shell: Option<&str>, run_root: &Path) -> ForkOptio
 }
 
 pub fn sha256(p: &Path) -> String {
-    forkd_engine::util::sha256_file(p).unwrap()
+    forkd_engine::sha256_file(p).unwrap()
 }

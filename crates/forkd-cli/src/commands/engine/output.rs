@@ -2,8 +2,6 @@
 
 use forkd_engine::fork::ForkReport;
 
-use crate::ctx::Ctx;
-
 pub(super) fn print_report(r: &ForkReport) {
     for c in &r.children {
         let status = match (c.ok, c.timed_out) {
@@ -61,28 +59,4 @@ pub(super) fn print_report(r: &ForkReport) {
             format!("; kept {} (forkd ps)", r.kept.len())
         }
     );
-}
-
-pub(super) fn ps(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
-    let store = ctx.store()?;
-    let list = forkd_engine::run::list(&store.home().join("run"))?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
-        return Ok(());
-    }
-    println!(
-        "{:<24} {:<16} {:<8} {:<8} HOSTNAME",
-        "ID", "TAG", "PID", "STATE"
-    );
-    for c in list {
-        println!(
-            "{:<24} {:<16} {:<8} {:<8} {}",
-            c.child.id,
-            c.child.tag,
-            c.child.pid,
-            if c.running { "running" } else { "dead" },
-            c.child.hostname
-        );
-    }
-    Ok(())
 }

@@ -1,0 +1,491 @@
+//! Sandbox commands: `serve` (the daemon), and `ps`, `exec`, `kill`, `cp` on kept children —
+//! through the daemon when one runs, else directly (forkd_server::backend decides).
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use forkd_sandbox::{CommandRequest, Manager, ManagerOptions, OutputEvent, Ownership};
+use forkd_server::backend::{Backend, BackendError};
+
+use crate::ctx::Ctx;
+use crate::report::Hint;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the daemon: a REST API (docs/API.md) that owns sandboxes
+    #[command(after_help = "Examples:\n  \
+        forkd serve                                    # unix socket $FORKD_HOME/forkd.sock (0600)\n  \
+        forkd serve --listen 127.0.0.1:7070 --token-file ~/.forkd-token\n  \
+        curl --unix-socket ~/.local/share/forkd/forkd.sock http://x/v1/health")]
+    Serve(ServeArgs),
+    /// List kept children (sandboxes)
+    #[command(visible_alias = "ls-sandboxes")]
+    Ps {
+        /// Only those with this label (k=v); repeat for more
+        #[arg(long, value_name = "K=V")]
+        label: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in a kept child: forkd exec ID -- CMD [ARGS...]
+    #[command(after_help = "Examples:\n  \
+        forkd exec tiny-3f2a1c-0 -- uname -a\n  \
+        forkd exec --env K=v --cwd /tmp ID -- sh -c 'echo $K; pwd'\n  \
+        echo data | forkd exec -i ID -- wc -c\n\n\
+        The command's exit code becomes forkd's; its output is streamed as it comes.")]
+    Exec {
+        id: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+        /// Kill the command after this many seconds
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: u64,
+        /// Environment variable for the command (repeatable)
+        #[arg(long, short = 'e', value_name = "K=V")]
+        env: Vec<String>,
+        /// Working directory in the guest
+        #[arg(long, value_name = "DIR")]
+        cwd: Option<String>,
+        /// Pass this process's stdin to the command
+        #[arg(long, short = 'i')]
+        stdin: bool,
+        /// Print one JSON object with the exit status and the output (not streamed)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop kept children
+    Kill {
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Copy a file into or out of a kept child: forkd cp SRC DST, one side ID:/path
+    #[command(after_help = "Examples:\n  \
+        forkd cp ./input.bin tiny-3f2a1c-0:/tmp/input.bin\n  \
+        forkd cp tiny-3f2a1c-0:/tmp/out.txt ./out.txt\n  \
+        forkd cp ID:/etc/hostname -          # to stdout\n  \
+        tar c dir | forkd cp - ID:/tmp/dir.tar\n\n\
+        Files go whole or not at all: an upload lands under a temporary name and is renamed.")]
+    Cp {
+        src: String,
+        dst: String,
+        /// Mode of the file created in the child (octal) [default: 644, or the source's]
+        #[arg(long)]
+        mode: Option<String>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Serve TCP on HOST:PORT instead of the unix socket (needs --token-file)
+    #[arg(long, value_name = "HOST:PORT", requires = "token_file")]
+    listen: Option<String>,
+    /// File holding the bearer token TCP clients must send (not readable by others)
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Hub that image references (OWNER/NAME) are pulled from [default: $FORKD_HUB, else the embedded hub]
+    #[arg(long, env = "FORKD_HUB")]
+    hub: Option<String>,
+    /// Accept unsigned images from the hub
+    #[arg(long)]
+    insecure: bool,
+    #[command(flatten)]
+    vm: super::engine::VmArgs,
+}
+
+/// The library's manager for this store, for a front end that owns nothing.
+pub(super) fn manager(
+    ctx: &Ctx,
+    ownership: Ownership,
+    vm: Option<&super::engine::VmArgs>,
+) -> anyhow::Result<Manager> {
+    let store = ctx.store()?;
+    Ok(Manager::new(ManagerOptions {
+        run_root: store.home().join("run"),
+        store,
+        qemu: vm.and_then(|v| v.qemu.clone()),
+        accel: vm.map(|v| v.accel).unwrap_or_default(),
+        ownership,
+        ready_timeout: Duration::from_secs(120),
+    }))
+}
+
+/// The daemon if one answers, else the library directly.
+pub(super) fn backend(ctx: &Ctx) -> anyhow::Result<Backend> {
+    let store = ctx.store()?;
+    let socket = store.home().join("forkd.sock");
+    Ok(Backend::open(
+        manager(ctx, Ownership::Visitor, None)?,
+        &socket,
+    ))
+}
+
+pub(super) fn with_hint(e: BackendError) -> anyhow::Error {
+    let hint = e.hint();
+    let err = anyhow::Error::from(e);
+    match hint {
+        Some(h) => err.context(Hint(h)),
+        None => err,
+    }
+}
+
+fn parse_kv(what: &str, items: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("{what} {s:?} is not K=V"))
+        })
+        .collect()
+}
+
+pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Serve(a) => serve(ctx, a),
+        Cmd::Ps { label, json } => {
+            let labels = parse_kv("--label", &label)?;
+            let list = backend(ctx)?.list(&labels).map_err(with_hint)?;
+            if json {
+                // `tag` and `running` for scripts written against earlier releases.
+                let rows: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|s| {
+                        let mut v = serde_json::to_value(s).unwrap_or_default();
+                        v["tag"] = serde_json::Value::from(s.image.clone());
+                        v["running"] = serde_json::Value::from(s.state != "stopped");
+                        v
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<16} {:<8} {:<8} HOSTNAME",
+                "ID", "IMAGE", "PID", "STATE"
+            );
+            for s in list {
+                println!(
+                    "{:<24} {:<16} {:<8} {:<8} {}",
+                    s.id, s.image, s.pid, s.state, s.hostname
+                );
+            }
+            Ok(())
+        }
+        Cmd::Exec {
+            id,
+            cmd,
+            timeout,
+            env,
+            cwd,
+            stdin,
+            json,
+        } => {
+            let stdin_data = if stdin {
+                let mut buf = Vec::new();
+                std::io::stdin()
+                    .take(MAX_STDIN + 1)
+                    .read_to_end(&mut buf)
+                    .context("cannot read stdin")?;
+                if buf.len() as u64 > MAX_STDIN {
+                    return Err(anyhow::anyhow!("stdin is larger than 64 MiB")).context(Hint(
+                        format!("copy big inputs with `forkd cp FILE {id}:/tmp/FILE`"),
+                    ));
+                }
+                Some(buf)
+            } else {
+                None
+            };
+            let req = CommandRequest {
+                argv: Some(cmd),
+                env: parse_kv("--env", &env)?.into_iter().collect(),
+                cwd,
+                stdin_data,
+                timeout: Some(Duration::from_secs(timeout)),
+                ..Default::default()
+            };
+            let b = backend(ctx)?;
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let exit = b
+                .exec(&id, &req, &mut |ev| match ev {
+                    OutputEvent::Stdout(d) if json => out.extend_from_slice(d),
+                    OutputEvent::Stderr(d) if json => err.extend_from_slice(d),
+                    OutputEvent::Stdout(d) => {
+                        let mut o = std::io::stdout().lock();
+                        let _ = o.write_all(d);
+                        let _ = o.flush();
+                    }
+                    OutputEvent::Stderr(d) => {
+                        let _ = std::io::stderr().write_all(d);
+                    }
+                    _ => {}
+                })
+                .map_err(with_hint)
+                .with_context(|| format!("cannot run the command in {id}"))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "exit_code": exit.exit_code, "signal": exit.signal,
+                        "timed_out": exit.timed_out, "duration_ms": exit.duration_ms,
+                        "stdout": String::from_utf8_lossy(&out), "stderr": String::from_utf8_lossy(&err),
+                    }))?
+                );
+            }
+            match exit.exit_code {
+                Some(0) => Ok(()),
+                Some(c) => std::process::exit(c),
+                None if exit.timed_out => {
+                    bail!("the command timed out after {timeout} s and was killed (--timeout SECS)")
+                }
+                None => bail!("the command was killed (signal {:?})", exit.signal),
+            }
+        }
+        Cmd::Kill { id, all } => {
+            let b = backend(ctx)?;
+            let ids: Vec<String> = if all {
+                b.list(&[])
+                    .map_err(with_hint)?
+                    .into_iter()
+                    .map(|s| s.id)
+                    .collect()
+            } else {
+                id.into_iter().collect()
+            };
+            for id in &ids {
+                b.kill(id)
+                    .map_err(with_hint)
+                    .with_context(|| format!("cannot stop {id}"))?;
+                if !ctx.quiet {
+                    eprintln!("stopped {id}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Cp { src, dst, mode } => cp(ctx, &src, &dst, mode.as_deref()),
+    }
+}
+
+const MAX_STDIN: u64 = 64 << 20;
+
+/// `forkd fork --keep` while a daemon runs: the daemon forks and owns the children; an
+/// `--exec` command then runs in each through it.
+pub(super) fn fork_kept(
+    ctx: &Ctx,
+    tag: &str,
+    n: usize,
+    exec: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let b = backend(ctx)?;
+    let req = forkd_sandbox::CreateRequest {
+        tag: tag.to_string(),
+        count: n,
+        ..Default::default()
+    };
+    let results = b
+        .create(&req)
+        .map_err(with_hint)
+        .with_context(|| format!("cannot fork {tag}"))?;
+    let mut rows = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        let mut row = serde_json::json!({"index": i});
+        match r {
+            Ok(sb) => {
+                row["id"] = sb.id.clone().into();
+                row["hostname"] = sb.hostname.clone().into();
+                row["ok"] = true.into();
+                if let Some(cmd) = exec {
+                    let (mut out, mut err) = (Vec::new(), Vec::new());
+                    let req = CommandRequest {
+                        cmd: Some(cmd.to_string()),
+                        ..Default::default()
+                    };
+                    let x = b.exec(&sb.id, &req, &mut |ev| match ev {
+                        OutputEvent::Stdout(d) => out.extend_from_slice(d),
+                        OutputEvent::Stderr(d) => err.extend_from_slice(d),
+                        _ => {}
+                    });
+                    match x {
+                        Ok(x) => {
+                            row["exec"] = serde_json::json!({
+                                "exit_code": x.exit_code, "timed_out": x.timed_out,
+                                "stdout": String::from_utf8_lossy(&out),
+                                "stderr": String::from_utf8_lossy(&err),
+                            })
+                        }
+                        Err(e) => row["error"] = e.to_string().into(),
+                    }
+                }
+            }
+            Err(e) => {
+                row["ok"] = false.into();
+                row["error"] = e.clone().into();
+            }
+        }
+        rows.push(row);
+    }
+    let alive = results.iter().filter(|r| r.is_ok()).count();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "tag": tag, "requested": n, "alive": alive, "children": rows,
+                "kept": results.iter().filter_map(|r| r.as_ref().ok().map(|s| s.id.clone())).collect::<Vec<_>>(),
+                "owner": "daemon",
+            }))?
+        );
+    } else {
+        for r in &rows {
+            println!(
+                "{:<28} {:<6} {}",
+                r["id"].as_str().unwrap_or("-"),
+                if r["ok"] == true { "ok" } else { "FAILED" },
+                r["exec"]["stdout"]
+                    .as_str()
+                    .or(r["error"].as_str())
+                    .unwrap_or("")
+                    .trim_end()
+            );
+        }
+        println!("{alive}/{n} children alive; kept {alive} (owned by the daemon; forkd ps)");
+    }
+    if alive < n {
+        bail!("{} of {n} children failed to come up", n - alive);
+    }
+    Ok(())
+}
+
+/// `ID:/path` → (ID, /path). Local paths never contain `:` before a `/` here.
+fn remote(s: &str) -> Option<(&str, &str)> {
+    let (id, path) = s.split_once(':')?;
+    (!id.is_empty() && !id.contains('/') && path.starts_with('/')).then_some((id, path))
+}
+
+fn cp(ctx: &Ctx, src: &str, dst: &str, mode: Option<&str>) -> anyhow::Result<()> {
+    let mode = mode
+        .map(|m| u32::from_str_radix(m, 8).with_context(|| format!("--mode {m:?} is not octal")))
+        .transpose()?;
+    let b = backend(ctx)?;
+    match (remote(src), remote(dst)) {
+        (None, Some((id, path))) => {
+            let (reader, mode): (Box<dyn Read + Send>, Option<u32>) = if src == "-" {
+                (Box::new(std::io::stdin()), mode)
+            } else {
+                let f = std::fs::File::open(src).with_context(|| format!("cannot open {src}"))?;
+                let meta = f.metadata()?;
+                if meta.is_dir() {
+                    return Err(anyhow::anyhow!("{src} is a directory")).context(Hint(format!(
+                        "copy a tar: tar c {src} | forkd cp - {id}:{path}.tar"
+                    )));
+                }
+                use std::os::unix::fs::PermissionsExt;
+                (
+                    Box::new(f),
+                    mode.or(Some(meta.permissions().mode() & 0o777)),
+                )
+            };
+            let n = b
+                .upload(id, path, mode, reader)
+                .map_err(with_hint)
+                .with_context(|| format!("cannot copy {src} to {dst}"))?;
+            if !ctx.quiet {
+                eprintln!("copied {n} bytes to {dst}");
+            }
+            Ok(())
+        }
+        (Some((id, path)), None) => {
+            let n = if dst == "-" {
+                let mut out = std::io::stdout().lock();
+                b.download(id, path, &mut out)
+            } else {
+                // Whole or nothing: write beside the target, rename when complete.
+                let target = std::path::Path::new(dst);
+                let dir = target
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
+                let mut tmp = tempfile::NamedTempFile::new_in(dir)
+                    .with_context(|| format!("cannot write in {}", dir.display()))?;
+                let n = b.download(id, path, tmp.as_file_mut());
+                if n.is_ok() {
+                    tmp.persist(target)
+                        .with_context(|| format!("cannot write {dst}"))?;
+                }
+                n
+            }
+            .map_err(with_hint)
+            .with_context(|| format!("cannot copy {src} to {dst}"))?;
+            if !ctx.quiet && dst != "-" {
+                eprintln!("copied {n} bytes to {dst}");
+            }
+            Ok(())
+        }
+        (Some(_), Some(_)) => {
+            bail!("copy between two children is not supported: go through a local file")
+        }
+        (None, None) => Err(anyhow::anyhow!("neither {src} nor {dst} names a child")).context(
+            Hint("one side must be ID:/absolute/path (see forkd ps)".into()),
+        ),
+    }
+}
+
+fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
+    let store = ctx.store()?;
+    let listen = match (&a.listen, &a.token_file) {
+        (Some(addr), Some(f)) => forkd_server::Listen::Tcp {
+            addr: addr.clone(),
+            token: read_private_token(f)?,
+        },
+        _ => forkd_server::Listen::Unix(store.home().join("forkd.sock")),
+    };
+    let mgr = manager(ctx, Ownership::Owner, Some(&a.vm))?;
+    let quiet = ctx.quiet;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(forkd_server::serve(forkd_server::ServeOptions {
+        manager: mgr,
+        listen,
+        log_dir: store.home().join("log"),
+        hub: forkd_server::HubConfig {
+            url: a.hub,
+            insecure: a.insecure,
+        },
+        on_ready: Some(Box::new(move |at| {
+            if !quiet {
+                eprintln!("forkd serve: listening on {at}");
+            }
+        })),
+    }))
+    .map_err(anyhow::Error::from)
+    .context("forkd serve stopped")
+}
+
+/// A token file must exist, hold a non-empty line, and not be readable by other users.
+fn read_private_token(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(anyhow::anyhow!(
+            "the token file {} is readable by other users",
+            path.display()
+        ))
+        .context(Hint(format!("chmod 600 {}", path.display())));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(4096)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let t = text.trim().to_string();
+    if t.is_empty() {
+        bail!("the token file {} is empty", path.display());
+    }
+    Ok(t)
+}

@@ -1,0 +1,386 @@
+//! The [`Manager`]: every sandbox of one `$FORKD_HOME`, created, found, expired and stopped
+//! through it. A daemon holds one for its whole life ([`Ownership::Owner`]: its sandboxes stop
+//! with it); a CLI command without a daemon opens one for a moment ([`Ownership::Visitor`]: it
+//! drives children that outlive it, as `forkd fork --keep` left them).
+
+use crate::error::{Result, SandboxError};
+use crate::sandbox::{Meta, Sandbox, SandboxInfo, Vm, load_meta, save_meta};
+use forkd_engine::Interrupt;
+use forkd_engine::child::{ChildReport, Work};
+use forkd_engine::fork::{ForkOptions, ForkReport, OnChild};
+use forkd_engine::qemu::{AccelChoice, Qemu};
+use forkd_engine::run::KeptChild;
+use forkd_store::{Store, Tag};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Whether the sandboxes stop when the manager goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    /// A daemon: it owns every sandbox; [`Manager::shutdown`] stops them all.
+    Owner,
+    /// A short-lived front end: sandboxes keep running after it exits.
+    Visitor,
+}
+
+pub struct ManagerOptions {
+    pub store: Store,
+    /// `$FORKD_HOME/run`.
+    pub run_root: PathBuf,
+    pub qemu: Option<PathBuf>,
+    pub accel: AccelChoice,
+    pub ownership: Ownership,
+    /// How long a child may take to answer after its restore.
+    pub ready_timeout: Duration,
+}
+
+/// Most children one request may ask for.
+pub const MAX_COUNT: usize = 1000;
+
+/// A request for `count` sandboxes from one image.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreateRequest {
+    /// A local tag.
+    pub tag: String,
+    pub count: usize,
+    pub env: BTreeMap<String, String>,
+    pub ttl: Option<Duration>,
+    pub labels: BTreeMap<String, String>,
+    pub memory_mib: Option<u64>,
+    /// The image name to show (the hub reference the tag came from, or the tag).
+    pub image: Option<String>,
+}
+
+/// One result per requested child, in order.
+pub struct CreateOutcome {
+    pub report: ForkReport,
+    pub results: Vec<std::result::Result<Arc<Sandbox>, String>>,
+}
+
+struct Inner {
+    store: Store,
+    run_root: PathBuf,
+    qemu_path: Option<PathBuf>,
+    accel: AccelChoice,
+    ownership: Ownership,
+    ready_timeout: Duration,
+    sandboxes: RwLock<BTreeMap<String, Arc<Sandbox>>>,
+}
+
+/// Cheap to clone; every clone sees the same sandboxes.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Manager {
+    pub fn new(opts: ManagerOptions) -> Manager {
+        Manager {
+            inner: Arc::new(Inner {
+                store: opts.store,
+                run_root: opts.run_root,
+                qemu_path: opts.qemu,
+                accel: opts.accel,
+                ownership: opts.ownership,
+                ready_timeout: opts.ready_timeout,
+                sandboxes: RwLock::new(BTreeMap::new()),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn run_root(&self) -> &Path {
+        &self.inner.run_root
+    }
+
+    fn table(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Sandbox>>> {
+        self.inner
+            .sandboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn table_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Sandbox>>> {
+        self.inner
+            .sandboxes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Find every child left under `run/` (by a crashed daemon, or by `forkd fork --keep`):
+    /// adopt those still running, and remove the records of those that are not. Returns the
+    /// ids adopted and the ids cleaned up. Directories without a record (a fork in progress
+    /// in another process) are left alone.
+    pub fn recover(&self) -> Result<(Vec<String>, Vec<String>)> {
+        let mut adopted = Vec::new();
+        let mut removed = Vec::new();
+        for st in forkd_engine::run::list(&self.inner.run_root)? {
+            let id = st.child.id.clone();
+            if self.table().contains_key(&id) {
+                continue;
+            }
+            if !st.running {
+                match forkd_engine::run::kill(&self.inner.run_root, &id) {
+                    Ok(()) => removed.push(id),
+                    Err(e) => tracing::warn!("cannot clean up {id}: {e}"),
+                }
+                continue;
+            }
+            let meta = load_meta(&st.child.run_dir).unwrap_or_else(|| Meta {
+                image: st.child.tag.clone(),
+                created_unix: st.child.started_unix,
+                memory_mib: 0,
+                ..Meta::default()
+            });
+            let paused = st.child.paused().unwrap_or(false);
+            let sb = Arc::new(Sandbox::new(st.child, meta, Vm::Adopted, paused));
+            self.table_mut().insert(id.clone(), sb);
+            adopted.push(id);
+        }
+        Ok((adopted, removed))
+    }
+
+    /// Look up the image for a tag (its manifest gives the machine's memory).
+    pub fn image(&self, tag: &str) -> Result<forkd_store::Snapshot> {
+        let t = Tag::parse(tag).map_err(|e| SandboxError::BadRequest {
+            field: "image",
+            reason: e.to_string(),
+        })?;
+        match self.inner.store.get(&t) {
+            Ok(s) => Ok(s),
+            Err(forkd_store::StoreError::NotFound(_)) => {
+                Err(SandboxError::NoSuchImage(tag.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Fork `req.count` sandboxes. Admission (capacity) is checked before any child starts;
+    /// after that each child succeeds or fails on its own. `on_child` sees each child as it
+    /// comes up.
+    pub fn create(&self, req: &CreateRequest, on_child: Option<OnChild>) -> Result<CreateOutcome> {
+        if req.count == 0 || req.count > MAX_COUNT {
+            return Err(SandboxError::BadRequest {
+                field: "count",
+                reason: format!("must be 1…{MAX_COUNT}, not {}", req.count),
+            });
+        }
+        for (k, v) in &req.labels {
+            if k.is_empty() || k.len() > 128 || v.len() > 1024 || k.contains('=') {
+                return Err(SandboxError::BadRequest {
+                    field: "labels",
+                    reason: format!(
+                        "label {k:?} must be 1…128 bytes without '=', its value at most 1024"
+                    ),
+                });
+            }
+        }
+        let snap = self.image(&req.tag)?;
+        let mem = snap.manifest.memory_mib;
+        if let Some(m) = req.memory_mib
+            && m != mem
+        {
+            return Err(SandboxError::BadRequest {
+                field: "memory_mib",
+                reason: format!(
+                    "image {} has {mem} MiB of RAM, and a restored machine keeps its parent's RAM; \
+                     omit memory_mib or pass {mem}",
+                    req.tag
+                ),
+            });
+        }
+        let qemu = Qemu::locate(self.inner.qemu_path.as_deref())?;
+        let opts = ForkOptions {
+            n: req.count,
+            tag: snap.tag.as_str().to_string(),
+            accel: self.inner.accel,
+            work: Work::default(),
+            keep: true,
+            run_root: self.inner.run_root.clone(),
+            ready_timeout: self.inner.ready_timeout,
+            interrupt: Interrupt::never(),
+            on_child,
+        };
+        let (report, guards) = forkd_engine::fork::fork_owned(&snap.dir, &qemu, &opts)?;
+        let created = now_unix();
+        let mut results = Vec::with_capacity(report.children.len());
+        for (child, guard) in report.children.iter().zip(guards) {
+            let Some(guard) = guard else {
+                results.push(Err(child
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "the child did not come up".into())));
+                continue;
+            };
+            let meta = Meta {
+                image: req.image.clone().unwrap_or_else(|| req.tag.clone()),
+                labels: req.labels.clone(),
+                env: req.env.clone(),
+                memory_mib: mem,
+                created_unix: created,
+                expires_unix: req.ttl.map(|t| created + t.as_secs().max(1)),
+                restored_ms: child.restored_ms,
+                ready_ms: child.ready_ms,
+            };
+            match self.adopt_new(child, &opts.tag, &snap.dir, guard, meta) {
+                Ok(sb) => results.push(Ok(sb)),
+                Err(e) => results.push(Err(e.to_string())),
+            }
+        }
+        Ok(CreateOutcome { report, results })
+    }
+
+    /// Record a freshly forked child on disk, then take it into the table. If the record
+    /// cannot be written the guard is dropped, which stops the VM: nothing runs unrecorded.
+    fn adopt_new(
+        &self,
+        child: &ChildReport,
+        tag: &str,
+        snapshot_dir: &Path,
+        guard: forkd_engine::child::VmGuard,
+        meta: Meta,
+    ) -> Result<Arc<Sandbox>> {
+        let rec = KeptChild::new(child, tag, snapshot_dir, &guard);
+        save_meta(&guard.run_dir, &meta)?;
+        rec.save()?;
+        let vm = match self.inner.ownership {
+            Ownership::Owner => Vm::Owned(guard),
+            Ownership::Visitor => {
+                guard.detach();
+                Vm::Adopted
+            }
+        };
+        let sb = Arc::new(Sandbox::new(rec, meta, vm, false));
+        self.table_mut().insert(sb.id().to_string(), sb.clone());
+        Ok(sb)
+    }
+
+    /// Every sandbox whose labels include all of `labels`, sorted by id.
+    pub fn list(&self, labels: &[(String, String)]) -> Vec<Arc<Sandbox>> {
+        self.table()
+            .values()
+            .filter(|s| s.matches(labels))
+            .cloned()
+            .collect()
+    }
+
+    pub fn infos(&self, labels: &[(String, String)]) -> Vec<SandboxInfo> {
+        self.list(labels).iter().map(|s| s.info()).collect()
+    }
+
+    /// A sandbox by id. A visitor also finds children recorded on disk by another process.
+    pub fn get(&self, id: &str) -> Result<Arc<Sandbox>> {
+        if let Some(s) = self.table().get(id) {
+            return Ok(s.clone());
+        }
+        if self.inner.ownership == Ownership::Visitor {
+            let rec = forkd_engine::run::find(&self.inner.run_root, id)?;
+            if !rec.running() {
+                return Err(SandboxError::Stopped(id.to_string()));
+            }
+            let meta = load_meta(&rec.run_dir).unwrap_or_default();
+            let paused = rec.paused().unwrap_or(false);
+            let sb = Arc::new(Sandbox::new(rec, meta, Vm::Adopted, paused));
+            self.table_mut().insert(id.to_string(), sb.clone());
+            return Ok(sb);
+        }
+        Err(SandboxError::NoSuchSandbox(id.to_string()))
+    }
+
+    /// Stop a sandbox: its VM, sockets, overlay and records are gone afterwards.
+    pub fn kill(&self, id: &str) -> Result<()> {
+        let sb = self.get(id)?;
+        self.table_mut().remove(id);
+        sb.stop();
+        Ok(())
+    }
+
+    pub fn pause(&self, id: &str) -> Result<Arc<Sandbox>> {
+        let sb = self.get(id)?;
+        sb.pause()?;
+        Ok(sb)
+    }
+
+    pub fn resume(&self, id: &str) -> Result<Arc<Sandbox>> {
+        let sb = self.get(id)?;
+        sb.resume()?;
+        Ok(sb)
+    }
+
+    /// Stop every sandbox whose time is up, and forget those whose VM exited by itself.
+    /// Returns the ids stopped. A daemon calls this every second.
+    pub fn reap(&self) -> Vec<String> {
+        let now = now_unix();
+        let doomed: Vec<Arc<Sandbox>> = self
+            .table()
+            .values()
+            .filter(|s| s.expired(now) || !s.record.running())
+            .cloned()
+            .collect();
+        let mut ids = Vec::new();
+        for sb in doomed {
+            tracing::info!(
+                "sandbox {}: {}",
+                sb.id(),
+                if sb.expired(now) {
+                    "its ttl ran out; stopping it"
+                } else {
+                    "its VM exited; cleaning up"
+                }
+            );
+            self.table_mut().remove(sb.id());
+            sb.stop();
+            ids.push(sb.id().to_string());
+        }
+        ids
+    }
+
+    /// Stop every sandbox (an owner shutting down). A visitor leaves them running.
+    pub fn shutdown(&self) {
+        let all: Vec<Arc<Sandbox>> = std::mem::take(&mut *self.table_mut())
+            .into_values()
+            .collect();
+        for sb in all {
+            match self.inner.ownership {
+                Ownership::Owner => sb.stop(),
+                Ownership::Visitor => sb.release(),
+            }
+        }
+    }
+
+    /// How many sandboxes are running and paused.
+    pub fn counts(&self) -> (usize, usize) {
+        let t = self.table();
+        let paused = t
+            .values()
+            .filter(|s| s.state() == crate::SandboxState::Paused)
+            .count();
+        (t.len() - paused, paused)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A visitor's sandboxes outlive it; an owner's are stopped by `shutdown` (or, if the
+        // owner forgot, by their guards right here).
+        if self.ownership == Ownership::Visitor {
+            let t = std::mem::take(&mut *self.sandboxes.write().unwrap_or_else(|p| p.into_inner()));
+            for sb in t.into_values() {
+                sb.release();
+            }
+        }
+    }
+}
