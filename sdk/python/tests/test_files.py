@@ -72,6 +72,10 @@ def test_list_mkdir_remove(sb: Sandbox) -> None:
     assert top["e"].type == "dir" and top["e"].is_dir
     assert "d" in {e.name for e in sb.files.list("/tmp")}
 
+    st = sb.files.stat("/tmp/d/e/f.txt")
+    assert (st.name, st.type, st.size) == ("f.txt", "file", 5)
+    assert sb.files.exists("/tmp/d/e") and not sb.files.exists("/tmp/d/nope")
+
     sb.files.remove("/tmp/d/e/f.txt")
     assert sb.files.list("/tmp/d/e") == []
     sb.files.write("/tmp/d/e/g", b"x")

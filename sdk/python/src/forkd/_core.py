@@ -32,6 +32,7 @@ from urllib.parse import quote
 from .errors import (
     ChildError,
     ForkdError,
+    GuestError,
     NotFound,
     ProtocolError,
     TimeoutError_,
@@ -711,6 +712,24 @@ def op_list_dir(sid: str, path: str) -> Op[list[FileEntry]]:
     j = yield from _json(_file_req("GET", sid, "/list", path))
     entries = j.get("entries", []) if isinstance(j, dict) else []
     return [FileEntry.from_json(e) for e in entries]
+
+
+def op_stat(sid: str, path: str) -> Op[FileEntry]:
+    j = yield from _json(_file_req("GET", sid, "/stat", path))
+    return FileEntry.from_json(j or {})
+
+
+def op_exists(sid: str, path: str) -> Op[bool]:
+    """``stat`` that answers False for a missing path instead of raising."""
+    try:
+        yield from op_stat(sid, path)
+    except NotFound:
+        return False
+    except GuestError as e:
+        if e.guest_code in ("enoent", "not_found"):
+            return False
+        raise
+    return True
 
 
 def op_mkdir(sid: str, path: str, parents: bool = True) -> Op[None]:

@@ -556,6 +556,14 @@ class AsyncFiles:
     async def list(self, path: str) -> list[FileEntry]:
         return await self._run(core.op_list_dir(self._sb.id, path))
 
+    async def stat(self, path: str) -> FileEntry:
+        """The entry for ``path`` (a symlink is described, not followed)."""
+        return await self._run(core.op_stat(self._sb.id, path))
+
+    async def exists(self, path: str) -> bool:
+        """Whether ``path`` exists in the guest."""
+        return await self._run(core.op_exists(self._sb.id, path))
+
     async def mkdir(self, path: str, parents: bool = True) -> None:
         await self._run(core.op_mkdir(self._sb.id, path, parents))
 

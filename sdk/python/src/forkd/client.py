@@ -570,6 +570,14 @@ class Files:
         """The entries of the directory ``path``."""
         return self._run(core.op_list_dir(self._sb.id, path))
 
+    def stat(self, path: str) -> FileEntry:
+        """The entry for ``path`` (a symlink is described, not followed)."""
+        return self._run(core.op_stat(self._sb.id, path))
+
+    def exists(self, path: str) -> bool:
+        """Whether ``path`` exists in the guest."""
+        return self._run(core.op_exists(self._sb.id, path))
+
     def mkdir(self, path: str, parents: bool = True) -> None:
         """Make a directory (with its parents unless ``parents=False``)."""
         self._run(core.op_mkdir(self._sb.id, path, parents))

@@ -120,8 +120,8 @@ class CommandResult:
 
 @dataclass
 class CommandOutput:
-    """The output a background command has produced so far (the daemon keeps the last 8 MiB
-    of each stream; ``*_dropped`` counts what it let go)."""
+    """The output a background command has produced so far (the daemon keeps the first 8 MiB
+    of each stream; ``*_dropped`` counts the bytes beyond)."""
 
     stdout_bytes: bytes
     stderr_bytes: bytes
