@@ -491,11 +491,14 @@ def op_fork(
         "labels": dict(labels or {}),
         "memory_mib": memory_mib,
     }
+    # stream (NDJSON) only when someone listens to the progress: the plain answer reports a
+    # refused request with its own HTTP status
+    streamed = on_progress is not None or on_child is not None
     res = yield Request(
         "POST",
         f"{API}/sandboxes",
         json=body,
-        headers={"Accept": NDJSON},
+        headers={"Accept": NDJSON if streamed else "application/json"},
         read_timeout=None,
         consumer=DoneConsumer(on_progress, on_child),
     )

@@ -33,8 +33,9 @@ class ForkdError(Exception):
     """Base class of every error the SDK raises.
 
     ``code`` is the daemon's stable error code (``not_found``, ``conflict``, ...), ``message``
-    and ``hint`` are for people, ``status`` is the HTTP status (``None`` when the error did not
-    come from an HTTP answer, e.g. the daemon could not be reached).
+    and ``hint`` are for people, ``status`` is the HTTP status (for an error that arrived inside
+    a streamed 200 answer, the status its code stands for; ``None`` when the error did not come
+    from the daemon, e.g. it could not be reached).
     """
 
     code: str = "internal"
@@ -211,6 +212,19 @@ _BY_STATUS: dict[int, type[ForkdError]] = {
 }
 
 
+_STATUS_BY_CODE: dict[str, int] = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "conflict": 409,
+    "too_large": 413,
+    "capacity": 422,
+    "internal": 500,
+    "guest": 502,
+    "timeout": 504,
+}
+
+
 def error_from_json(
     err: Mapping[str, Any] | None, status: int | None = None, *, index: int | None = None
 ) -> ForkdError:
@@ -220,6 +234,9 @@ def error_from_json(
     on a plain :class:`ForkdError` (or the status's class)."""
     err = dict(err or {})
     code = str(err.get("code") or "")
+    if status is None:
+        # an error inside a 200 stream (fork, pull, a command): the status its code stands for
+        status = _STATUS_BY_CODE.get(code)
     message = str(err.get("message") or (f"HTTP {status}" if status else "error"))
     hint = err.get("hint")
     hint = str(hint) if hint else None
