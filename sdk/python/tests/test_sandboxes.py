@@ -148,6 +148,19 @@ def test_no_daemon_is_daemon_unavailable_with_a_hint() -> None:
         shutil.rmtree(home)
 
 
+def test_fork_streamed_with_on_progress(client: Client) -> None:
+    # on_progress asks for the NDJSON answer; the children are the same
+    events: list[dict[str, object]] = []
+    sbs = client.fork("tiny", 2, on_progress=events.append)
+    try:
+        assert len(sbs) == 2
+        assert all(s.state == "running" for s in sbs)
+        assert [s.commands.run("echo $((1+1))").stdout for s in sbs] == ["2\n", "2\n"]
+    finally:
+        for s in sbs:
+            s.kill()
+
+
 def test_unknown_image_while_streaming_progress(client: Client) -> None:
     seen: list[dict[str, object]] = []
     with pytest.raises(forkd.NotFound) as ei:
@@ -200,7 +213,7 @@ def test_fork_error_carries_the_started_children_and_the_errors(broken_daemon: D
             assert s.commands.run("echo ok").stdout == "ok\n"
             s.kill()
         with pytest.raises(forkd.ForkError) as ei2:
-            c.fork("tiny", 2)
+            c.fork("tiny", 2, on_progress=lambda ev: None)  # the same through the stream
         assert [x.index for x in ei2.value.errors] == [1]
         for s in ei2.value.sandboxes:
             s.kill()
