@@ -94,3 +94,18 @@ def test_missing_file_is_an_error(sb: Sandbox) -> None:
         assert e.guest_code in ("enoent", "not_found") and e.status == 502
     else:
         assert e.status == 404
+
+
+def test_full_disk_is_a_guest_error_and_leaves_no_half_file(sb: Sandbox) -> None:
+    # tiny's root disk is ~60 MB: fill all but 1 MiB of what is free, then upload 8 MiB
+    # (more than that plus ext4's blocks reserved for root)
+    fill = "fallocate -l $(( $(df -k / | awk 'NR==2{print $4}') - 1024 ))k /tmp/filler"
+    assert sb.commands.run(fill).exit_code == 0
+    with pytest.raises(forkd.GuestError) as ei:
+        sb.files.write("/tmp/fill.bin", (b"\x01" * (1 << 20) for _ in range(8)))
+    e = ei.value
+    assert e.status == 502 and e.code == "guest"
+    # docs/API.md says enospc; the daemon names it no_space
+    assert e.guest_code in ("enospc", "no_space")
+    names = [x.name for x in sb.files.list("/tmp")]
+    assert not any("fill.bin" in n for n in names), names
