@@ -114,7 +114,8 @@ class InternalError(ForkdError):
 
 
 class GuestError(ForkdError):
-    """502: the guest reported an error; ``guest_code`` is e.g. ``enospc`` or ``enoent``."""
+    """502: the guest reported an error; ``guest_code`` says which (the daemon sends e.g.
+    ``no_space``, ``not_found``; docs/API.md spells them ``enospc``, ``enoent``)."""
 
     code = "guest"
 
