@@ -59,9 +59,10 @@ def test_argv_stdin_and_cwd(sb: Sandbox) -> None:
 
 
 def test_fork_env_applies_to_every_child_and_command_env_wins(client: Client) -> None:
-    sbs = client.fork("tiny", 2, env={"K": "v", "K2": "w"}, ttl_s=600)
+    sbs = client.fork("tiny", 10, env={"K": "v", "K2": "w"}, ttl_s=600)
     try:
-        assert len(sbs) == 2 and len({s.id for s in sbs}) == 2
+        assert len(sbs) == 10 and len({s.id for s in sbs}) == 10
+        assert all(s.info.get("expires_at") for s in sbs)
         for s in sbs:
             assert s.info["env"] == {"K": "v", "K2": "w"}
             assert s.commands.run("echo $K $K2").stdout == "v w\n"
