@@ -261,3 +261,52 @@ fn unknown_ops_are_unsupported_and_errors_carry_codes() {
         .unwrap_err();
     assert_eq!(e.0, ErrorCode::NotFound, "{e:?}");
 }
+
+#[test]
+fn a_stream_whose_host_is_gone_kills_its_command() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_forkd-agent"))
+        .arg("--stdio")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let req = forkd_agent::Request {
+        v: forkd_agent::PROTOCOL_VERSION,
+        id: 1,
+        op: streamed("yes"),
+    };
+    stdin.write_all(&forkd_agent::encode_line(&req)).unwrap();
+    stdin.flush().unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let r: forkd_agent::Response = serde_json::from_str(&line).unwrap();
+    let Some(Event::Started { pid }) = r.event else {
+        panic!("{r:?}")
+    };
+    // The host stops reading: the agent's writes block (bounded memory), `yes` keeps running.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(alive(pid));
+    let rss = |p: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{p}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    let before = rss(child.id());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(rss(child.id()) < before + 8 * 1024, "agent memory grows");
+    // The host goes away: the agent's next write fails and it kills the command's group.
+    drop(out);
+    let end = Instant::now() + Duration::from_secs(10);
+    while alive(pid) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!alive(pid), "`yes` survived its host");
+    drop(stdin);
+    let _ = child.wait();
+}

@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 /// Longest line accepted from the agent: its own limit plus room for the envelope.
 pub const MAX_FRAME: usize = MAX_LINE + 64 * 1024;
 
+/// Line buffer capacity the reader keeps between lines.
+const LINE_KEEP: usize = 256 * 1024;
+
 /// Frames queued per streaming waiter before the reader thread waits for its consumer.
 const STREAM_QUEUE: usize = 16;
 
@@ -132,6 +135,8 @@ struct Table {
 #[derive(Default)]
 struct Shared {
     table: Mutex<Table>,
+    /// The socket, shut down on close (ends the reader thread and the peer's writes).
+    socket: Option<UnixStream>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -149,6 +154,9 @@ impl Shared {
             std::mem::take(&mut t.waiters)
         };
         drop(waiters);
+        if let Some(s) = &self.socket {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     fn closure(&self) -> Option<Closure> {
@@ -160,22 +168,12 @@ struct Inner {
     shared: Arc<Shared>,
     writer: Mutex<Box<dyn Write + Send>>,
     next_id: AtomicU64,
-    /// The socket, to shut down when the last client goes (ends the reader thread).
-    socket: Option<UnixStream>,
-}
-
-impl Inner {
-    fn shutdown(&self) {
-        if let Some(s) = &self.socket {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
 }
 
 impl Drop for Inner {
+    /// The last client is gone: close the connection (ends the reader thread).
     fn drop(&mut self) {
         self.shared.close(Closure::Closed);
-        self.shutdown();
     }
 }
 
@@ -265,6 +263,10 @@ fn read_frames(shared: Arc<Shared>, r: Box<dyn Read + Send>) {
         if tx.send(frame).is_err() {
             lock(&shared.table).waiters.remove(&id);
         }
+        if line.capacity() > LINE_KEEP {
+            // Do not hold on to a big line's buffer for the life of the connection.
+            line = Vec::with_capacity(LINE_KEEP);
+        }
     };
     shared.close(why);
 }
@@ -305,7 +307,11 @@ impl std::fmt::Debug for AgentClient {
 impl AgentClient {
     /// Connect to an agent socket (QEMU's chardev for the VM's `forkd.agent` port).
     pub fn connect(sock: &Path) -> Result<AgentClient, AgentError> {
-        let s = UnixStream::connect(sock)?;
+        AgentClient::from_stream(UnixStream::connect(sock)?)
+    }
+
+    /// A client on a connected socket; closing the client shuts the socket down.
+    pub fn from_stream(s: UnixStream) -> Result<AgentClient, AgentError> {
         s.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let r = s.try_clone()?;
         let w = s.try_clone()?;
@@ -313,6 +319,7 @@ impl AgentClient {
     }
 
     /// A client over any pair of byte streams (e.g. `forkd-agent --stdio`'s stdout and stdin).
+    /// The reader thread runs until `r` reaches EOF or fails.
     pub fn from_io(
         r: Box<dyn Read + Send>,
         w: Box<dyn Write + Send>,
@@ -325,12 +332,14 @@ impl AgentClient {
         w: Box<dyn Write + Send>,
         socket: Option<UnixStream>,
     ) -> Result<AgentClient, AgentError> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            table: Mutex::default(),
+            socket,
+        });
         let inner = Arc::new(Inner {
             shared: shared.clone(),
             writer: Mutex::new(w),
             next_id: AtomicU64::new(first_id()?),
-            socket,
         });
         std::thread::Builder::new()
             .name("agent-mux".into())
@@ -352,10 +361,11 @@ impl AgentClient {
         self.inner.shared.closure().is_some()
     }
 
-    /// Close the connection now: every waiter gets [`AgentError::Closed`].
+    /// Close the connection now: every waiter gets [`AgentError::Closed`]. (With
+    /// [`AgentClient::from_io`], the writer is closed; the reader thread ends at the peer's EOF.)
     pub fn close(&self) {
         self.inner.shared.close(Closure::Closed);
-        self.inner.shutdown();
+        *lock(&self.inner.writer) = Box::new(std::io::sink());
     }
 
     /// Register a waiter and send the request.
@@ -387,7 +397,6 @@ impl AgentClient {
             // Part of the line may have gone out: the stream is unusable from here on.
             drop(w);
             self.inner.shared.close(Closure::Closed);
-            self.inner.shutdown();
             return Err(AgentError::Io(e));
         }
         Ok(pending)
@@ -769,5 +778,56 @@ impl ExecStream {
             message: "the command has not started yet".into(),
         })?;
         self.client.signal(pid, signal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_is_clone_send_sync() {
+        fn check<T: Clone + Send + Sync + 'static>() {}
+        check::<AgentClient>();
+        fn send<T: Send + 'static>() {}
+        send::<ExecStream>();
+        send::<AgentError>();
+    }
+
+    #[test]
+    fn lines_are_capped_and_split() {
+        let data = b"one\r\ntwo\nthree-is-too-long\nx".to_vec();
+        let mut r = BufReader::with_capacity(4, &data[..]);
+        let mut line = Vec::new();
+        assert_eq!(read_line_capped(&mut r, &mut line, 8), Ok(true));
+        assert_eq!(line, b"one\r");
+        line.clear();
+        assert_eq!(read_line_capped(&mut r, &mut line, 8), Ok(true));
+        assert_eq!(line, b"two");
+        line.clear();
+        assert!(read_line_capped(&mut r, &mut line, 8).is_err());
+        assert!(line.len() <= 8);
+        // A partial last line is dropped at EOF.
+        let mut r = BufReader::new(&b"partial"[..]);
+        line.clear();
+        assert_eq!(read_line_capped(&mut r, &mut line, 100), Ok(false));
+    }
+
+    #[test]
+    fn transient_errors() {
+        assert!(AgentError::Timeout(Duration::from_secs(1)).is_transient());
+        assert!(AgentError::Closed.is_transient());
+        let busy = AgentError::Guest {
+            code: ErrorCode::Busy,
+            message: "busy".into(),
+        };
+        assert!(busy.is_transient());
+        assert_eq!(busy.code(), Some(ErrorCode::Busy));
+        let nf = AgentError::Guest {
+            code: ErrorCode::NotFound,
+            message: "x".into(),
+        };
+        assert!(!nf.is_transient());
+        assert!(!AgentError::Protocol("x".into()).is_transient());
     }
 }

@@ -260,3 +260,140 @@ fn a_command_over_the_work_timeout_is_reported_per_child() {
         .unwrap_or_default();
     assert!(left.is_empty(), "run dir not cleaned: {left:?}");
 }
+
+#[test]
+fn one_connection_to_a_kept_child_carries_concurrent_streams_and_files() {
+    use forkd_engine::mux::{AgentClient, ExecEvent};
+    use sha2::{Digest, Sha256};
+    use std::time::Duration;
+    let snap = tiny_snapshot();
+    let run = scratch().join("run-mux");
+    let mut opts = fork_options(1, None, &run);
+    opts.keep = true;
+    let report = forkd_engine::fork::fork(&snap, &qemu(), &opts).expect("fork");
+    let kept = KeptGuard(run.clone(), report.kept.clone());
+    assert_eq!(kept.1.len(), 1, "{report:#?}");
+    let child = forkd_engine::run::find(&run, &kept.1[0]).unwrap();
+    let c = AgentClient::connect(&child.agent_sock()).unwrap();
+    let h = c.hello().unwrap();
+    assert!(h.has(forkd_agent::feature::FILES), "{h:?}");
+
+    // Concurrent requests from several threads on the one connection.
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let c = c.clone();
+            s.spawn(move || {
+                for i in 0..3 {
+                    let x = c
+                        .shell(
+                            &format!("sleep 0.{i}; echo {t}-{i}"),
+                            Duration::from_secs(60),
+                        )
+                        .unwrap();
+                    assert_eq!(x.stdout, format!("{t}-{i}\n"));
+                }
+            });
+        }
+    });
+
+    // A binary stream through virtio-serial, checked against the file it was teed to.
+    let mut st = c
+        .exec_stream(forkd_agent::ExecRequest {
+            shell: Some("head -c 300000 /dev/urandom | tee /run/streamed".into()),
+            timeout_ms: Some(60_000),
+            ..Default::default()
+        })
+        .unwrap();
+    let mut out = Vec::new();
+    loop {
+        match st.next(Duration::from_secs(60)) {
+            Some(ExecEvent::Stdout(d)) => out.extend(d),
+            Some(ExecEvent::Exit(x)) => {
+                assert_eq!(x.exit_code, Some(0));
+                break;
+            }
+            Some(ExecEvent::Started { .. } | ExecEvent::Stderr(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut file = Vec::new();
+    c.read_file("/run/streamed", &mut |b| {
+        file.extend_from_slice(b);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(out.len(), 300_000);
+    assert_eq!(Sha256::digest(&out), Sha256::digest(&file));
+
+    // A multi-MiB upload and download.
+    let data: Vec<u8> = (0..(2u32 << 20) + 99)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    c.mkdir("/run/up", true).unwrap();
+    let n = c
+        .write_file("/run/up/blob", None, &mut std::io::Cursor::new(&data))
+        .unwrap();
+    assert_eq!(n, data.len() as u64);
+    let mut back = Vec::new();
+    c.read_file("/run/up/blob", &mut |b| {
+        back.extend_from_slice(b);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(Sha256::digest(&back), Sha256::digest(&data));
+
+    // A signal reaches a running streamed command.
+    let mut st = c
+        .exec_stream(forkd_agent::ExecRequest {
+            shell: Some("sleep 60".into()),
+            timeout_ms: Some(120_000),
+            ..Default::default()
+        })
+        .unwrap();
+    let Some(ExecEvent::Started { pid }) = st.next(Duration::from_secs(30)) else {
+        panic!("no start")
+    };
+    c.signal(pid, 9).unwrap();
+    let Some(ExecEvent::Exit(x)) = st.next(Duration::from_secs(30)) else {
+        panic!("no exit")
+    };
+    assert_eq!(x.signal, Some(9));
+    drop(st);
+
+    // An upload left open when the host disconnects is aborted.
+    let handle = match c
+        .call(
+            forkd_agent::Op::FileOpenWrite {
+                path: "/run/up/open".into(),
+                mode: None,
+            },
+            Duration::from_secs(30),
+        )
+        .unwrap()
+    {
+        forkd_agent::Reply::FileHandle { handle } => handle,
+        r => panic!("{r:?}"),
+    };
+    assert!(handle > 0);
+    assert_eq!(c.list("/run/up").unwrap().entries.len(), 2);
+    c.close();
+    drop(c);
+    // Give the agent time to read the EOF (a reconnect before that goes unnoticed).
+    std::thread::sleep(Duration::from_millis(1500));
+    let c = AgentClient::connect(&child.agent_sock()).unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let names: Vec<String> = c
+            .list("/run/up")
+            .unwrap()
+            .entries
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        if names == ["blob"] {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "temp file left: {names:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -21,7 +21,7 @@ pub enum SandboxError {
     #[error("sandbox {0} has stopped")]
     Stopped(String),
     #[error("{0}")]
-    Capacity(Capacity),
+    Capacity(Box<Capacity>),
     #[error("the guest refused: {message}")]
     Guest {
         code: forkd_agent::ErrorCode,
@@ -39,14 +39,14 @@ pub enum SandboxError {
     #[error("the guest agent: {0}")]
     Agent(AgentError),
     #[error(transparent)]
-    Engine(EngineError),
+    Engine(Box<EngineError>),
     #[error(transparent)]
     Store(#[from] forkd_store::StoreError),
     #[error("cannot pull {reference}")]
     Pull {
         reference: String,
         #[source]
-        source: forkd_hub::HubError,
+        source: Box<forkd_hub::HubError>,
     },
     #[error("{what} {path}: {source}")]
     Io {
@@ -77,15 +77,13 @@ impl SandboxError {
             Store(forkd_store::StoreError::NotFound(_)) => ErrorKind::NotFound,
             BadRequest { .. } => ErrorKind::BadRequest,
             Paused(_) | Stopped(_) | OldAgent { .. } => ErrorKind::Conflict,
-            Capacity(_) | Engine(EngineError::Capacity(_)) => ErrorKind::Capacity,
+            Capacity(_) => ErrorKind::Capacity,
             Guest { .. } => ErrorKind::Guest,
             Timeout(_) | StillRunning(_) => ErrorKind::Timeout,
             Agent(AgentError::Timeout(_)) => ErrorKind::Timeout,
-            Engine(EngineError::NoSuchChild(_)) => ErrorKind::NotFound,
-            Pull {
-                source: forkd_hub::HubError::NotFound { .. },
-                ..
-            } => ErrorKind::NotFound,
+            Pull { source, .. } if matches!(**source, forkd_hub::HubError::NotFound { .. }) => {
+                ErrorKind::NotFound
+            }
             _ => ErrorKind::Internal,
         }
     }
@@ -101,7 +99,7 @@ impl SandboxError {
     /// The arithmetic, when children did not fit.
     pub fn capacity(&self) -> Option<&Capacity> {
         match self {
-            SandboxError::Capacity(c) | SandboxError::Engine(EngineError::Capacity(c)) => Some(c),
+            SandboxError::Capacity(c) => Some(c),
             _ => None,
         }
     }
@@ -120,7 +118,7 @@ impl SandboxError {
                 "rebuild the image with this forkd (`forkd build recipes/{image}`, or `forkd build-tiny` for tiny) \
                  or pull a newer version"
             ),
-            Capacity(c) | Engine(EngineError::Capacity(c)) => format!(
+            Capacity(c) => format!(
                 "ask for at most {} children, or stop some sandboxes first",
                 c.max_children
             ),
@@ -139,9 +137,9 @@ impl SandboxError {
 impl From<EngineError> for SandboxError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::Capacity(c) => SandboxError::Capacity(c),
+            EngineError::Capacity(c) => SandboxError::Capacity(Box::new(c)),
             EngineError::NoSuchChild(id) => SandboxError::NoSuchSandbox(id),
-            e => SandboxError::Engine(e),
+            e => SandboxError::Engine(Box::new(e)),
         }
     }
 }

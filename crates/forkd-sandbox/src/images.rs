@@ -106,6 +106,6 @@ pub fn pull(
 fn pull_err(reference: &Reference) -> impl FnOnce(forkd_hub::HubError) -> SandboxError + '_ {
     move |source| SandboxError::Pull {
         reference: reference.to_string(),
-        source,
+        source: Box::new(source),
     }
 }

@@ -51,13 +51,15 @@ impl HubConfig {
     }
 }
 
+pub type OnReady = Box<dyn FnOnce(&str) + Send>;
+
 pub struct ServeOptions {
     pub manager: Manager,
     pub listen: Listen,
     pub log_dir: PathBuf,
     pub hub: HubConfig,
     /// Called once the daemon listens (the address it is reachable at).
-    pub on_ready: Option<Box<dyn FnOnce(&str) + Send>>,
+    pub on_ready: Option<OnReady>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +138,7 @@ fn router(st: Arc<AppState>) -> Router {
         .route("/metrics", get(routes::metrics))
         .route("/v1/openapi.json", get(routes::openapi))
         .route("/v1/images", get(routes::list_images))
+        .route("/v1/images/pull", post(routes::pull_image))
         .route(
             "/v1/sandboxes",
             post(routes::create_sandboxes).get(routes::list_sandboxes),

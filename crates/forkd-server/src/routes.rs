@@ -138,6 +138,88 @@ pub async fn list_images(State(st): S) -> ApiResult<axum::Json<ImageList>> {
     }))
 }
 
+/// Pull progress as NDJSON events, at most five a second per phase.
+struct NdjsonProgress {
+    tx: mpsc::Sender<Bytes>,
+    state: std::sync::Mutex<(String, u64, u64, std::time::Instant)>,
+}
+
+impl NdjsonProgress {
+    fn new(tx: mpsc::Sender<Bytes>) -> NdjsonProgress {
+        NdjsonProgress {
+            tx,
+            state: std::sync::Mutex::new((String::new(), 0, 0, std::time::Instant::now())),
+        }
+    }
+
+    fn emit(&self, v: serde_json::Value) {
+        // A client that went away does not stop the pull: the image still lands in the store.
+        let _ = self.tx.try_send(ndjson_line(&v));
+    }
+}
+
+impl forkd_hub::progress::Progress for NdjsonProgress {
+    fn message(&self, msg: &str) {
+        self.emit(serde_json::json!({"event": "message", "message": msg}));
+    }
+    fn start(&self, phase: &str, total_bytes: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        *s = (phase.to_string(), total_bytes, 0, std::time::Instant::now());
+        self.emit(serde_json::json!({"event": "progress", "phase": phase, "done": 0, "total": total_bytes}));
+    }
+    fn advance(&self, bytes: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.2 += bytes;
+        if s.3.elapsed() >= Duration::from_millis(200) {
+            s.3 = std::time::Instant::now();
+            self.emit(
+                serde_json::json!({"event": "progress", "phase": s.0, "done": s.2, "total": s.1}),
+            );
+        }
+    }
+    fn finish(&self) {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.emit(
+            serde_json::json!({"event": "progress", "phase": s.0, "done": s.2, "total": s.1}),
+        );
+    }
+}
+
+#[utoipa::path(post, path = "/v1/images/pull", request_body = PullRequest,
+    responses((status = 200, description = "NDJSON: progress events, then done or error", content_type = "application/x-ndjson")))]
+pub async fn pull_image(
+    State(st): S,
+    JsonBody(body): JsonBody<PullRequest>,
+) -> ApiResult<Response> {
+    let reference = forkd_hub::reference::Reference::parse(&body.reference)
+        .map_err(|e| ApiError::bad_request(format!("field `ref`: {e}")))?;
+    let tag = forkd_store::Tag::parse(&reference.name)
+        .map_err(|e| ApiError::bad_request(format!("field `ref`: {e}")))?;
+    let cfg = forkd_sandbox::images::PullConfig {
+        hub: body.hub.or_else(|| st.hub.url.clone()),
+        trust: body.trust,
+        insecure: body.insecure || st.hub.insecure,
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let mgr = st.mgr.clone();
+    tokio::task::spawn_blocking(move || {
+        let progress = NdjsonProgress::new(tx.clone());
+        let line = match forkd_sandbox::images::pull(&mgr, &reference, tag, &cfg, Some(&progress)) {
+            Ok(out) => ndjson_line(&serde_json::json!({
+                "event": "done",
+                "image": {"tag": out.tag.as_str(), "digest": out.digest, "size_bytes": out.apparent_size,
+                          "downloaded_bytes": out.downloaded_bytes, "up_to_date": out.up_to_date,
+                          "verified": out.unverified.is_none()},
+            })),
+            Err(e) => ndjson_line(
+                &serde_json::json!({"event": "error", "error": ApiError::from(e).detail}),
+            ),
+        };
+        let _ = tx.blocking_send(line);
+    });
+    Ok(ndjson_response(rx))
+}
+
 // --- sandboxes ------------------------------------------------------------------------------
 
 #[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandboxes,
@@ -148,9 +230,8 @@ pub async fn create_sandboxes(
     headers: HeaderMap,
     JsonBody(body): JsonBody<CreateSandboxes>,
 ) -> ApiResult<Response> {
-    let tag = crate::state::resolve_image(&st, &body.image).await?;
-    let req = CreateRequest {
-        tag,
+    let mut req = CreateRequest {
+        tag: String::new(),
         count: body.count,
         env: body.env,
         ttl: body.ttl_s.map(Duration::from_secs),
@@ -159,20 +240,27 @@ pub async fn create_sandboxes(
         image: Some(body.image.clone()),
     };
     if !wants_ndjson(&headers) {
+        req.tag = crate::state::resolve_image(&st, &body.image, None).await?;
         let out = create(&st, req, None).await?;
         return Ok(axum::Json(out).into_response());
     }
-    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
     let st2 = st.clone();
     tokio::spawn(async move {
-        let tx2 = tx.clone();
-        let on_child: forkd_engine::fork::OnChild = Box::new(move |c| {
-            let _ = tx2.blocking_send(ndjson_line(&serde_json::json!({
-                "event": "child", "index": c.index, "ok": c.ok, "ready_ms": c.ready_ms,
-                "error": c.error,
-            })));
-        });
-        let line = match create(&st2, req, Some(on_child)).await {
+        let progress = Arc::new(NdjsonProgress::new(tx.clone()));
+        let result = async {
+            req.tag = crate::state::resolve_image(&st2, &body.image, Some(progress)).await?;
+            let tx2 = tx.clone();
+            let on_child: forkd_engine::fork::OnChild = Box::new(move |c| {
+                let _ = tx2.blocking_send(ndjson_line(&serde_json::json!({
+                    "event": "child", "index": c.index, "ok": c.ok, "ready_ms": c.ready_ms,
+                    "error": c.error,
+                })));
+            });
+            create(&st2, req, Some(on_child)).await
+        }
+        .await;
+        let line = match result {
             Ok(out) => ndjson_line(&serde_json::json!({"event": "done", "result": out})),
             Err(e) => ndjson_line(&serde_json::json!({"event": "error", "error": e.detail})),
         };
@@ -207,7 +295,7 @@ async fn create(
             Err(message) => ChildResult {
                 index,
                 sandbox: None,
-                error: Some(ApiError::internal(message).detail),
+                error: Some(*ApiError::internal(message).detail),
             },
         })
         .collect();

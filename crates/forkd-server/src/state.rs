@@ -29,12 +29,19 @@ pub async fn blocking<T: Send + 'static>(
 
 /// The local tag for an `image` field: a tag as it is, or a hub reference `OWNER/NAME[:VERSION]`
 /// whose image is pulled first when the store lacks it.
-pub async fn resolve_image(st: &Arc<AppState>, image: &str) -> ApiResult<String> {
+pub async fn resolve_image(
+    st: &Arc<AppState>,
+    image: &str,
+    progress: Option<Arc<dyn forkd_hub::progress::Progress>>,
+) -> ApiResult<String> {
     if !image.contains('/') {
         return Ok(image.to_string());
     }
     let mgr = st.mgr.clone();
     let hub = st.hub.clone();
     let image = image.to_string();
-    blocking(move || forkd_sandbox::images::ensure(&mgr, &image, &hub.as_pull_config(), None)).await
+    blocking(move || {
+        forkd_sandbox::images::ensure(&mgr, &image, &hub.as_pull_config(), progress.as_deref())
+    })
+    .await
 }

@@ -82,6 +82,8 @@ struct Stream {
     buf: Vec<u8>,
     stderr: bool,
     truncated: bool,
+    /// Read buffer (one event's worth).
+    chunk: Vec<u8>,
 }
 
 /// What to do with output.
@@ -108,6 +110,7 @@ impl Stream {
             buf: Vec::new(),
             stderr,
             truncated: false,
+            chunk: vec![0u8; STREAM_CHUNK],
         }
     }
 
@@ -115,7 +118,7 @@ impl Stream {
     /// stream whose host has gone away.
     fn drain(&mut self, sink: &Sink<'_>) -> bool {
         let Some(fd) = &self.fd else { return true };
-        let mut chunk = vec![0u8; STREAM_CHUNK];
+        let chunk = &mut self.chunk;
         loop {
             // SAFETY: reads at most chunk.len() bytes into a buffer we own from our own fd.
             let n = unsafe { libc::read(fd.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) };

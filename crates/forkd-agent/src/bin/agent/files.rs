@@ -20,6 +20,11 @@ use std::sync::{Arc, Mutex};
 /// Default permission bits of an uploaded file.
 const DEFAULT_MODE: u32 = 0o644;
 
+/// An upload untouched for this long is aborted when another upload opens. (A host that
+/// disconnects normally gets its uploads aborted at once, when the agent reads EOF; one that
+/// reconnects before the agent notices leaves them behind until then.)
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// A listing stops before its JSON could come near the line limit.
 const MAX_LIST_BYTES: usize = MAX_LINE / 2;
 
@@ -55,6 +60,7 @@ struct Upload {
     size: u64,
     /// Closed or aborted: later writes fail.
     done: bool,
+    last_used: std::time::Instant,
 }
 
 impl Upload {
@@ -93,6 +99,7 @@ impl Uploads {
                 format!("{path} is a directory"),
             ));
         }
+        self.expire_idle();
         if lock(&self.open).len() >= MAX_OPEN_FILES {
             return Err(Failure::new(
                 ErrorCode::Busy,
@@ -136,6 +143,7 @@ impl Uploads {
             target: target.to_path_buf(),
             size: 0,
             done: false,
+            last_used: std::time::Instant::now(),
         };
         lock(&self.open).insert(handle, Arc::new(Mutex::new(up)));
         Ok(handle)
@@ -175,6 +183,7 @@ impl Uploads {
             return Err(Failure::io(format!("write {}", up.tmp.display()), &e));
         }
         up.size += bytes.len() as u64;
+        up.last_used = std::time::Instant::now();
         Ok(up.size)
     }
 
@@ -210,6 +219,24 @@ impl Uploads {
             let _ = d.sync_all();
         }
         Ok((path, up.size))
+    }
+
+    /// Abort uploads nobody has written to for [`UPLOAD_IDLE`].
+    fn expire_idle(&self) {
+        let mut open = lock(&self.open);
+        let idle: Vec<u64> = open
+            .iter()
+            .filter(|(_, u)| {
+                u.try_lock()
+                    .is_ok_and(|u| u.last_used.elapsed() > UPLOAD_IDLE)
+            })
+            .map(|(h, _)| *h)
+            .collect();
+        for h in idle {
+            if let Some(u) = open.remove(&h) {
+                lock(&u).discard();
+            }
+        }
     }
 
     /// Abort every open upload (the host went away): their temporary files are deleted.

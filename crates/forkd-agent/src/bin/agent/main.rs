@@ -324,13 +324,13 @@ fn main() {
 }
 
 /// Parse one request line, or the error response for it.
-fn parse(line: &[u8]) -> Result<Request, Response> {
+fn parse(line: &[u8]) -> Result<Request, Box<Response>> {
     if line.len() > MAX_LINE {
-        return Err(Response::err_code(
+        return Err(Box::new(Response::err_code(
             0,
             ErrorCode::BadRequest,
             format!("request longer than {MAX_LINE} bytes"),
-        ));
+        )));
     }
     let req: Request = match serde_json::from_slice(line) {
         Ok(r) => r,
@@ -349,18 +349,22 @@ fn parse(line: &[u8]) -> Result<Request, Response> {
                 Some(op) if !forkd_agent::OPS.contains(&op) => ErrorCode::Unsupported,
                 _ => ErrorCode::BadRequest,
             };
-            return Err(Response::err_code(id, code, format!("bad request: {e}")));
+            return Err(Box::new(Response::err_code(
+                id,
+                code,
+                format!("bad request: {e}"),
+            )));
         }
     };
     if req.v != PROTOCOL_VERSION {
-        return Err(Response::err_code(
+        return Err(Box::new(Response::err_code(
             req.id,
             ErrorCode::Unsupported,
             format!(
                 "protocol version {} not supported (agent speaks {PROTOCOL_VERSION})",
                 req.v
             ),
-        ));
+        )));
     }
     Ok(req)
 }
