@@ -1,0 +1,195 @@
+"""The MCP tools, each a thin call into the asyncio SDK."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from typing import Any, Awaitable, Callable, TypeVar
+
+from .. import AsyncClient, ForkdError, ForkError, __version__
+
+try:  # mcp >= 2 renamed FastMCP to MCPServer
+    from mcp.server.mcpserver import MCPServer as _Server
+    from mcp.server.mcpserver.exceptions import ToolError
+except ImportError:  # pragma: no cover - mcp 1.x
+    try:
+        from mcp.server.fastmcp import FastMCP as _Server  # type: ignore[attr-defined,no-redef]
+        from mcp.server.fastmcp.exceptions import ToolError  # type: ignore[import-not-found,no-redef]
+    except ImportError as e:
+        raise SystemExit(
+            "forkd.mcp needs the MCP SDK: pip install 'forkd[mcp]' (or pip install mcp)"
+        ) from e
+
+#: ``read_file`` returns at most this much text
+MAX_READ_BYTES = 1024 * 1024
+
+TOOLS = (
+    "create_sandbox",
+    "run_command",
+    "run_code",
+    "read_file",
+    "write_file",
+    "list_sandboxes",
+    "kill_sandbox",
+)
+
+INSTRUCTIONS = """\
+forkd sandboxes are Linux virtual machines forked copy-on-write from a warmed snapshot of an
+image: they start in well under a second, each with its own disk and processes. Create one with
+create_sandbox (image e.g. "tiny" or "python-numpy"), run shell commands with run_command,
+code in the image's warm worker with run_code, move text files with write_file/read_file, and
+kill_sandbox when done. Paths are absolute paths inside the guest."""
+
+
+def _summary(info: Any) -> dict[str, Any]:
+    keys = ("id", "image", "state", "hostname", "created_at", "expires_at", "labels")
+    return {k: info.get(k) for k in keys if k in info}
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _forkd_errors(fn: F) -> F:
+    """Report the daemon's errors to the model as tool errors with their code and hint
+    (other exceptions stay crashes, whose text the MCP SDK keeps on the server)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*a: Any, **kw: Any) -> Any:
+        try:
+            return await fn(*a, **kw)
+        except ForkdError as e:
+            raise ToolError(f"{e.code}: {e}") from e
+
+    return wrapper  # type: ignore[return-value]
+
+
+def build_server(url: str | None = None, token: str | None = None, home: str | None = None) -> Any:
+    """The MCP server with forkd's tools, talking to the daemon given (or the default one)."""
+    server = _Server("forkd", instructions=INSTRUCTIONS)
+    state: dict[str, AsyncClient] = {}
+
+    def client() -> AsyncClient:
+        # made on first use, inside the server's event loop
+        if "c" not in state:
+            state["c"] = AsyncClient(url, token, home=home)
+        return state["c"]
+
+    @server.tool()
+    @_forkd_errors
+    async def create_sandbox(image: str, count: int = 1) -> str:
+        """Fork `count` new sandboxes (Linux VMs) from `image` (a local image tag such as "tiny"
+        or "python-numpy", or a hub reference OWNER/NAME[:VERSION]). Returns their ids."""
+        try:
+            sbs = await client().fork(image, count)
+        except ForkError as e:
+            return json.dumps(
+                {
+                    "sandboxes": [_summary(s.info) for s in e.sandboxes],
+                    "errors": [
+                        {"index": x.index, "code": x.code, "message": x.message} for x in e.errors
+                    ],
+                },
+                indent=1,
+            )
+        return json.dumps({"sandboxes": [_summary(s.info) for s in sbs]}, indent=1)
+
+    @server.tool()
+    @_forkd_errors
+    async def run_command(sandbox_id: str, cmd: str, timeout_s: int = 60) -> str:
+        """Run a shell command (/bin/sh -c) in a sandbox and wait for it (killed after
+        `timeout_s` seconds). Returns exit_code, stdout and stderr as JSON."""
+        sb = await client().get(sandbox_id)
+        r = await sb.commands.run(cmd, timeout=timeout_s)
+        return json.dumps(
+            {
+                "exit_code": r.exit_code,
+                "signal": r.signal,
+                "timed_out": r.timed_out,
+                "stdout": r.stdout,
+                "stderr": r.stderr,
+            },
+            indent=1,
+        )
+
+    @server.tool()
+    @_forkd_errors
+    async def run_code(sandbox_id: str, code: str, timeout_s: int = 60) -> str:
+        """Run code in the sandbox image's warm worker (e.g. Python with numpy already
+        imported as np in "python-numpy"; a shell in "tiny"). State persists between calls.
+        Returns the worker's output."""
+        sb = await client().get(sandbox_id)
+        return await sb.run_code(code, timeout=timeout_s)
+
+    @server.tool()
+    @_forkd_errors
+    async def read_file(sandbox_id: str, path: str) -> str:
+        """Read a text file from a sandbox (absolute path). Binary files are not returned:
+        the answer says the file is binary and how large it is."""
+        sb = await client().get(sandbox_id)
+        data = bytearray()
+        truncated = False
+        s = await sb.files.read_stream(path)
+        async with s:
+            async for chunk in s:
+                data += chunk
+                if len(data) > MAX_READ_BYTES:
+                    truncated = True
+                    break
+        blob = bytes(data[:MAX_READ_BYTES])
+        try:
+            if b"\x00" in blob:
+                raise UnicodeDecodeError("utf-8", blob, 0, 1, "NUL byte")
+            text = blob.decode("utf-8") if not truncated else blob.decode("utf-8", "ignore")
+        except UnicodeDecodeError:
+            size = "more than %d" % MAX_READ_BYTES if truncated else str(len(blob))
+            return (
+                f"[binary file: {path} is {size} bytes and not UTF-8 text; it is not shown. "
+                f"Use run_command (e.g. xxd, base64, file) to inspect it.]"
+            )
+        if truncated:
+            text += f"\n[truncated: {path} is larger than {MAX_READ_BYTES} bytes]"
+        return text
+
+    @server.tool()
+    @_forkd_errors
+    async def write_file(sandbox_id: str, path: str, content: str) -> str:
+        """Write text `content` (UTF-8) to the absolute `path` in a sandbox, replacing the
+        file. Parent directories must exist."""
+        sb = await client().get(sandbox_id)
+        info = await sb.files.write(path, content)
+        return f"wrote {info.size} bytes to {info.path}"
+
+    @server.tool()
+    @_forkd_errors
+    async def list_sandboxes() -> str:
+        """List the daemon's sandboxes (id, image, state...) as JSON."""
+        sbs = await client().list()
+        return json.dumps({"sandboxes": [_summary(s.info) for s in sbs]}, indent=1)
+
+    @server.tool()
+    @_forkd_errors
+    async def kill_sandbox(sandbox_id: str) -> str:
+        """Kill a sandbox; its VM, disk and processes are gone."""
+        gone = await client().kill(sandbox_id)
+        return f"killed {sandbox_id}" if gone else f"{sandbox_id} was already gone"
+
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="forkd-mcp",
+        description="MCP server (stdio) exposing forkd sandboxes as tools.",
+    )
+    p.add_argument("--url", help="daemon URL http://HOST:PORT (default: $FORKD_URL or the socket)")
+    p.add_argument("--token", help="bearer token for TCP (default: $FORKD_TOKEN)")
+    p.add_argument("--home", help="FORKD_HOME whose forkd.sock to use")
+    p.add_argument("--version", action="version", version=f"forkd-mcp {__version__}")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    build_server(a.url, a.token, a.home).run("stdio")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
