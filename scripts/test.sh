@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 need_cargo
 
 say "system packages"
-apt_install qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs zstd tar curl ca-certificates
+apt_install qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs zstd tar curl ca-certificates python3 python3-venv
 
 say "guest assets (kernel, agent)"
 bash scripts/setup-engine.sh
@@ -26,3 +26,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 say "tests"
 cargo test --workspace --locked
+
+say "Python SDK and MCP server, against a real daemon"
+FORKD_BIN="$PWD/target/debug/forkd" bash scripts/sdk-test.sh

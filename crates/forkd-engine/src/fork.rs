@@ -106,6 +106,14 @@ pub fn preflight(dir: &Path, qemu: &Qemu) -> Result<VmSpec> {
 /// Fork `opts.n` children. Without `opts.keep` each child is stopped once its work is done;
 /// with it, each child that came up is recorded in `run/<id>/child.json` and left running
 /// (detached: `forkd ps`/`exec`/`kill`, or a daemon, take it from there).
+/// Whether `n` children of the snapshot in `dir` fit on this host: the admission check `fork`
+/// starts with, for callers that must answer before they start (a streamed API response).
+/// Returns the estimate in MiB.
+pub fn admit(dir: &Path, n: usize) -> Result<u64> {
+    let spec = VmSpec::load(dir)?;
+    crate::memory::check_capacity(&spec, n)
+}
+
 pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
     let (mut report, guards) = fork_children(dir, qemu, opts, opts.keep)?;
     for (child, guard) in report.children.iter_mut().zip(guards) {

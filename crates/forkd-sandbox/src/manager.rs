@@ -168,10 +168,9 @@ impl Manager {
         }
     }
 
-    /// Fork `req.count` sandboxes. Admission (capacity) is checked before any child starts;
-    /// after that each child succeeds or fails on its own. `on_child` sees each child as it
-    /// comes up.
-    pub fn create(&self, req: &CreateRequest, on_child: Option<OnChild>) -> Result<CreateOutcome> {
+    /// Check `req` as [`Manager::create`] does before it starts a child: the fields, the image,
+    /// its engine files, and whether `count` children fit on this host. Returns the image.
+    pub fn admit(&self, req: &CreateRequest) -> Result<forkd_store::Snapshot> {
         if req.count == 0 || req.count > MAX_COUNT {
             return Err(SandboxError::BadRequest {
                 field: "count",
@@ -202,7 +201,18 @@ impl Manager {
                 ),
             });
         }
-        forkd_engine::image::check_consistent(&snap).map_err(|e| SandboxError::Image(Box::new(e)))?;
+        forkd_engine::image::check_consistent(&snap)
+            .map_err(|e| SandboxError::Image(Box::new(e)))?;
+        forkd_engine::fork::admit(&snap.dir, req.count)?;
+        Ok(snap)
+    }
+
+    /// Fork `req.count` sandboxes. Admission (capacity) is checked before any child starts;
+    /// after that each child succeeds or fails on its own. `on_child` sees each child as it
+    /// comes up.
+    pub fn create(&self, req: &CreateRequest, on_child: Option<OnChild>) -> Result<CreateOutcome> {
+        let snap = self.admit(req)?;
+        let mem = snap.manifest.memory_mib;
         let qemu = Qemu::locate(self.inner.qemu_path.as_deref())?;
         let opts = ForkOptions {
             n: req.count,

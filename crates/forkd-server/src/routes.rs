@@ -244,6 +244,14 @@ pub async fn create_sandboxes(
         let out = create(&st, req, None).await?;
         return Ok(axum::Json(out).into_response());
     }
+    // What can be refused up front is, with its own status, before the stream starts: a
+    // local image that is not there, bad fields, more children than fit.
+    if !body.image.contains('/') {
+        let mgr = st.mgr.clone();
+        let mut probe = req.clone();
+        probe.tag = body.image.clone();
+        blocking(move || mgr.admit(&probe).map(|_| ())).await?;
+    }
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let st2 = st.clone();
     tokio::spawn(async move {
