@@ -795,3 +795,105 @@ fn sigterm_stops_every_child_and_a_restart_after_kill_9_adopts_them() {
         .collect();
     assert!(runs.is_empty(), "run directories left: {runs:?}");
 }
+
+#[test]
+fn tls_on_tcp_serves_https_with_the_token() {
+    assert!(
+        which("openssl") && which("curl"),
+        "this test needs openssl and curl: apt-get install openssl curl"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("ftls")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (cert, key, token) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("token"),
+    );
+    let o = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args(["-days", "1", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(&token, "tls-token\n").unwrap();
+    for f in [&key, &token] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let _d = Daemon::start(
+        dir.path(),
+        &[
+            "--listen",
+            &addr,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let t = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let curl = |scheme: &str, tok: Option<&str>| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(&cert)
+            .args(["--resolve", &format!("localhost:{port}:127.0.0.1")]);
+        if let Some(t) = tok {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        let o = cmd
+            .arg(format!("{scheme}://localhost:{port}/v1/sandboxes"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(curl("https", Some("tls-token")), "200");
+    assert_eq!(curl("https", None), "401");
+    // Plain HTTP on the TLS port gets no answer.
+    assert_eq!(curl("http", Some("tls-token")), "000");
+    // A key others can read is refused before anything listens.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = forkd(
+        dir.path(),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            token.to_str().unwrap(),
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("chmod 600"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

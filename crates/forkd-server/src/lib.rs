@@ -11,6 +11,7 @@ pub mod client;
 mod metrics;
 mod routes;
 mod state;
+pub mod tls;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -30,8 +31,13 @@ use utoipa::OpenApi as _;
 pub enum Listen {
     /// A unix socket, created with mode 0600 (no token: only the owner can connect).
     Unix(PathBuf),
-    /// TCP; every request but `GET /v1/health` needs the bearer token.
-    Tcp { addr: String, token: String },
+    /// TCP; every request but `GET /v1/health` needs the bearer token. With `tls` (a PEM
+    /// certificate chain and key), TCP is TLS (rustls).
+    Tcp {
+        addr: String,
+        token: String,
+        tls: Option<(PathBuf, PathBuf)>,
+    },
 }
 
 /// Where images named by hub reference come from.
@@ -78,6 +84,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("the server failed: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -232,10 +240,14 @@ async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> R
     let t0 = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let peer = req
-        .extensions()
+    let ext = req.extensions();
+    let peer = ext
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.to_string())
+        .or_else(|| {
+            ext.get::<axum::extract::ConnectInfo<tls::TlsPeer>>()
+                .map(|c| c.0.0.to_string())
+        })
         .unwrap_or_else(|| "unix".into());
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
@@ -334,7 +346,11 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             let _ = std::fs::remove_file(path);
             r
         }
-        Listen::Tcp { addr, .. } => {
+        Listen::Tcp { addr, tls, .. } => {
+            let acceptor = tls
+                .as_ref()
+                .map(|(cert, key)| tls::acceptor(cert, key))
+                .transpose()?;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServeError::Listen {
@@ -345,15 +361,36 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| addr.clone());
-            if let Some(f) = opts.on_ready {
-                f(&local);
+            match acceptor {
+                Some(acceptor) => {
+                    let listener = tls::TlsListener::new(listener, acceptor).map_err(|source| {
+                        ServeError::Listen {
+                            what: addr.clone(),
+                            source,
+                        }
+                    })?;
+                    if let Some(f) = opts.on_ready {
+                        f(&format!("https://{local}"));
+                    }
+                    axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<tls::TlsPeer>(),
+                    )
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                }
+                None => {
+                    if let Some(f) = opts.on_ready {
+                        f(&format!("http://{local}"));
+                    }
+                    axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                }
             }
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-            )
-            .with_graceful_shutdown(shutdown)
-            .await
         }
     };
     reaper.abort();

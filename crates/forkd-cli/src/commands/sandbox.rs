@@ -18,6 +18,7 @@ pub enum Cmd {
     #[command(after_help = "Examples:\n  \
         forkd serve                                    # unix socket $FORKD_HOME/forkd.sock (0600)\n  \
         forkd serve --listen 127.0.0.1:7070 --token-file ~/.forkd-token\n  \
+        forkd serve --listen 0.0.0.0:7443 --token-file T --tls-cert cert.pem --tls-key key.pem\n  \
         curl --unix-socket ~/.local/share/forkd/forkd.sock http://x/v1/health")]
     Serve(ServeArgs),
     /// List kept children (sandboxes)
@@ -86,6 +87,12 @@ pub struct ServeArgs {
     /// File holding the bearer token TCP clients must send (not readable by others)
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Serve TLS on --listen with this PEM certificate chain
+    #[arg(long, value_name = "PEM", requires_all = ["listen", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key for --tls-cert (not readable by others)
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Hub that image references (OWNER/NAME) are pulled from [default: $FORKD_HUB, else the embedded hub]
     #[arg(long, env = "FORKD_HUB")]
     hub: Option<String>,
@@ -439,6 +446,13 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
         (Some(addr), Some(f)) => forkd_server::Listen::Tcp {
             addr: addr.clone(),
             token: read_private_token(f)?,
+            tls: match (&a.tls_cert, &a.tls_key) {
+                (Some(c), Some(k)) => {
+                    check_private(k)?;
+                    Some((c.clone(), k.clone()))
+                }
+                _ => None,
+            },
         },
         _ => forkd_server::Listen::Unix(store.home().socket()),
     };
@@ -466,18 +480,24 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
     .context("forkd serve stopped")
 }
 
-/// A token file must exist, hold a non-empty line, and not be readable by other users.
-fn read_private_token(path: &std::path::Path) -> anyhow::Result<String> {
+/// A secret file (token, TLS key) must not be readable by other users.
+fn check_private(path: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(anyhow::anyhow!(
-            "the token file {} is readable by other users",
+            "{} is readable by other users",
             path.display()
         ))
         .context(Hint(format!("chmod 600 {}", path.display())));
     }
+    Ok(())
+}
+
+/// A token file must exist, hold a non-empty line, and not be readable by other users.
+fn read_private_token(path: &std::path::Path) -> anyhow::Result<String> {
+    check_private(path)?;
     let mut text = String::new();
     std::fs::File::open(path)?
         .take(4096)
