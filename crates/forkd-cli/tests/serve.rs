@@ -152,6 +152,24 @@ impl Drop for Daemon {
     }
 }
 
+/// A TCP port nothing listens on right now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Wait until something accepts on `addr`.
+fn wait_tcp(addr: &str) {
+    let t = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "nothing listens on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The daemon most tests share (one home, tiny image).
 fn shared() -> &'static (tempfile::TempDir, std::sync::Mutex<Daemon>) {
     static D: OnceLock<(tempfile::TempDir, std::sync::Mutex<Daemon>)> = OnceLock::new();
@@ -701,10 +719,7 @@ fn tcp_needs_the_token() {
     std::fs::write(&token, "s3cret-token\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     // A second daemon on the same home is refused on the socket, but TCP is its own listener:
     // use a home of its own so the two do not adopt each other's children.
@@ -716,11 +731,7 @@ fn tcp_needs_the_token() {
         own.path(),
         &["--listen", &addr, "--token-file", token.to_str().unwrap()],
     );
-    let t = Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_tcp(&addr);
     let get = |tok: Option<&str>| {
         // SAFETY-free env juggling: each Client reads FORKD_URL/FORKD_TOKEN once, here.
         let mut cmd = Command::new("curl");
@@ -833,10 +844,7 @@ fn tls_on_tcp_serves_https_with_the_token() {
     for f in [&key, &token] {
         std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let _d = Daemon::start(
         dir.path(),
@@ -851,11 +859,7 @@ fn tls_on_tcp_serves_https_with_the_token() {
             key.to_str().unwrap(),
         ],
     );
-    let t = Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_tcp(&addr);
     let curl = |scheme: &str, tok: Option<&str>| {
         let mut cmd = Command::new("curl");
         cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])

@@ -189,8 +189,8 @@ impl Drop for Running {
     }
 }
 
-/// The state of a background command.
-#[derive(Debug, Clone, Serialize)]
+/// The state of a background command (also its shape in the REST API).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CommandStatus {
     pub command_id: String,
     pub pid: Option<u32>,

@@ -172,33 +172,7 @@ pub struct CommandStarted {
     pub pid: Option<u32>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CommandStatus {
-    pub command_id: String,
-    pub pid: Option<u32>,
-    pub running: bool,
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub timed_out: bool,
-    pub duration_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl From<forkd_sandbox::CommandStatus> for CommandStatus {
-    fn from(s: forkd_sandbox::CommandStatus) -> Self {
-        CommandStatus {
-            command_id: s.command_id,
-            pid: s.pid,
-            running: s.running,
-            exit_code: s.exit_code,
-            signal: s.signal,
-            timed_out: s.timed_out,
-            duration_ms: s.duration_ms,
-            error: s.error,
-        }
-    }
-}
+pub use forkd_sandbox::CommandStatus;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CommandList {

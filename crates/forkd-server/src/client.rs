@@ -87,34 +87,22 @@ impl Client {
             at: self.describe(),
             source,
         };
-        let http = |e: hyper::Error| ClientError::Http(e.to_string());
         let resp = match &self.target {
             Target::Unix(p) => {
                 let s = tokio::net::UnixStream::connect(p)
                     .await
                     .map_err(connect_err)?;
-                let (mut tx, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
-                        .await
-                        .map_err(http)?;
-                tokio::spawn(conn);
-                tx.send_request(req).await.map_err(http)?
+                exchange(s, req).await?
             }
             Target::Tcp { authority } => {
                 let s = tokio::net::TcpStream::connect(authority.as_str())
                     .await
                     .map_err(connect_err)?;
-                let (mut tx, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
-                        .await
-                        .map_err(http)?;
-                tokio::spawn(conn);
-                tx.send_request(req).await.map_err(http)?
+                exchange(s, req).await?
             }
         };
-        let status = resp.status();
         Ok(Answer {
-            status,
+            status: resp.status(),
             body: resp.into_body(),
         })
     }
@@ -266,6 +254,22 @@ impl Client {
             Ok(n)
         })
     }
+}
+
+/// One request on a fresh HTTP/1.1 connection over `io`.
+async fn exchange<S>(
+    io: S,
+    req: Request<BoxBody>,
+) -> Result<hyper::Response<hyper::body::Incoming>, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let http = |e: hyper::Error| ClientError::Http(e.to_string());
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(http)?;
+    tokio::spawn(conn);
+    tx.send_request(req).await.map_err(http)
 }
 
 /// Turn an error status into [`ClientError::Api`] with the daemon's own message and hint.

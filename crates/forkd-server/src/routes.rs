@@ -481,7 +481,7 @@ pub async fn list_commands(
 ) -> ApiResult<axum::Json<CommandList>> {
     let sb = sandbox(&st, id).await?;
     Ok(axum::Json(CommandList {
-        commands: sb.commands().iter().map(|c| c.status().into()).collect(),
+        commands: sb.commands().iter().map(|c| c.status()).collect(),
     }))
 }
 
@@ -491,7 +491,7 @@ pub async fn get_command(
     Path((id, cid)): Path<(String, String)>,
 ) -> ApiResult<axum::Json<CommandStatus>> {
     let sb = sandbox(&st, id).await?;
-    Ok(axum::Json(sb.command(&cid)?.status().into()))
+    Ok(axum::Json(sb.command(&cid)?.status()))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/commands/{cid}/wait", params(WaitQuery),
@@ -505,7 +505,7 @@ pub async fn wait_command(
     let sb = sandbox(&st, id).await?;
     let cmd = sb.command(&cid)?;
     let status = blocking(move || cmd.wait(t)).await?;
-    Ok(axum::Json(status.into()))
+    Ok(axum::Json(status))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/commands/{cid}/output", responses((status = 200, body = CommandOutput)))]
