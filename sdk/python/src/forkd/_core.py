@@ -741,3 +741,26 @@ def op_mkdir(sid: str, path: str, parents: bool = True) -> Op[None]:
 
 def op_remove(sid: str, path: str, recursive: bool = False) -> Op[None]:
     return _none(_file_req("DELETE", sid, "", path, recursive="true" if recursive else None))
+
+
+class SandboxView:
+    """What a sandbox object knows of itself from its last description; shared by the sync
+    :class:`forkd.Sandbox` and :class:`forkd.AsyncSandbox`."""
+
+    info: SandboxInfo
+
+    @property
+    def id(self) -> str:
+        return self.info["id"]
+
+    @property
+    def state(self) -> str:
+        """``running``, ``paused`` or ``stopped``, as of the last call that returned it."""
+        return self.info.get("state", "")
+
+    @property
+    def image(self) -> str:
+        return self.info.get("image", "")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, state={self.state!r})"

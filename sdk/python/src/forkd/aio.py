@@ -303,7 +303,7 @@ class _Creating(Awaitable["AsyncSandbox"]):
             await self._sb.kill()
 
 
-class AsyncSandbox:
+class AsyncSandbox(core.SandboxView):
     """The asyncio twin of :class:`forkd.Sandbox`."""
 
     def __init__(
@@ -314,21 +314,6 @@ class AsyncSandbox:
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
         self._owns_client = owns_client
-
-    @property
-    def id(self) -> str:
-        return self.info["id"]
-
-    @property
-    def state(self) -> str:
-        return self.info.get("state", "")
-
-    @property
-    def image(self) -> str:
-        return self.info.get("image", "")
-
-    def __repr__(self) -> str:
-        return f"AsyncSandbox(id={self.id!r}, state={self.state!r})"
 
     @classmethod
     def create(

@@ -288,7 +288,7 @@ class Client:
         self.close()
 
 
-class Sandbox:
+class Sandbox(core.SandboxView):
     """One running child. Get one with :meth:`create`, :meth:`Client.fork`,
     :meth:`Client.get` or :meth:`connect`. As a context manager it is killed on exit."""
 
@@ -299,22 +299,6 @@ class Sandbox:
         self.commands = Commands(self)
         self.files = Files(self)
         self._owns_client = owns_client
-
-    @property
-    def id(self) -> str:
-        return self.info["id"]
-
-    @property
-    def state(self) -> str:
-        """``running``, ``paused`` or ``stopped``, as of the last call that returned it."""
-        return self.info.get("state", "")
-
-    @property
-    def image(self) -> str:
-        return self.info.get("image", "")
-
-    def __repr__(self) -> str:
-        return f"Sandbox(id={self.id!r}, state={self.state!r})"
 
     @classmethod
     def create(
