@@ -25,7 +25,7 @@ pub enum ParentError {
     #[error("guest boot file {} not found", .0.display())]
     BootFile(PathBuf),
     #[error(transparent)]
-    Image(#[from] ImageError),
+    Image(Box<ImageError>),
     #[error("{what}")]
     Io {
         what: &'static str,
@@ -56,7 +56,7 @@ pub enum ParentError {
     Save {
         tag: Tag,
         #[source]
-        source: ImageError,
+        source: Box<ImageError>,
     },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -68,6 +68,12 @@ pub enum ParentError {
     },
     #[error(transparent)]
     Recipe(#[from] RecipeError),
+}
+
+impl From<ImageError> for ParentError {
+    fn from(e: ImageError) -> Self {
+        ParentError::Image(Box::new(e))
+    }
 }
 
 /// How to make the parent of a recipe.
@@ -177,7 +183,7 @@ pub fn build_parent(
         .commit(tag, &manifest, Overwrite::Yes)
         .map_err(|source| ParentError::Save {
             tag: tag.clone(),
-            source,
+            source: Box::new(source),
         })
 }
 
