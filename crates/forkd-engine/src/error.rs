@@ -1,6 +1,8 @@
 //! Engine errors: each says what went wrong and, where it can, what to do about it.
 
+use forkd_agent::{ErrorCode, WireError};
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -47,7 +49,7 @@ pub enum EngineError {
         mib: u64,
     },
     #[error("{0}")]
-    Capacity(Box<crate::memory::Capacity>),
+    Capacity(Box<Capacity>),
     #[error("KVM was requested but is not usable here: {0}")]
     NoKvm(String),
     #[error("QMP: {0}")]
@@ -56,7 +58,7 @@ pub enum EngineError {
     Agent(String),
     /// A request to the guest agent failed (typed: match on the [`AgentError`]).
     #[error("guest agent: {0}")]
-    AgentCall(crate::mux::AgentError),
+    AgentCall(AgentError),
     #[error("the parent VM failed: {msg}{}", tail_suffix(.console))]
     Parent { msg: String, console: String },
     #[error("the warm-up command failed (exit {code:?}): {stderr}")]
@@ -74,10 +76,10 @@ pub enum EngineError {
     NoSuchChild(String),
 }
 
-impl From<crate::mux::AgentError> for EngineError {
-    fn from(e: crate::mux::AgentError) -> EngineError {
+impl From<AgentError> for EngineError {
+    fn from(e: AgentError) -> EngineError {
         match e {
-            crate::mux::AgentError::Interrupted => EngineError::Interrupted,
+            AgentError::Interrupted => EngineError::Interrupted,
             e => EngineError::AgentCall(e),
         }
     }
@@ -108,5 +110,85 @@ impl<T> IoCtx<T> for std::io::Result<T> {
             path: path.into(),
             source,
         })
+    }
+}
+
+/// Everything that can go wrong talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent answered with an error.
+    #[error("{message} ({code})")]
+    Guest { code: ErrorCode, message: String },
+    /// No answer in time (the request may still complete in the guest).
+    #[error("no answer within {0:?} (timed out)")]
+    Timeout(Duration),
+    /// The connection is closed (the VM went away, or the client was dropped).
+    #[error("the connection to the agent is closed")]
+    Closed,
+    #[error("agent connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The agent broke the protocol (an oversized line, a reply of the wrong kind, ...).
+    #[error("agent protocol error: {0}")]
+    Protocol(String),
+    /// The interrupt flag was set while waiting.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl AgentError {
+    /// Worth retrying (perhaps on a new connection): a timeout, a lost connection, a busy agent.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            AgentError::Timeout(_) | AgentError::Closed | AgentError::Io(_) => true,
+            AgentError::Guest { code, .. } => *code == ErrorCode::Busy,
+            AgentError::Protocol(_) | AgentError::Interrupted => false,
+        }
+    }
+
+    /// The guest's error code, for [`AgentError::Guest`].
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            AgentError::Guest { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl From<WireError> for AgentError {
+    fn from(e: WireError) -> AgentError {
+        AgentError::Guest {
+            code: e.code,
+            message: e.message,
+        }
+    }
+}
+
+/// Why `n` children do not fit: the arithmetic, for the user and for programs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Capacity {
+    pub n: usize,
+    pub per_child_mib: u64,
+    pub qemu_mib: u64,
+    pub guest_mib: u64,
+    pub need_mib: u64,
+    pub available_mib: u64,
+    pub max_children: u64,
+}
+
+impl std::fmt::Display for Capacity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} children need about {} MiB ({} MiB each: {} MiB QEMU + 1/8 of {} MiB guest RAM), \
+             but only {} MiB is available (MemAvailable; forkd uses at most 90 %): at most {} \
+             children fit",
+            self.n,
+            self.need_mib,
+            self.per_child_mib,
+            self.qemu_mib,
+            self.guest_mib,
+            self.available_mib,
+            self.max_children
+        )
     }
 }

@@ -27,6 +27,7 @@ pub mod snapshot;
 pub mod spec;
 mod util;
 
+pub use error::Capacity;
 pub use error::EngineError;
-pub use memory::{Capacity, mem_available_mib, per_child_estimate_mib};
+pub use memory::{mem_available_mib, per_child_estimate_mib};
 pub use util::{Interrupt, sha256_file};

@@ -1,6 +1,6 @@
 //! Host memory: what is available, and what N children are expected to cost.
 
-use crate::error::{EngineError, Result};
+use crate::error::{Capacity, EngineError, Result};
 use crate::spec::VmSpec;
 
 /// QEMU's own cost per child (binary, heap, TCG code cache, device state), in MiB, measured
@@ -39,34 +39,4 @@ pub fn check_capacity(spec: &VmSpec, n: usize) -> Result<u64> {
         })));
     }
     Ok(need)
-}
-
-/// Why `n` children do not fit: the arithmetic, for the user and for programs.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Capacity {
-    pub n: usize,
-    pub per_child_mib: u64,
-    pub qemu_mib: u64,
-    pub guest_mib: u64,
-    pub need_mib: u64,
-    pub available_mib: u64,
-    pub max_children: u64,
-}
-
-impl std::fmt::Display for Capacity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} children need about {} MiB ({} MiB each: {} MiB QEMU + 1/8 of {} MiB guest RAM), \
-             but only {} MiB is available (MemAvailable; forkd uses at most 90 %): at most {} \
-             children fit",
-            self.n,
-            self.need_mib,
-            self.per_child_mib,
-            self.qemu_mib,
-            self.guest_mib,
-            self.available_mib,
-            self.max_children
-        )
-    }
 }

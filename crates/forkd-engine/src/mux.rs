@@ -11,13 +11,14 @@
 //!
 //! [`crate::agent::AgentConn`] (the engine's per-child connection) is a thin wrapper over this.
 
+pub use crate::error::AgentError;
 use crate::util::Interrupt;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use forkd_agent::{
     ErrorCode, Event, ExecReply, ExecRequest, FileEntry, Frame, HelloReply, IdentityReply,
     IdentityRequest, MAX_EXEC_OUTPUT, MAX_FILE_CHUNK, MAX_LINE, Op, PROTOCOL_VERSION, Reply,
-    Request, Response, RunReply, RunRequest, WarmReply, WarmRequest, WireError, encode_line,
+    Request, Response, RunReply, RunRequest, WarmReply, WarmRequest, encode_line,
 };
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -48,56 +49,6 @@ const SHORT: Duration = Duration::from_secs(60);
 
 /// Wait for one file piece (1 MiB through a slow virtio-serial link).
 const PIECE: Duration = Duration::from_secs(120);
-
-/// Everything that can go wrong talking to the agent.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    /// The agent answered with an error.
-    #[error("{message} ({code})")]
-    Guest { code: ErrorCode, message: String },
-    /// No answer in time (the request may still complete in the guest).
-    #[error("no answer within {0:?} (timed out)")]
-    Timeout(Duration),
-    /// The connection is closed (the VM went away, or the client was dropped).
-    #[error("the connection to the agent is closed")]
-    Closed,
-    #[error("agent connection: {0}")]
-    Io(#[from] std::io::Error),
-    /// The agent broke the protocol (an oversized line, a reply of the wrong kind, ...).
-    #[error("agent protocol error: {0}")]
-    Protocol(String),
-    /// The interrupt flag was set while waiting.
-    #[error("interrupted")]
-    Interrupted,
-}
-
-impl AgentError {
-    /// Worth retrying (perhaps on a new connection): a timeout, a lost connection, a busy agent.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            AgentError::Timeout(_) | AgentError::Closed | AgentError::Io(_) => true,
-            AgentError::Guest { code, .. } => *code == ErrorCode::Busy,
-            AgentError::Protocol(_) | AgentError::Interrupted => false,
-        }
-    }
-
-    /// The guest's error code, for [`AgentError::Guest`].
-    pub fn code(&self) -> Option<ErrorCode> {
-        match self {
-            AgentError::Guest { code, .. } => Some(*code),
-            _ => None,
-        }
-    }
-}
-
-impl From<WireError> for AgentError {
-    fn from(e: WireError) -> AgentError {
-        AgentError::Guest {
-            code: e.code,
-            message: e.message,
-        }
-    }
-}
 
 fn unexpected(r: &Reply) -> AgentError {
     let s = format!("{r:?}");

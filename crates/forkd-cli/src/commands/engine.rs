@@ -7,10 +7,11 @@ use anyhow::{Context as _, bail};
 use forkd_engine::Interrupt;
 use forkd_engine::child::Work;
 use forkd_engine::fork::ForkOptions;
-use forkd_engine::qemu::{AccelChoice, Qemu};
+use forkd_engine::qemu::Qemu;
 use forkd_engine::snapshot::SnapshotOptions;
 use forkd_store::{Overwrite, Tag};
 
+use super::vm::VmArgs;
 use crate::ctx::Ctx;
 use crate::report::Hint;
 
@@ -30,16 +31,6 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-}
-
-#[derive(clap::Args, Debug)]
-pub struct VmArgs {
-    /// Accelerator: kvm, tcg, or auto (kvm when the CPU has vmx/svm and /dev/kvm opens)
-    #[arg(long, default_value = "auto", env = "FORKD_ACCEL")]
-    pub(super) accel: AccelChoice,
-    /// QEMU binary [default: $FORKD_QEMU, else qemu-system-x86_64 on PATH]
-    #[arg(long, value_name = "FILE")]
-    pub(super) qemu: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]

@@ -6,6 +6,7 @@ mod hub_progress;
 mod recipe;
 mod sandbox;
 mod store;
+mod vm;
 
 use crate::ctx::Ctx;
 

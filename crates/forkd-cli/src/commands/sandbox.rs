@@ -100,14 +100,14 @@ pub struct ServeArgs {
     #[arg(long)]
     insecure: bool,
     #[command(flatten)]
-    vm: super::engine::VmArgs,
+    vm: super::vm::VmArgs,
 }
 
 /// The library's manager for this store, for a front end that owns nothing.
 pub(super) fn manager(
     ctx: &Ctx,
     ownership: Ownership,
-    vm: Option<&super::engine::VmArgs>,
+    vm: Option<&super::vm::VmArgs>,
 ) -> anyhow::Result<Manager> {
     let store = ctx.store()?;
     Ok(Manager::new(ManagerOptions {
