@@ -3,14 +3,15 @@
 # run. Prints JSON lines and appends a section to bench/RESULTS.md.
 #
 #   bench/api.sh [tasks overhead files idle]
-# Env: FORKD_ACCEL (default auto), TASKS_N (50), RTT_N (200), IDLE_N (100).
+# Env: FORKD_ACCEL (default auto), TASKS_N (50), RTT_N (100), IDLE_N (100).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
+. "$repo/scripts/lib.sh"
 WHICH=("${@:-tasks overhead files idle}"); WHICH=(${WHICH[*]})
 export FORKD_ACCEL="${FORKD_ACCEL:-auto}"
 "$repo/scripts/setup-engine.sh"
-(cd "$repo" && cargo build --release -q -p forkd-cli -p forkd-engine --example agent_rtt)
+(cd "$repo" && cargo build --release -q -p forkd-cli && cargo build --release -q -p forkd-engine --example agent_rtt)
 export FORKD="$repo/target/release/forkd"
 export AGENT_RTT="$repo/target/release/examples/agent_rtt"
 VENV="$(bash "$repo/scripts/sdk-venv.sh")"
@@ -39,8 +40,12 @@ for _ in $(seq 100); do [[ -S "$FORKD_HOME/forkd.sock" ]] && break; sleep 0.1; d
 export DAEMON_PID="$daemon"
 
 load="$(cut -d' ' -f1-3 /proc/loadavg)"
-results="$("$VENV/bin/python" "$here/api_bench.py" "${WHICH[@]}")"
-echo "$results"
+# Each result is a JSON line, kept as it comes (a later bench that fails keeps the earlier ones).
+out="$FORKD_HOME/results.jsonl"
+status=0
+"$VENV/bin/python" "$here/api_bench.py" "${WHICH[@]}" | tee "$out" || status=$?
+results="$(cat "$out")"
+[[ -n "$results" ]] || exit 1
 
 {
     echo
@@ -65,3 +70,4 @@ for line in sys.stdin:
         print(f"| {r[\"children\"]} idle children | daemon RSS **{r[\"daemon_rss_kib\"]/1024:.1f} MiB** (goal <= 64) | running: {r[\"running_cpu_s_per_child_per_s\"]*100:.2f} % CPU/child | paused: **{r[\"paused_cpu_s_per_child_per_s\"]*100:.3f} % CPU/child** ({r[\"paused_ticks_total\"]} ticks in 5 s) |")
 '
 } >> "$here/RESULTS.md"
+exit "$status"

@@ -41,7 +41,11 @@ fn home_with_tiny(prefix: &str) -> tempfile::TempDir {
     );
     static ASSETS: OnceLock<String> = OnceLock::new();
     let assets = ASSETS.get_or_init(|| {
+        let assets = std::env::var_os("FORKD_ASSETS")
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "/var/cache/forkd-ci/assets".into());
         let out = Command::new(repo().join("recipes/tiny/build.sh"))
+            .env("FORKD_ASSETS", assets)
             .output()
             .unwrap();
         assert!(
@@ -750,6 +754,80 @@ fn tcp_needs_the_token() {
     assert_eq!(get(Some("s3cret-token")), "200");
 }
 
+/// `forkd exec` with env, cwd and stdin, and `forkd cp` both ways, in a kept child of `home`
+/// (through the daemon when one runs there, else directly).
+pub fn cli_exec_and_cp(home: &Path, id: &str) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(["exec", "-e", "K=v1", "--cwd", "/tmp", "-i", id, "--"])
+        .args(["sh", "-c", "echo $K; pwd; wc -c"])
+        .env("FORKD_HOME", home)
+        .env_remove("FORKD_URL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&[7u8; 1234]).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["v1", "/tmp", "1234"]
+    );
+    let o = forkd(home, &["exec", id, "--", "sh", "-c", "exit 5"]);
+    assert_eq!(o.status.code(), Some(5));
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("in.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    let remote = format!("{id}:/tmp/cp.bin");
+    let o = forkd(home, &["cp", src.to_str().unwrap(), &remote]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let back = dir.path().join("back.bin");
+    let o = forkd(home, &["cp", &remote, back.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "cp round trip differs"
+    );
+    // A missing file is an error that says so, and leaves no local file behind.
+    let missing = dir.path().join("missing.bin");
+    let o = forkd(
+        home,
+        &[
+            "cp",
+            &format!("{id}:/no/such/file"),
+            missing.to_str().unwrap(),
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(!missing.exists());
+    let o = forkd(home, &["cp", src.to_str().unwrap(), back.to_str().unwrap()]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("ID:/"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn the_cli_without_a_daemon_execs_and_copies_directly() {
+    let home = home_with_tiny("fnod");
+    let o = forkd(
+        home.path(),
+        &["fork", "--tag", "tiny", "-n", "1", "--keep", "--json"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = r["kept"][0].as_str().unwrap().to_string();
+    cli_exec_and_cp(home.path(), &id);
+    let o = forkd(home.path(), &["kill", "--all"]);
+    assert!(o.status.success());
+    assert!(qemu_pids_in(home.path()).is_empty());
+}
+
 #[test]
 fn sigterm_stops_every_child_and_a_restart_after_kill_9_adopts_them() {
     let home = home_with_tiny("flife");
@@ -786,10 +864,11 @@ fn sigterm_stops_every_child_and_a_restart_after_kill_9_adopts_them() {
     assert_eq!(got, ids);
     let ran = run(&c, &ids[0], json!({"cmd": "echo adopted"}));
     assert_eq!(String::from_utf8_lossy(&ran.stdout), "adopted\n");
-    // The CLI goes through the daemon.
+    // The CLI goes through the daemon (which holds the agent connections).
     let o = forkd(home.path(), &["ps", "--json"]);
     let ps: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(ps.as_array().unwrap().len(), 2, "{ps:#}");
+    cli_exec_and_cp(home.path(), &ids[0]);
     // SIGTERM: every child stops, the socket goes, exit 0.
     d2.signal(libc::SIGTERM);
     let st = d2.wait(Duration::from_secs(30));
