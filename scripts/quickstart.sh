@@ -5,7 +5,9 @@
 #   2. a publisher builds the tiny parent (busybox + the forkd agent), snapshots it warm,
 #      makes a signing key and pushes the snapshot, signed, to its embedded hub;
 #   3. a fresh user store pulls it from that hub (verifying signature and every byte) and
-#      forks N copy-on-write children, each running a command.
+#      forks N copy-on-write children, each running a command;
+#   4. the same store as a service: `forkd serve` and the Python SDK fork, drive and kill
+#      sandboxes through the REST API (docs/API.md).
 #
 #   bash scripts/quickstart.sh [-n N]          # N children, default 10
 #
@@ -53,5 +55,25 @@ start=$(date +%s.%N)
 "$forkd" --home "$user" fork --tag tiny -n "$N" --exec 'echo "hello from $(hostname)"'
 end=$(date +%s.%N)
 say "pull + fork $N: $(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }') s"
+
+say "user: the same store as a service (forkd serve + the Python SDK)"
+venv="$(bash scripts/sdk-venv.sh)"
+"$forkd" --home "$user" serve &
+daemon=$!
+trap 'kill -TERM "$daemon" 2>/dev/null; wait "$daemon" 2>/dev/null; [ "${FORKD_KEEP_DEMO:-}" = 1 ] || rm -rf "$demo"' EXIT
+for _ in $(seq 100); do [ -S "$user/forkd.sock" ] && break; sleep 0.1; done
+FORKD_HOME="$user" "$venv/bin/python" - <<'PY'
+from forkd import Client
+
+c = Client()
+sbs = c.fork("tiny", 3, env={"GREETING": "hello"})
+for sb in sbs:
+    sb.files.write("/tmp/in.txt", b"from the host\n")
+    r = sb.commands.run('echo "$GREETING from $(hostname): $(cat /tmp/in.txt)"')
+    print(f"{sb.id}: exit {r.exit_code}: {r.stdout.strip()}")
+    sb.kill()
+PY
+kill -TERM "$daemon"
+wait "$daemon"
 [ "${FORKD_KEEP_DEMO:-}" = 1 ] && say "demo stores kept in $demo"
 exit 0
