@@ -980,3 +980,49 @@ fn tls_on_tcp_serves_https_with_the_token() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn children_of_a_fork_killed_mid_way_are_swept_by_the_next_forkd() {
+    let home = home_with_tiny("fswp");
+    let mut fork = Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(["fork", "--tag", "tiny", "-n", "3", "--exec", "sleep 120"])
+        .env("FORKD_HOME", home.path())
+        .env("FORKD_ACCEL", "tcg")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while qemu_pids_in(home.path()).len() < 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the children did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // kill -9: nothing in forkd runs to stop its children.
+    fork.kill().unwrap();
+    fork.wait().unwrap();
+    assert_eq!(
+        qemu_pids_in(home.path()).len(),
+        3,
+        "the children should have outlived it"
+    );
+    // The next forkd that looks at the run directory finds them: their owner is dead.
+    let o = forkd(home.path(), &["ps", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = Instant::now();
+    while !qemu_pids_in(home.path()).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "orphaned QEMUs were not killed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left: Vec<_> = std::fs::read_dir(home.path().join("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "run directories left: {left:?}");
+}

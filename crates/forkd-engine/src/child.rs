@@ -75,6 +75,8 @@ impl VmGuard {
                 source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
             });
         }
+        // Until a record names it, the directory is ours: if we die, a sweep cleans it up.
+        crate::run::write_owner(run_dir)?;
         Ok(g)
     }
 

@@ -171,6 +171,7 @@ fn fork_children(
     std::fs::create_dir_all(&opts.run_root).at("cannot create", &opts.run_root)?;
     let stub_dir = StubDir(opts.run_root.join(format!(".fork-{}-{session}", opts.tag)));
     std::fs::create_dir_all(&stub_dir.0).at("cannot create", &stub_dir.0)?;
+    crate::run::write_owner(&stub_dir.0)?;
     let stub_path = stub_dir.0.join("vmlinuz-stub");
     let stub = stub_path.as_path();
     crate::spec::write_stub_kernel(&dir.join(&spec.kernel), stub)?;

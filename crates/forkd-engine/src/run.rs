@@ -10,6 +10,83 @@ use std::time::Duration;
 
 pub const RECORD: &str = "child.json";
 
+/// Names the process that made a run directory (`PID STARTTIME`), until a [`RECORD`] takes
+/// over. A directory whose owner died before it was recorded (`kill -9` in the middle of a
+/// fork) is found by [`sweep_orphans`]: its QEMU is killed and the directory removed.
+pub const OWNER: &str = "owner";
+
+/// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat): with the pid
+/// it names one process, even after the pid is reused.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Mark `dir` as this process's.
+pub fn write_owner(dir: &Path) -> Result<()> {
+    let me = std::process::id();
+    let text = format!("{me} {}\n", start_time(me).unwrap_or(0));
+    let p = dir.join(OWNER);
+    std::fs::write(&p, text).at("cannot write", &p)
+}
+
+/// Whether the process named in `dir/owner` still runs. `None`: no owner file.
+fn owner_alive(dir: &Path) -> Option<bool> {
+    let text = std::fs::read_to_string(dir.join(OWNER)).ok()?;
+    let mut it = text.split_whitespace();
+    let pid: u32 = it.next()?.parse().ok()?;
+    let start: u64 = it.next()?.parse().ok()?;
+    Some(start_time(pid) == Some(start))
+}
+
+/// QEMU processes whose command line names `dir` (its sockets and overlay live there).
+fn qemus_in(dir: &Path) -> Vec<u32> {
+    let needle = format!("{}/", dir.display());
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.contains("qemu-system") && cmd.contains(&needle)
+        })
+        .collect()
+}
+
+/// Remove the run directories (and kill their QEMUs) that no record names and whose owner
+/// process is gone: what a crashed `forkd fork` or daemon left mid-fork. Directories of a
+/// live owner (a fork in progress elsewhere) and those without an owner file are left alone.
+/// Returns the directories removed.
+pub fn sweep_orphans(run_root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(run_root) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let dir = e.path();
+        let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        if !is_dir || dir.join(RECORD).exists() || owner_alive(&dir) != Some(false) {
+            continue;
+        }
+        for pid in qemus_in(&dir) {
+            tracing::info!(
+                "killing QEMU {pid} left in {} by a dead owner",
+                dir.display()
+            );
+            // SAFETY: kill(2) on a pid whose command line names this directory's QEMU.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => out.push(dir),
+            Err(err) => tracing::warn!("cannot remove {}: {err}", dir.display()),
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeptChild {
     pub id: String,

@@ -126,7 +126,10 @@ impl Manager {
     /// in another process) are left alone.
     pub fn recover(&self) -> Result<(Vec<String>, Vec<String>)> {
         let mut adopted = Vec::new();
-        let mut removed = Vec::new();
+        let mut removed: Vec<String> = forkd_engine::run::sweep_orphans(&self.inner.run_root)
+            .into_iter()
+            .map(|d| d.display().to_string())
+            .collect();
         for st in forkd_engine::run::list(&self.inner.run_root)? {
             let id = st.child.id.clone();
             if self.table().contains_key(&id) {
