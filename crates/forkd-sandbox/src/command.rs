@@ -261,6 +261,22 @@ impl Sink {
     }
 }
 
+/// The two capped output files of a background command, made before it starts.
+pub struct Sinks {
+    out: Sink,
+    err: Sink,
+}
+
+impl Sinks {
+    pub(crate) fn create(run_dir: &Path, id: &str) -> Result<Sinks> {
+        let out = Sink::create(run_dir.join(format!("{id}.stdout")))?;
+        let err = Sink::create(run_dir.join(format!("{id}.stderr"))).inspect_err(|_| {
+            let _ = std::fs::remove_file(&out.path);
+        })?;
+        Ok(Sinks { out, err })
+    }
+}
+
 struct BgState {
     pid: Option<u32>,
     exit: Option<ExecReply>,
@@ -273,7 +289,6 @@ struct BgState {
 /// files; callers wait for it, read its output, or signal it.
 pub struct BackgroundCommand {
     id: String,
-    agent: AgentClient,
     state: Mutex<BgState>,
     done: Condvar,
 }
@@ -282,10 +297,9 @@ impl BackgroundCommand {
     pub(crate) fn start(
         id: String,
         mut running: Running,
-        run_dir: &Path,
+        sinks: Sinks,
     ) -> Result<Arc<BackgroundCommand>> {
-        let out = Sink::create(run_dir.join(format!("{id}.stdout")))?;
-        let err = Sink::create(run_dir.join(format!("{id}.stderr")))?;
+        let Sinks { out, err } = sinks;
         // The first event is the pid; wait for it so callers can signal at once.
         let mut first = None;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -294,7 +308,6 @@ impl BackgroundCommand {
         }
         let cmd = Arc::new(BackgroundCommand {
             id: id.clone(),
-            agent: running.agent.clone(),
             state: Mutex::new(BgState {
                 pid: None,
                 exit: None,
@@ -401,14 +414,6 @@ impl BackgroundCommand {
             stderr_dropped: s.err.dropped,
             running: s.exit.is_none() && s.error.is_none(),
         }
-    }
-
-    pub fn signal(&self, signal: i32) -> Result<()> {
-        let pid = self.pid().ok_or_else(|| SandboxError::BadRequest {
-            field: "command_id",
-            reason: format!("command {} has no process yet", self.id),
-        })?;
-        Ok(self.agent.signal(pid, signal)?)
     }
 
     /// The sandbox is going away: wake every waiter.

@@ -39,6 +39,8 @@ pub struct ManagerOptions {
 
 /// Most children one request may ask for.
 pub const MAX_COUNT: usize = 1000;
+/// Longest time to live a sandbox may be given: one year.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A request for `count` sandboxes from one image.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -190,6 +192,18 @@ impl Manager {
                 });
             }
         }
+        if let Some(t) = req.ttl
+            && (t.is_zero() || t > MAX_TTL)
+        {
+            return Err(SandboxError::BadRequest {
+                field: "ttl_s",
+                reason: format!(
+                    "must be 1…{} seconds, not {}",
+                    MAX_TTL.as_secs(),
+                    t.as_secs()
+                ),
+            });
+        }
         let snap = self.image(&req.tag)?;
         let mem = snap.manifest.memory_mib;
         if let Some(m) = req.memory_mib
@@ -245,7 +259,7 @@ impl Manager {
                 env: req.env.clone(),
                 memory_mib: mem,
                 created_unix: created,
-                expires_unix: req.ttl.map(|t| created + t.as_secs().max(1)),
+                expires_unix: req.ttl.map(|t| created.saturating_add(t.as_secs().max(1))),
                 restored_ms: child.restored_ms,
                 ready_ms: child.ready_ms,
             };
@@ -316,7 +330,15 @@ impl Manager {
 
     /// Stop a sandbox: its VM, sockets, overlay and records are gone afterwards.
     pub fn kill(&self, id: &str) -> Result<()> {
-        let sb = self.get(id)?;
+        let sb = match self.get(id) {
+            Ok(sb) => sb,
+            // A visitor asked to kill a child whose VM already exited: clean up its record.
+            Err(SandboxError::Stopped(_)) => {
+                forkd_engine::run::kill(&self.inner.run_root, id)?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         self.table_mut().remove(id);
         sb.stop();
         Ok(())

@@ -21,6 +21,9 @@ use std::time::Duration;
 
 pub const META: &str = "sandbox.json";
 
+/// Background commands one sandbox may run at once.
+pub const MAX_BACKGROUND: usize = 64;
+
 /// Where a sandbox is in its life: `Running ⇄ Paused`, either `→ Stopped` (final).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -91,6 +94,8 @@ pub struct Sandbox {
     vm: Mutex<Option<Vm>>,
     /// The connection, and the features its agent reported in `hello`.
     agent: Mutex<Option<(AgentClient, Vec<String>)>>,
+    /// Held across a pause or resume: the QMP call and the state change are one step.
+    control: Mutex<()>,
     commands: Mutex<BTreeMap<String, Arc<BackgroundCommand>>>,
     next_command: AtomicU64,
 }
@@ -114,6 +119,7 @@ impl Sandbox {
             }),
             vm: Mutex::new(Some(vm)),
             agent: Mutex::new(None),
+            control: Mutex::new(()),
             commands: Mutex::new(BTreeMap::new()),
             next_command: AtomicU64::new(1),
         }
@@ -191,16 +197,26 @@ impl Sandbox {
 
     fn connection(&self) -> Result<(AgentClient, Vec<String>)> {
         self.ensure_running()?;
-        let mut a = lock(&self.agent);
-        if let Some((c, f)) = a.as_ref().filter(|(c, _)| !c.is_closed()) {
+        if let Some((c, f)) = lock(&self.agent).as_ref().filter(|(c, _)| !c.is_closed()) {
             return Ok((c.clone(), f.clone()));
         }
         if !self.record.running() {
             return Err(SandboxError::Stopped(self.id().to_string()));
         }
+        // Connect outside the lock: a guest slow to answer `hello` must not hold up `stop`.
         let c = AgentClient::connect(&self.record.agent_sock())?;
         let features = c.hello()?.features;
-        *a = Some((c.clone(), features.clone()));
+        let mut slot = lock(&self.agent);
+        if self.state() == SandboxState::Stopped {
+            c.close();
+            return Err(SandboxError::Stopped(self.id().to_string()));
+        }
+        if let Some((other, f)) = slot.as_ref().filter(|(o, _)| !o.is_closed()) {
+            // Another call connected meanwhile: use that one.
+            c.close();
+            return Ok((other.clone(), f.clone()));
+        }
+        *slot = Some((c.clone(), features.clone()));
         Ok((c, features))
     }
 
@@ -218,12 +234,14 @@ impl Sandbox {
 
     /// Stop the vCPUs; the sandbox keeps its memory and uses no CPU.
     pub fn pause(&self) -> Result<()> {
+        let _one_at_a_time = lock(&self.control);
         self.ensure_running_or_paused()?;
         self.record.pause()?;
         self.transition(SandboxState::Paused)
     }
 
     pub fn resume(&self) -> Result<()> {
+        let _one_at_a_time = lock(&self.control);
         self.ensure_running_or_paused()?;
         self.record.resume()?;
         self.transition(SandboxState::Running)
@@ -291,10 +309,26 @@ impl Sandbox {
 
     /// Start a command that keeps running whatever the caller does.
     pub fn start_background(&self, req: &CommandRequest) -> Result<Arc<BackgroundCommand>> {
-        let running = self.exec_stream(req)?;
+        let running = lock(&self.commands)
+            .values()
+            .filter(|c| c.status().running)
+            .count();
+        if running >= MAX_BACKGROUND {
+            return Err(SandboxError::BadRequest {
+                field: "background",
+                reason: format!(
+                    "sandbox {} already runs {MAX_BACKGROUND} background commands",
+                    self.id()
+                ),
+            });
+        }
+        // Ids go on from the highest this process has given, and the output files are made
+        // before the command starts: a command never runs without a place for its output.
         let n = self.next_command.fetch_add(1, Ordering::Relaxed);
-        let id = format!("c{n}");
-        let cmd = BackgroundCommand::start(id.clone(), running, &self.record.run_dir)?;
+        let id = format!("c{n}-{}", std::process::id());
+        let sinks = crate::command::Sinks::create(&self.record.run_dir, &id)?;
+        let running = self.exec_stream(req)?;
+        let cmd = BackgroundCommand::start(id.clone(), running, sinks)?;
         lock(&self.commands).insert(id, cmd.clone());
         Ok(cmd)
     }

@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use forkd_sandbox::Manager;
 use state::AppState;
+use std::future::IntoFuture as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,7 +71,7 @@ pub struct ServeOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("another forkd daemon is already listening on {0}")]
+    #[error("another forkd daemon already owns this home (it holds {0})")]
     AlreadyRunning(PathBuf),
     #[error("cannot listen on {what}: {source}")]
     Listen {
@@ -187,8 +188,9 @@ fn router(st: Arc<AppState>) -> Router {
             api::ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
                 .hint("the API is under /v1 (docs/API.md; GET /v1/openapi.json)")
         })
-        .layer(axum::middleware::from_fn_with_state(st.clone(), observe))
+        // The outer layer runs first: refused requests (401) are counted and audited too.
         .layer(axum::middleware::from_fn_with_state(st.clone(), auth))
+        .layer(axum::middleware::from_fn_with_state(st.clone(), observe))
         .with_state(st)
 }
 
@@ -278,6 +280,19 @@ async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> R
 /// Serve until SIGTERM or SIGINT; then stop every sandbox and return.
 pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let mgr = opts.manager;
+    // One daemon per home, whatever it listens on: two would adopt (and stop) each other's
+    // sandboxes.
+    let lock_path = mgr.store().home().daemon_lock();
+    let _lock = match forkd_store::FileLock::try_exclusive(&lock_path) {
+        Ok(Some(l)) => l,
+        Ok(None) => return Err(ServeError::AlreadyRunning(lock_path)),
+        Err(e) => {
+            return Err(ServeError::Listen {
+                what: lock_path.display().to_string(),
+                source: std::io::Error::other(e.to_string()),
+            });
+        }
+    };
     let (adopted, removed) = {
         let m = mgr.clone();
         tokio::task::spawn_blocking(move || m.recover())
@@ -325,13 +340,22 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         })
     };
 
+    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     let shutdown = {
         let m = mgr.clone();
         async move {
             wait_for_signal().await;
             tracing::info!("stopping every sandbox");
             let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
+            let _ = stopped_tx.send(true);
         }
+    };
+    // Connections still open after the sandboxes stopped (a client that never reads its
+    // stream) get this long, then the daemon exits anyway.
+    let deadline = async move {
+        let mut rx = stopped_rx;
+        let _ = rx.wait_for(|s| *s).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
     };
 
     let result = match &opts.listen {
@@ -340,9 +364,13 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             if let Some(f) = opts.on_ready {
                 f(&path.display().to_string());
             }
-            let r = axum::serve(listener, app.into_make_service())
-                .with_graceful_shutdown(shutdown)
-                .await;
+            let r = with_deadline(
+                deadline,
+                axum::serve(listener, app.into_make_service())
+                    .with_graceful_shutdown(shutdown)
+                    .into_future(),
+            )
+            .await;
             let _ = std::fs::remove_file(path);
             r
         }
@@ -372,22 +400,30 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
                     if let Some(f) = opts.on_ready {
                         f(&format!("https://{local}"));
                     }
-                    axum::serve(
-                        listener,
-                        app.into_make_service_with_connect_info::<tls::TlsPeer>(),
+                    with_deadline(
+                        deadline,
+                        axum::serve(
+                            listener,
+                            app.into_make_service_with_connect_info::<tls::TlsPeer>(),
+                        )
+                        .with_graceful_shutdown(shutdown)
+                        .into_future(),
                     )
-                    .with_graceful_shutdown(shutdown)
                     .await
                 }
                 None => {
                     if let Some(f) = opts.on_ready {
                         f(&format!("http://{local}"));
                     }
-                    axum::serve(
-                        listener,
-                        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                    with_deadline(
+                        deadline,
+                        axum::serve(
+                            listener,
+                            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                        )
+                        .with_graceful_shutdown(shutdown)
+                        .into_future(),
                     )
-                    .with_graceful_shutdown(shutdown)
                     .await
                 }
             }
@@ -397,6 +433,20 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     // Whatever path got us here, no sandbox outlives the daemon.
     let _ = tokio::task::spawn_blocking(move || mgr.shutdown()).await;
     result.map_err(ServeError::Serve)
+}
+
+/// Serve until `serve` ends, or `deadline` passes (connections that outlive a shutdown).
+async fn with_deadline(
+    deadline: impl std::future::Future<Output = ()>,
+    serve: impl std::future::Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    tokio::select! {
+        r = serve => r,
+        () = deadline => {
+            tracing::warn!("connections still open 10 s after the sandboxes stopped; exiting");
+            Ok(())
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -431,7 +481,13 @@ fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, ServeEr
             )));
         }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ServeError::AlreadyRunning(path.to_path_buf()));
+            return Err(ServeError::Listen {
+                what: path.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "something else answers on this socket",
+                ),
+            });
         }
         std::fs::remove_file(path).map_err(err)?;
     }

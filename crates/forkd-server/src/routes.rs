@@ -80,6 +80,19 @@ fn ndjson_response(rx: mpsc::Receiver<Bytes>) -> Response {
         .into_response()
 }
 
+/// How long a client may leave a stream unread before it counts as gone. A reader that
+/// stalls must not stall the sandbox: the agent connection it shares with every other call
+/// waits while this stream's queue is full.
+const STALLED_CLIENT: Duration = Duration::from_secs(30);
+
+/// Send from a blocking thread, giving up when the client has not taken anything for
+/// [`STALLED_CLIENT`] (or is gone).
+fn send_or_give_up<T>(tx: &mpsc::Sender<T>, item: T) -> bool {
+    tokio::runtime::Handle::current()
+        .block_on(tokio::time::timeout(STALLED_CLIENT, tx.send(item)))
+        .is_ok_and(|r| r.is_ok())
+}
+
 fn wants_ndjson(h: &HeaderMap) -> bool {
     h.get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -461,7 +474,7 @@ pub async fn run_command(
                     "type": "error", "error": ApiError::from(e).detail,
                 })),
             };
-            if tx.blocking_send(line).is_err() || running.finished() {
+            if !send_or_give_up(&tx, line) || running.finished() {
                 break;
             }
         }
@@ -563,7 +576,14 @@ pub async fn signal_command(
     let sig = signal_number(&body.signal)?;
     let sb = sandbox(&st, id).await?;
     let cmd = sb.command(&cid)?;
-    blocking(move || cmd.signal(sig)).await?;
+    let pid = cmd.pid().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("command {cid} has no process yet"),
+        )
+    })?;
+    blocking(move || sb.signal(pid, sig)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -636,17 +656,21 @@ pub async fn get_file(
         let p = q.path.clone();
         blocking(move || sb.stat(&p).map(|e| (sb, e))).await?
     };
-    if entry.kind != forkd_agent::FileKind::File {
-        return Err(ApiError::bad_request(format!(
-            "query `path`: {} is not a regular file",
-            q.path
-        )));
+    if entry.kind == forkd_agent::FileKind::Dir {
+        return Err(forkd_sandbox::SandboxError::Guest {
+            code: forkd_agent::ErrorCode::IsADirectory,
+            message: format!("{} is a directory (list it: GET …/files/list)", q.path),
+        }
+        .into());
     }
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     tokio::task::spawn_blocking(move || {
         let mut sink = |b: &[u8]| {
-            tx.blocking_send(Ok(Bytes::copy_from_slice(b)))
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            if send_or_give_up(&tx, Ok(Bytes::copy_from_slice(b))) {
+                Ok(())
+            } else {
+                Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            }
         };
         if let Err(e) = sb.read_file(&q.path, &mut sink) {
             // Cut the body: the client sees a failed transfer, not a short file.

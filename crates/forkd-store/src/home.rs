@@ -75,6 +75,11 @@ impl Home {
         self.locks_dir().join("store.lock")
     }
 
+    /// `locks/daemon.lock`: held by the one `forkd serve` that owns this home's sandboxes.
+    pub fn daemon_lock(&self) -> PathBuf {
+        self.locks_dir().join("daemon.lock")
+    }
+
     /// `run/`: running parents and the children kept with `fork --keep`.
     pub fn run_dir(&self) -> PathBuf {
         self.root.join("run")

@@ -39,6 +39,26 @@ impl FileLock {
         })
     }
 
+    /// Take the exclusive lock on `path` (created if missing) without waiting: `Ok(None)` when
+    /// another process holds it.
+    pub fn try_exclusive(path: &Path) -> Result<Option<FileLock>, PathError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .at("cannot open lock file", path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(FileLock {
+                file,
+                path: path.to_path_buf(),
+            })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e).at("cannot lock", path),
+        }
+    }
+
     /// Try to take the lock on an existing file without waiting. `Ok(None)` when it is held by
     /// someone else or the file does not exist.
     pub(crate) fn try_existing(path: &Path) -> Result<Option<FileLock>, PathError> {

@@ -235,7 +235,24 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
         && let forkd_server::backend::Backend::Daemon(_) = super::sandbox::backend(ctx)?
     {
         // A daemon runs: it becomes the kept children's owner.
-        return super::sandbox::fork_kept(ctx, &a.tag, a.n, a.exec.as_deref(), a.json);
+        if a.run.is_some() {
+            return Err(anyhow::anyhow!(
+                "--run with --keep is not supported while a daemon owns the children"
+            ))
+            .context(Hint(
+                "fork --keep first, then run code in each: the SDK's sb.run_code(), or \
+                 POST /v1/sandboxes/ID/run"
+                    .into(),
+            ));
+        }
+        return super::sandbox::fork_kept(
+            ctx,
+            &a.tag,
+            a.n,
+            a.exec.as_deref(),
+            Duration::from_secs(a.exec_timeout),
+            a.json,
+        );
     }
     let store = ctx.store()?;
     let snap = store

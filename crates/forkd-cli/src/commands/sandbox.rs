@@ -285,6 +285,7 @@ pub(super) fn fork_kept(
     tag: &str,
     n: usize,
     exec: Option<&str>,
+    exec_timeout: Duration,
     json: bool,
 ) -> anyhow::Result<()> {
     let b = backend(ctx)?;
@@ -309,6 +310,7 @@ pub(super) fn fork_kept(
                     let (mut out, mut err) = (Vec::new(), Vec::new());
                     let req = CommandRequest {
                         cmd: Some(cmd.to_string()),
+                        timeout: Some(exec_timeout),
                         ..Default::default()
                     };
                     let x = b.exec(&sb.id, &req, &mut |ev| match ev {
@@ -324,7 +326,10 @@ pub(super) fn fork_kept(
                                 "stderr": String::from_utf8_lossy(&err),
                             })
                         }
-                        Err(e) => row["error"] = e.to_string().into(),
+                        Err(e) => {
+                            row["ok"] = false.into();
+                            row["error"] = e.to_string().into();
+                        }
                     }
                 }
             }
@@ -335,7 +340,7 @@ pub(super) fn fork_kept(
         }
         rows.push(row);
     }
-    let alive = results.iter().filter(|r| r.is_ok()).count();
+    let alive = rows.iter().filter(|r| r["ok"] == true).count();
     if json {
         println!(
             "{}",
