@@ -96,6 +96,8 @@ pub struct Sandbox {
     agent: Mutex<Option<(AgentClient, Vec<String>)>>,
     /// Held across a pause or resume: the QMP call and the state change are one step.
     control: Mutex<()>,
+    /// Held while a connection to the agent is being made.
+    connecting: Mutex<()>,
     commands: Mutex<BTreeMap<String, Arc<BackgroundCommand>>>,
     next_command: AtomicU64,
 }
@@ -120,6 +122,7 @@ impl Sandbox {
             vm: Mutex::new(Some(vm)),
             agent: Mutex::new(None),
             control: Mutex::new(()),
+            connecting: Mutex::new(()),
             commands: Mutex::new(BTreeMap::new()),
             next_command: AtomicU64::new(1),
         }
@@ -203,7 +206,13 @@ impl Sandbox {
         if !self.record.running() {
             return Err(SandboxError::Stopped(self.id().to_string()));
         }
-        // Connect outside the lock: a guest slow to answer `hello` must not hold up `stop`.
+        // One connection attempt at a time (QEMU's socket takes one client: a second would
+        // wait unanswered), under a lock of its own: a guest slow to answer `hello` must not
+        // hold up `stop`, which takes only the `agent` lock.
+        let _connecting = lock(&self.connecting);
+        if let Some((c, f)) = lock(&self.agent).as_ref().filter(|(c, _)| !c.is_closed()) {
+            return Ok((c.clone(), f.clone()));
+        }
         let c = AgentClient::connect(&self.record.agent_sock())?;
         let features = c.hello()?.features;
         let mut slot = lock(&self.agent);
