@@ -60,7 +60,7 @@ say "user: the same store as a service (forkd serve + the Python SDK)"
 venv="$(bash scripts/sdk-venv.sh)"
 "$forkd" --home "$user" serve &
 daemon=$!
-trap 'kill -TERM "$daemon" 2>/dev/null; wait "$daemon" 2>/dev/null; [ "${FORKD_KEEP_DEMO:-}" = 1 ] || rm -rf "$demo"' EXIT
+trap 'kill -TERM "$daemon" 2>/dev/null || true; wait "$daemon" 2>/dev/null || true; [ "${FORKD_KEEP_DEMO:-}" = 1 ] || rm -rf "$demo"' EXIT
 for _ in $(seq 100); do [ -S "$user/forkd.sock" ] && break; sleep 0.1; done
 FORKD_HOME="$user" "$venv/bin/python" - <<'PY'
 from forkd import Client
@@ -74,6 +74,6 @@ for sb in sbs:
     sb.kill()
 PY
 kill -TERM "$daemon"
-wait "$daemon"
+wait "$daemon" || die "forkd serve did not stop cleanly (exit $?)"
 [ "${FORKD_KEEP_DEMO:-}" = 1 ] && say "demo stores kept in $demo"
 exit 0
