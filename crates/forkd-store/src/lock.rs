@@ -18,21 +18,12 @@ impl FileLock {
     /// Take the exclusive lock on `path` (created if missing), blocking if another process holds
     /// it. Before blocking, `on_wait(path)` is called once so the user learns why nothing happens.
     pub fn exclusive(path: &Path, on_wait: impl FnOnce(&Path)) -> Result<FileLock, PathError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .at("cannot open lock file", path)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                on_wait(path);
-                file.lock().at("cannot lock", path)?;
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e).at("cannot lock", path),
+        let file = open_or_create(path)?;
+        if let Some(l) = try_take(&file, path)? {
+            return Ok(l);
         }
+        on_wait(path);
+        file.lock().at("cannot lock", path)?;
         Ok(FileLock {
             file,
             path: path.to_path_buf(),
@@ -42,21 +33,7 @@ impl FileLock {
     /// Take the exclusive lock on `path` (created if missing) without waiting: `Ok(None)` when
     /// another process holds it.
     pub fn try_exclusive(path: &Path) -> Result<Option<FileLock>, PathError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .at("cannot open lock file", path)?;
-        match file.try_lock() {
-            Ok(()) => Ok(Some(FileLock {
-                file,
-                path: path.to_path_buf(),
-            })),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => Err(e).at("cannot lock", path),
-        }
+        try_take(&open_or_create(path)?, path)
     }
 
     /// Try to take the lock on an existing file without waiting. `Ok(None)` when it is held by
@@ -67,14 +44,7 @@ impl FileLock {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).at("cannot open lock file", path),
         };
-        match file.try_lock() {
-            Ok(()) => Ok(Some(FileLock {
-                file,
-                path: path.to_path_buf(),
-            })),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => Err(e).at("cannot lock", path),
-        }
+        try_take(&file, path)
     }
 
     /// Create a new lock file at `path` (a fresh unique name) that is already locked when it
@@ -118,4 +88,26 @@ pub(crate) fn warn_waiting(path: &Path) {
         "waiting for lock on {} (held by another forkd process)...",
         path.display()
     );
+}
+
+fn open_or_create(path: &Path) -> Result<File, PathError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .at("cannot open lock file", path)
+}
+
+/// Lock `file` (at `path`) if nobody holds it; the lock lives in a handle of its own.
+fn try_take(file: &File, path: &Path) -> Result<Option<FileLock>, PathError> {
+    match file.try_lock() {
+        Ok(()) => Ok(Some(FileLock {
+            file: file.try_clone().at("cannot lock", path)?,
+            path: path.to_path_buf(),
+        })),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).at("cannot lock", path),
+    }
 }
