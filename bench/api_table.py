@@ -14,7 +14,7 @@ for line in sys.stdin:
     elif b == "overhead":
         print(
             f"| `commands.run(\"true\")` p50 over {r['n']} | {r['api_p50_ms']:.1f} ms "
-            f"| agent round trip {r['agent_p50_ms']:.1f} ms | **+{r['extra_ms']:.1f} ms** (goal <= +5 ms) |"
+            f"| agent round trip {r['agent_p50_ms']:.1f} ms | **{r['extra_ms']:+.1f} ms** (goal <= +5 ms) |"
         )
     elif b == "files":
         print(
