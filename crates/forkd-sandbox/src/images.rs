@@ -28,19 +28,24 @@ pub fn ensure(
     if !image.contains('/') {
         return Ok(image.to_string());
     }
-    let reference = Reference::parse(image).map_err(|e| SandboxError::BadRequest {
-        field: "image",
-        reason: e.to_string(),
-    })?;
-    let tag = Tag::parse(&reference.name).map_err(|e| SandboxError::BadRequest {
-        field: "image",
-        reason: e.to_string(),
-    })?;
+    let (reference, tag) = parse(image, "image")?;
     if mgr.store().get(&tag).is_ok() {
         return Ok(tag.as_str().to_string());
     }
     pull(mgr, &reference, tag.clone(), cfg, progress)?;
     Ok(tag.as_str().to_string())
+}
+
+/// A hub reference and the local tag it installs as (its `NAME`); `field` names the request
+/// field in the error.
+pub fn parse(image: &str, field: &'static str) -> Result<(Reference, Tag)> {
+    let bad = |e: &dyn std::fmt::Display| SandboxError::BadRequest {
+        field,
+        reason: e.to_string(),
+    };
+    let reference = Reference::parse(image).map_err(|e| bad(&e))?;
+    let tag = Tag::parse(&reference.name).map_err(|e| bad(&e))?;
+    Ok((reference, tag))
 }
 
 /// Pull `reference` into the store as `tag`.

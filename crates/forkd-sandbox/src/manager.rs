@@ -144,15 +144,7 @@ impl Manager {
                 }
                 continue;
             }
-            let meta = load_meta(&st.child.run_dir).unwrap_or_else(|| Meta {
-                image: st.child.tag.clone(),
-                created_unix: st.child.started_unix,
-                memory_mib: 0,
-                ..Meta::default()
-            });
-            let paused = st.child.paused().unwrap_or(false);
-            let sb = Arc::new(Sandbox::new(st.child, meta, Vm::Adopted, paused));
-            self.table_mut().insert(id.clone(), sb);
+            self.adopt_running(st.child);
             adopted.push(id);
         }
         Ok((adopted, removed))
@@ -309,6 +301,21 @@ impl Manager {
         self.list(labels).iter().map(|s| s.info()).collect()
     }
 
+    /// Take a running child found on disk into the table, with what its `sandbox.json` says
+    /// (a child kept by `forkd fork --keep` has none: its tag and start time stand in).
+    fn adopt_running(&self, rec: KeptChild) -> Arc<Sandbox> {
+        let meta = load_meta(&rec.run_dir).unwrap_or_else(|| Meta {
+            image: rec.tag.clone(),
+            created_unix: rec.started_unix,
+            ..Meta::default()
+        });
+        let paused = rec.paused().unwrap_or(false);
+        let id = rec.id.clone();
+        let sb = Arc::new(Sandbox::new(rec, meta, Vm::Adopted, paused));
+        self.table_mut().insert(id, sb.clone());
+        sb
+    }
+
     /// A sandbox by id. A visitor also finds children recorded on disk by another process.
     pub fn get(&self, id: &str) -> Result<Arc<Sandbox>> {
         if let Some(s) = self.table().get(id) {
@@ -319,11 +326,7 @@ impl Manager {
             if !rec.running() {
                 return Err(SandboxError::Stopped(id.to_string()));
             }
-            let meta = load_meta(&rec.run_dir).unwrap_or_default();
-            let paused = rec.paused().unwrap_or(false);
-            let sb = Arc::new(Sandbox::new(rec, meta, Vm::Adopted, paused));
-            self.table_mut().insert(id.to_string(), sb.clone());
-            return Ok(sb);
+            return Ok(self.adopt_running(rec));
         }
         Err(SandboxError::NoSuchSandbox(id.to_string()))
     }

@@ -204,10 +204,7 @@ pub async fn pull_image(
     State(st): S,
     JsonBody(body): JsonBody<PullRequest>,
 ) -> ApiResult<Response> {
-    let reference = forkd_hub::reference::Reference::parse(&body.reference)
-        .map_err(|e| ApiError::bad_request(format!("field `ref`: {e}")))?;
-    let tag = forkd_store::Tag::parse(&reference.name)
-        .map_err(|e| ApiError::bad_request(format!("field `ref`: {e}")))?;
+    let (reference, tag) = forkd_sandbox::images::parse(&body.reference, "ref")?;
     let cfg = forkd_sandbox::images::PullConfig {
         hub: body.hub.or_else(|| st.hub.url.clone()),
         trust: body.trust,
