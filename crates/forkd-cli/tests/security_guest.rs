@@ -351,6 +351,11 @@ fn a_child_runs_in_its_own_cgroup_with_limits() {
     } else {
         read_u64(&mem.join("memory.max_usage_in_bytes"))
     };
+    eprintln!(
+        "child group peak {} MiB, limit {} MiB",
+        peak >> 20,
+        want_mem >> 20
+    );
     assert!(
         peak >= (MEM_MIB / 2) << 20,
         "the guest's writes were not charged to the child's group (peak {} MiB; exec: {})",

@@ -50,7 +50,7 @@ pub enum CgroupError {
     },
 }
 
-fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
     move |source| CgroupError::Io {
         what,
         path: path.to_path_buf(),

@@ -196,6 +196,7 @@ fn fork_children(
                 let plan = &plan;
                 let spec = &spec;
                 let session = &session;
+                let confine = &confine;
                 std::thread::Builder::new()
                     .name(format!("child-{i}"))
                     .stack_size(256 * 1024)
@@ -218,7 +219,7 @@ fn fork_children(
                             memory_override: (break_child == Some(i))
                                 .then(|| guard.run_dir.join("no-such-memory.bin")),
                             kernel_override: Some(stub.to_path_buf()),
-                            confine: Some(&confine),
+                            confine: Some(confine),
                         }
                         .args();
                         let mut out = run_child(plan, i, id, guard, args);

@@ -21,7 +21,7 @@ use forkd_agent::{
     Request, Response, RunReply, RunRequest, WarmReply, WarmRequest, encode_line,
 };
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
