@@ -708,6 +708,7 @@ impl ExecStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::read_line_capped;
 
     #[test]
     fn client_is_clone_send_sync() {
