@@ -93,7 +93,9 @@ fn tiny() {
 
 /// Fork one kept child; returns its `ps --json` entry.
 fn keep_one() -> serde_json::Value {
-    let r = json(&ok(&["fork", "--tag", "tiny", "-n", "1", "--keep", "--json"]));
+    let r = json(&ok(&[
+        "fork", "--tag", "tiny", "-n", "1", "--keep", "--json",
+    ]));
     let id = r["kept"][0].as_str().expect("one kept child").to_string();
     let ps = json(&ok(&["ps", "--json"]));
     ps.as_array()
@@ -188,7 +190,10 @@ fn forkd_groups() -> Vec<PathBuf> {
 /// The descriptors `pid` has open on `file`, with their `flags:` from fdinfo (octal).
 fn fd_flags(pid: u32, file: &Path) -> Vec<(String, u32)> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
         let Ok(target) = std::fs::read_link(e.path()) else {
             continue;
         };
@@ -233,6 +238,7 @@ fn as_user(uid: u32, gid: u32, script: &str) -> bool {
 /// A fake child whose agent answers with one endless line: `forkd exec` must give up at the
 /// protocol's line limit, not buffer the line (it reached 3.1 GB RSS on a 3 GiB line).
 #[test]
+#[allow(clippy::zombie_processes)] // reaped with wait4, which also gives its peak RSS
 fn an_endless_agent_reply_does_not_grow_forkd() {
     let run = home().join("run");
     let id = "fake-endless-0";
@@ -272,8 +278,8 @@ while True:
     std::fs::write(dir.join("child.json"), rec.to_string()).unwrap();
 
     let child = cmd(&["exec", id, "--", "true"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let pid = child.id() as libc::pid_t;
@@ -362,11 +368,7 @@ fn a_child_runs_in_its_own_cgroup_with_limits() {
         peak >> 20,
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(
-        peak <= want_mem,
-        "peak {} MiB over the limit",
-        peak >> 20
-    );
+    assert!(peak <= want_mem, "peak {} MiB over the limit", peak >> 20);
     ok(&["kill", &id]);
     assert!(!mem.exists(), "{} left after kill", mem.display());
     assert!(!pids.exists(), "{} left after kill", pids.display());
@@ -409,7 +411,10 @@ fn a_childs_qemu_is_sandboxed_unprivileged_and_cannot_write_the_image() {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     assert!(cmdline.contains("-sandbox on,obsolete=deny"), "{cmdline}");
-    assert!(cmdline.contains("spawn=deny,resourcecontrol=deny"), "{cmdline}");
+    assert!(
+        cmdline.contains("spawn=deny,resourcecontrol=deny"),
+        "{cmdline}"
+    );
     assert!(!cmdline.contains("exec:"), "{cmdline}");
     assert_eq!(status_field(pid, "Seccomp:"), "2", "no seccomp filter");
     assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
@@ -519,9 +524,17 @@ fn doctor_reports_confinement() {
     let find = |n: &str| checks.iter().find(|c| c["name"] == n).cloned();
     let cg = find("cgroups").unwrap_or_else(|| panic!("no cgroups check: {r:#}"));
     if is_root() {
-        assert!(cg["detail"].as_str().unwrap().contains("memory, pids"), "{cg:#}");
+        assert!(
+            cg["detail"].as_str().unwrap().contains("memory, pids"),
+            "{cg:#}"
+        );
         let user = find("qemu user").unwrap_or_else(|| panic!("no qemu user check: {r:#}"));
-        assert!(user["detail"].as_str().unwrap().contains("child QEMUs run as"));
+        assert!(
+            user["detail"]
+                .as_str()
+                .unwrap()
+                .contains("child QEMUs run as")
+        );
     }
     let off = cmd(&["doctor", "--json"])
         .env("FORKD_CGROUPS", "0")

@@ -239,7 +239,11 @@ impl Cgroup {
             }
             Hierarchy::V1 { memory, pids, cpu } => {
                 let d = mkdir(&mut cg, memory)?;
-                write(&d, "memory.limit_in_bytes", &limits.memory_bytes.to_string())?;
+                write(
+                    &d,
+                    "memory.limit_in_bytes",
+                    &limits.memory_bytes.to_string(),
+                )?;
                 // Without swap accounting this file is absent; the limit above still holds.
                 if d.join("memory.memsw.limit_in_bytes").exists() {
                     let _ = write(
@@ -375,7 +379,8 @@ mod tests {
 
     #[test]
     fn own_groups() {
-        let text = "9:name=systemd:/\n8:pids:/a\n4:memory:/process_api/x\n1:cpu,cpuacct:/c\n0::/u\n";
+        let text =
+            "9:name=systemd:/\n8:pids:/a\n4:memory:/process_api/x\n1:cpu,cpuacct:/c\n0::/u\n";
         assert_eq!(own_group(text, Some("memory")).unwrap(), "process_api/x");
         assert_eq!(own_group(text, Some("cpu")).unwrap(), "c");
         assert_eq!(own_group(text, Some("pids")).unwrap(), "a");

@@ -144,14 +144,19 @@ fn confinement() -> Vec<Check> {
             out.push(check(
                 "cgroups",
                 true,
-                format!("v{}: each child gets a memory, pids and CPU limit (under {at})", h.version()),
+                format!(
+                    "v{}: each child gets a memory, pids and CPU limit (under {at})",
+                    h.version()
+                ),
                 None,
             ));
         }
         Err(e) => {
             let fix = match e {
                 CgroupError::Disabled => "unset FORKD_CGROUPS to limit children again",
-                _ => "run forkd as root, or delegate a cgroup v2 subtree with the memory and pids controllers to its user (systemd: Delegate=yes)",
+                _ => {
+                    "run forkd as root, or delegate a cgroup v2 subtree with the memory and pids controllers to its user (systemd: Delegate=yes)"
+                }
             };
             out.push(Check {
                 name: "cgroups".into(),

@@ -104,7 +104,10 @@ pub fn disable_thp_for_children() {
 /// Read one line (without its newline) into `out`, refusing lines over `max` bytes.
 /// `Ok(false)` at EOF (a partial last line is dropped).
 pub(crate) fn read_line_capped(
-    r: &mut impl std::io::BufRead, out: &mut Vec<u8>, max: usize) -> Result<bool, String> {
+    r: &mut impl std::io::BufRead,
+    out: &mut Vec<u8>,
+    max: usize,
+) -> Result<bool, String> {
     loop {
         let buf = match r.fill_buf() {
             Ok(b) => b,
@@ -119,7 +122,9 @@ pub(crate) fn read_line_capped(
             None => (buf.len(), false),
         };
         if out.len() + take > max {
-            return Err(format!("the other side sent a line longer than {max} bytes"));
+            return Err(format!(
+                "the other side sent a line longer than {max} bytes"
+            ));
         }
         out.extend_from_slice(&buf[..take]);
         r.consume(take + usize::from(done));
