@@ -4,6 +4,7 @@
 #   - apt: qemu-system-x86 (QEMU >= 7.2), qemu-utils, busybox-static, cpio, e2fsprogs, gzip
 #   - the guest kernel (scripts/fetch-kernel.sh -> ASSETS/kernel), where ASSETS is forkd's assets
 #     directory: $FORKD_ASSETS, else $FORKD_HOME/assets (CI sets FORKD_ASSETS=/var/cache/forkd-ci/assets)
+#   - the system user forkd-qemu, that child QEMUs run as under root
 #   - the static guest agent and the tiny recipe's assets (recipes/tiny/build.sh)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -24,6 +25,12 @@ if ((${#missing[@]})); then
 fi
 # Debian's busybox package (dynamic) may shadow busybox-static's binary name; both live at /bin/busybox.
 qemu-system-x86_64 --version | head -n1 >&2
+# Children's QEMUs drop to this system user when forkd runs as root (docs/ENGINE.md: confinement).
+if ! getent passwd forkd-qemu >/dev/null; then
+    SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+    echo "setup-engine: adding the system user forkd-qemu" >&2
+    $SUDO useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin forkd-qemu
+fi
 
 "$here/fetch-kernel.sh" >/dev/null
 "$repo/recipes/tiny/build.sh" >/dev/null

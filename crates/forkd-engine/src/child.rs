@@ -9,7 +9,7 @@ use crate::agent::AgentConn;
 use crate::error::{EngineError, IoCtx, Result};
 use crate::mux::AgentError;
 use crate::qmp::Qmp;
-use crate::util::{Interrupt, sh_quote, tail};
+use crate::util::{Interrupt, tail};
 use forkd_agent::{ErrorCode, ExecReply, ExecRequest, IdentityRequest, RunReply};
 use serde::Serialize;
 use std::os::unix::process::CommandExt;
@@ -49,6 +49,10 @@ pub struct VmGuard {
     pub log: PathBuf,
     process: Option<Child>,
     keep: bool,
+    /// The QEMU's cgroup (removed after QEMU, when the guard goes).
+    cgroup: Option<crate::cgroup::Cgroup>,
+    /// Descriptors QEMU inherits at spawn (closed here once it started).
+    pass: Vec<std::fs::File>,
 }
 
 /// Unix socket paths are limited to 108 bytes.
@@ -67,6 +71,8 @@ impl VmGuard {
             log: run_dir.join("qemu.log"),
             process: None,
             keep: false,
+            cgroup: None,
+            pass: Vec::new(),
         };
         if g.agent_sock.as_os_str().len() > MAX_SOCK_PATH {
             return Err(EngineError::Io {
@@ -83,18 +89,72 @@ impl VmGuard {
     pub fn spawn(&mut self, qemu: &Path, args: &[String]) -> Result<()> {
         let log = std::fs::File::create(&self.log).at("cannot create", &self.log)?;
         let log2 = log.try_clone().at("cannot open", &self.log)?;
-        let child = Command::new(qemu)
-            .args(args)
+        let mut cmd = Command::new(qemu);
+        cmd.args(args)
             .env("TMPDIR", &self.run_dir) // snapshot=on overlays land here, removed with the dir
             .env("MALLOC_ARENA_MAX", "1")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
-            .process_group(0)
-            .spawn()
-            .at("cannot start", qemu)?;
+            .process_group(0);
+        let join = self.confine_command(&mut cmd)?;
+        let child = cmd.spawn().at("cannot start", qemu)?;
+        drop(join);
+        self.pass.clear(); // QEMU has its own copies now
         self.process = Some(child);
         Ok(())
+    }
+
+    /// Put this VM's QEMU, when it starts, into `cg`; the guard owns the group from now on.
+    pub fn set_cgroup(&mut self, cg: crate::cgroup::Cgroup) {
+        self.cgroup = Some(cg);
+    }
+
+    /// The directories of this VM's cgroup (empty without one).
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        self.cgroup
+            .as_ref()
+            .map(|c| c.dirs().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Hand `file` to QEMU at spawn as an inherited descriptor; returns its number there.
+    pub fn pass_fd(&mut self, file: std::fs::File) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        let fd = file.as_raw_fd();
+        self.pass.push(file);
+        fd
+    }
+
+    /// Between fork and exec: join the cgroup (so QEMU is charged from its first page) and
+    /// let the passed descriptors survive exec. Returns the open `cgroup.procs` files, which
+    /// must stay open until the spawn returns.
+    fn confine_command(&self, cmd: &mut Command) -> Result<Option<crate::cgroup::Join>> {
+        use std::os::fd::AsRawFd;
+        let join = match &self.cgroup {
+            Some(cg) => Some(cg.prepare_join().map_err(|e| EngineError::Io {
+                what: "cannot join the cgroup of",
+                path: self.run_dir.clone(),
+                source: std::io::Error::other(e),
+            })?),
+            None => None,
+        };
+        let procs = join.as_ref().map(|j| j.raw_fds()).unwrap_or_default();
+        let pass: Vec<i32> = self.pass.iter().map(|f| f.as_raw_fd()).collect();
+        // SAFETY: the hook only calls write(2) and fcntl(2), both async-signal-safe, on
+        // descriptors that stay open until spawn() returns (`join` and `self.pass`).
+        unsafe {
+            cmd.pre_exec(move || {
+                crate::cgroup::enter_raw(&procs)?;
+                for &fd in &pass {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        Ok(join)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -137,6 +197,9 @@ impl VmGuard {
         let pid = self.pid().unwrap_or(0);
         // Dropping the Child handle does not kill the process.
         self.process = None;
+        if let Some(cg) = self.cgroup.take() {
+            cg.detach(); // `forkd kill` removes it (its dirs are in child.json)
+        }
         (pid, self.run_dir.clone())
     }
 }
@@ -148,6 +211,7 @@ impl Drop for VmGuard {
         }
         self.stop();
         let _ = std::fs::remove_dir_all(&self.run_dir);
+        drop(self.cgroup.take()); // QEMU is reaped: the group is empty and goes
     }
 }
 
@@ -295,6 +359,10 @@ fn life(
     check(plan.interrupt)?;
     let starting = plan.start_gate.enter();
     check(plan.interrupt)?;
+    // The device state goes in as an open descriptor: a sandboxed QEMU may not exec `cat`,
+    // and need not be able to open the store's files itself.
+    let vmstate = std::fs::File::open(plan.vmstate).at("cannot open", plan.vmstate)?;
+    let uri = format!("fd:{}", guard.pass_fd(vmstate));
     guard.spawn(plan.qemu, &args)?;
     let qmp_sock = guard.qmp_sock.clone();
     let mut qmp = {
@@ -305,7 +373,6 @@ fn life(
         })?
     };
     qmp.set_capabilities(&[("x-ignore-shared", true)])?;
-    let uri = format!("exec:cat {}", sh_quote(&plan.vmstate.to_string_lossy()));
     qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))?;
     qmp.wait_migration(Duration::from_secs(60))?;
     qmp.execute("cont", None)?;

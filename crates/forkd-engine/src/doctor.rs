@@ -120,6 +120,7 @@ pub fn run(home: &Home) -> Vec<Check> {
             None,
         )),
     }
+    out.extend(confinement());
     let avail = crate::memory::mem_available_mib().unwrap_or(0);
     out.push(check(
         "memory",
@@ -127,5 +128,66 @@ pub fn run(home: &Home) -> Vec<Check> {
         format!("{avail} MiB available"),
         Some("free host memory"),
     ));
+    out
+}
+
+/// Whether children can be confined here: cgroups, and the user QEMU drops to under root.
+fn confinement() -> Vec<Check> {
+    use crate::cgroup::{CgroupError, Hierarchy};
+    let mut out = Vec::new();
+    match crate::cgroup::host() {
+        Ok(h) => {
+            let at = match h {
+                Hierarchy::V2(d) => d.display().to_string(),
+                Hierarchy::V1 { memory, .. } => memory.display().to_string(),
+            };
+            out.push(check(
+                "cgroups",
+                true,
+                format!(
+                    "v{}: each child gets a memory, pids and CPU limit (under {at})",
+                    h.version()
+                ),
+                None,
+            ));
+        }
+        Err(e) => {
+            let fix = match e {
+                CgroupError::Disabled => "unset FORKD_CGROUPS to limit children again",
+                _ => {
+                    "run forkd as root, or delegate a cgroup v2 subtree with the memory and pids controllers to its user (systemd: Delegate=yes)"
+                }
+            };
+            out.push(Check {
+                name: "cgroups".into(),
+                ok: true, // forks still work, without per-child limits
+                detail: format!("children run without memory/pids limits: {e}"),
+                fix: Some(fix.into()),
+            });
+        }
+    }
+    if rustix::process::geteuid().is_root() {
+        let (user, dedicated) = crate::confine::qemu_user();
+        out.push(Check {
+            name: "qemu user".into(),
+            ok: true,
+            detail: if dedicated {
+                format!("child QEMUs run as {user} (forkd runs as root)")
+            } else {
+                format!(
+                    "child QEMUs run as {user}: there is no {} user, and {user}'s files \
+                     (if any) are reachable from a compromised QEMU",
+                    crate::confine::QEMU_USER
+                )
+            },
+            fix: (!dedicated).then(|| {
+                format!(
+                    "useradd --system --no-create-home --shell /usr/sbin/nologin {} \
+                     (scripts/setup-engine.sh does this)",
+                    crate::confine::QEMU_USER
+                )
+            }),
+        });
+    }
     out
 }

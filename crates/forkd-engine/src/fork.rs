@@ -163,6 +163,9 @@ fn fork_children(
     let spec = preflight(dir, qemu)?;
     let estimate_mib = crate::memory::check_capacity(&spec, opts.n)?;
     let accel = resolve_accel(opts.accel)?;
+    let confine = crate::confine::Confine::for_host(qemu);
+    let limits = crate::cgroup::Limits::for_guest(spec.mem_mib);
+    tracing::debug!("children confined: {confine:?}, limits {limits:?}");
     let session = hex::encode(crate::util::random_bytes(3)?);
     let break_child: Option<usize> = std::env::var(BREAK_CHILD_ENV)
         .ok()
@@ -193,15 +196,19 @@ fn fork_children(
                 let plan = &plan;
                 let spec = &spec;
                 let session = &session;
+                let confine = &confine;
                 std::thread::Builder::new()
                     .name(format!("child-{i}"))
                     .stack_size(256 * 1024)
                     .spawn_scoped(scope, move || {
                         let id = format!("{}-{session}-{i}", opts.tag);
-                        let guard = match VmGuard::create(&opts.run_root.join(&id)) {
+                        let mut guard = match VmGuard::create(&opts.run_root.join(&id)) {
                             Ok(g) => g,
                             Err(e) => return (ChildReport::failed(i, id, &opts.tag, &e), None),
                         };
+                        if confine.cgroups {
+                            child_cgroup(&mut guard, &id, limits);
+                        }
                         let args = Launch {
                             spec,
                             dir,
@@ -212,6 +219,7 @@ fn fork_children(
                             memory_override: (break_child == Some(i))
                                 .then(|| guard.run_dir.join("no-such-memory.bin")),
                             kernel_override: Some(stub.to_path_buf()),
+                            confine: Some(confine),
                         }
                         .args();
                         let mut out = run_child(plan, i, id, guard, args);
@@ -260,6 +268,18 @@ fn fork_children(
         kept: Vec::new(),
     };
     Ok((report, guards))
+}
+
+/// Give a child its cgroup. A host where one cannot be made (it passed the probe, so this
+/// is rare: a full hierarchy, a race) still forks, without limits for this child.
+fn child_cgroup(guard: &mut VmGuard, id: &str, limits: Option<crate::cgroup::Limits>) {
+    let (Ok(h), Some(limits)) = (crate::cgroup::host(), limits) else {
+        return;
+    };
+    match crate::cgroup::Cgroup::create(h, id, limits) {
+        Ok(cg) => guard.set_cgroup(cg),
+        Err(e) => tracing::warn!("child {id} runs without a cgroup: {e}"),
+    }
 }
 
 /// The per-fork scratch directory (stub kernel), removed on every path.

@@ -9,10 +9,13 @@
 //! - [`image`]: a snapshot taken into the local store, and the check that one is whole.
 //! - [`fork`]: restore N copy-on-write children concurrently; [`child`] is one child's life.
 //! - [`run`]: children kept running (`--keep`), tracked under `$FORKD_HOME/run/`.
+//! - [`confine`]: how a child's QEMU is confined; [`cgroup`]: its cgroup.
 //! - [`doctor`]: what this host has and lacks.
 
 pub mod agent;
+pub mod cgroup;
 pub mod child;
+pub mod confine;
 pub mod doctor;
 pub mod error;
 pub mod fork;

@@ -27,6 +27,19 @@ pub fn check_capacity(spec: &VmSpec, n: usize) -> Result<u64> {
     let need = per.saturating_mul(n as u64);
     let avail = mem_available_mib().unwrap_or(u64::MAX / 2);
     let budget = avail / 10 * 9;
+    // One child may grow to its cgroup limit (guest RAM plus QEMU): it must fit on its own.
+    let limit = crate::cgroup::Limits::for_guest(spec.mem_mib).map_or(u64::MAX, |l| l.memory_mib());
+    if limit > budget {
+        return Err(EngineError::Capacity(Box::new(Capacity {
+            n,
+            per_child_mib: limit,
+            qemu_mib: crate::cgroup::QEMU_LIMIT_OVERHEAD_MIB,
+            guest_mib: spec.mem_mib,
+            need_mib: limit.saturating_mul(n as u64),
+            available_mib: avail,
+            max_children: 0,
+        })));
+    }
     if need > budget {
         return Err(EngineError::Capacity(Box::new(Capacity {
             n,

@@ -21,7 +21,7 @@ use forkd_agent::{
     Request, Response, RunReply, RunRequest, WarmReply, WarmRequest, encode_line,
 };
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -138,40 +138,13 @@ fn first_id() -> std::io::Result<u64> {
     Ok((u64::from_le_bytes(b) & ((1 << 53) - 1)).max(1))
 }
 
-/// Read one line (without its newline) into `out`, refusing lines over `max` bytes.
-/// `Ok(false)` at EOF (a partial last line is dropped).
-fn read_line_capped(r: &mut impl BufRead, out: &mut Vec<u8>, max: usize) -> Result<bool, String> {
-    loop {
-        let buf = match r.fill_buf() {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("receive: {e}")),
-        };
-        if buf.is_empty() {
-            return Ok(false);
-        }
-        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (i, true),
-            None => (buf.len(), false),
-        };
-        if out.len() + take > max {
-            return Err(format!("the agent sent a line longer than {max} bytes"));
-        }
-        out.extend_from_slice(&buf[..take]);
-        r.consume(take + usize::from(done));
-        if done {
-            return Ok(true);
-        }
-    }
-}
-
 /// The reader thread: dispatch frames by id until the connection ends.
 fn read_frames(shared: Arc<Shared>, r: Box<dyn Read + Send>) {
     let mut r = BufReader::with_capacity(256 * 1024, r);
     let mut line = Vec::new();
     let why = loop {
         line.clear();
-        match read_line_capped(&mut r, &mut line, MAX_FRAME) {
+        match crate::util::read_line_capped(&mut r, &mut line, MAX_FRAME) {
             Ok(true) => {}
             Ok(false) => break Closure::Closed,
             Err(m) => {
@@ -735,6 +708,7 @@ impl ExecStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::read_line_capped;
 
     #[test]
     fn client_is_clone_send_sync() {

@@ -3,10 +3,13 @@
 
 use crate::error::{EngineError, Result};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// Longest QMP message accepted (replies forkd asks for are a few KiB).
+pub const MAX_QMP_LINE: usize = 1024 * 1024;
 
 pub struct Qmp {
     reader: BufReader<UnixStream>,
@@ -52,18 +55,20 @@ impl Qmp {
         Ok(q)
     }
 
+    /// One message, at most [`MAX_QMP_LINE`] bytes: a child's QEMU is not trusted either.
     fn read_msg(&mut self) -> Result<Value> {
-        let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .map_err(|e| EngineError::Qmp(format!("read: {e}")))?;
-        if n == 0 {
+        let mut line = Vec::new();
+        let more = crate::util::read_line_capped(&mut self.reader, &mut line, MAX_QMP_LINE)
+            .map_err(|e| EngineError::Qmp(format!("QEMU: {e}")))?;
+        if !more {
             return Err(EngineError::Qmp(
                 "QEMU closed the QMP connection (it exited)".into(),
             ));
         }
-        serde_json::from_str(&line).map_err(|e| EngineError::Qmp(format!("bad JSON {line:?}: {e}")))
+        serde_json::from_slice(&line).map_err(|e| {
+            let head = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
+            EngineError::Qmp(format!("bad JSON {head:?}: {e}"))
+        })
     }
 
     /// Run one command; returns its `return` value or the QMP error as [`EngineError::Qmp`].
@@ -141,5 +146,44 @@ impl Qmp {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A QMP peer (a compromised QEMU) that sends one endless line: the client gives up at
+    /// [`MAX_QMP_LINE`] instead of buffering everything (a `String` growing without bound).
+    #[test]
+    fn an_endless_qmp_line_is_refused_at_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let total: usize = 256 << 20;
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let chunk = vec![b'x'; 1 << 20];
+            let mut sent = 0;
+            while sent < total {
+                if c.write_all(&chunk).is_err() {
+                    break;
+                }
+                sent += chunk.len();
+            }
+            sent
+        });
+        let err = match Qmp::connect(&sock, Duration::from_secs(5), &mut || true) {
+            Ok(_) => panic!("an endless greeting was accepted"),
+            Err(e) => e.to_string(),
+        };
+        let sent = server.join().unwrap();
+        assert!(err.contains("longer than"), "{err}");
+        assert!(
+            sent < total / 4,
+            "the client read {} MiB of one line before giving up",
+            sent >> 20
+        );
     }
 }

@@ -79,6 +79,9 @@ pub fn sweep_orphans(run_root: &Path) -> Vec<PathBuf> {
             // SAFETY: kill(2) on a pid whose command line names this directory's QEMU.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
+        if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
+            crate::cgroup::remove_named(name);
+        }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => out.push(dir),
             Err(err) => tracing::warn!("cannot remove {}: {err}", dir.display()),
@@ -96,6 +99,9 @@ pub struct KeptChild {
     pub snapshot_dir: PathBuf,
     pub run_dir: PathBuf,
     pub started_unix: u64,
+    /// The child's cgroup directories, removed by [`kill`] (none on hosts without cgroups).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cgroups: Vec<PathBuf>,
 }
 
 /// A kept child as `forkd ps` shows it.
@@ -121,6 +127,7 @@ impl KeptChild {
             pid: guard.pid().unwrap_or(0),
             snapshot_dir: snapshot_dir.to_path_buf(),
             run_dir: guard.run_dir.clone(),
+            cgroups: guard.cgroup_dirs(),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -227,6 +234,8 @@ pub fn kill(run_root: &Path, id: &str) -> Result<()> {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+    // Only groups named forkd-* under /sys/fs/cgroup are removed, and only when empty.
+    crate::cgroup::remove_dirs(&child.cgroups);
     std::fs::remove_dir_all(&child.run_dir).at("cannot remove", &child.run_dir)
 }
 

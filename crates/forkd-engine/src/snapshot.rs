@@ -127,6 +127,7 @@ pub fn take(
         },
         memory_override: None,
         kernel_override: None,
+        confine: None,
     }
     .args();
     tracing::debug!("parent: {} {}", qemu.bin.display(), args.join(" "));

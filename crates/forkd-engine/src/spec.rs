@@ -137,6 +137,8 @@ pub struct Launch<'a> {
     /// Kernel file to pass instead of the snapshot's (children get a small stub: see
     /// [`write_stub_kernel`]).
     pub kernel_override: Option<PathBuf>,
+    /// How a child's QEMU is confined (`None`: not at all; parents are never confined).
+    pub confine: Option<&'a crate::confine::Confine>,
 }
 
 /// Children never run the boot path, but QEMU only creates the same option-ROM RAM block
@@ -213,10 +215,17 @@ impl Launch<'_> {
             format!("{}M", spec.mem_mib),
             "-object".into(),
             format!(
-                "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+                "memory-backend-file,id=mem,size={}M,mem-path={},{}",
                 spec.mem_mib,
                 opt(&mem),
-                if parent { "on" } else { "off" }
+                if parent {
+                    "share=on"
+                } else if self.confine.is_some_and(|c| c.readonly_memory) {
+                    // QEMU 8.2+: opened read-only, mapped private and writable.
+                    "share=off,readonly=on,rom=off"
+                } else {
+                    "share=off"
+                }
             ),
             "-kernel".into(),
             s(&self
@@ -264,6 +273,9 @@ impl Launch<'_> {
         ]);
         if !parent {
             a.extend(["-incoming".into(), "defer".into()]);
+            if let Some(c) = self.confine {
+                a.extend(c.args());
+            }
         }
         a
     }

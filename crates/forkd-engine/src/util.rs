@@ -100,3 +100,36 @@ pub fn disable_thp_for_children() {
         tracing::debug!("PR_SET_THP_DISABLE: {}", std::io::Error::last_os_error());
     }
 }
+
+/// Read one line (without its newline) into `out`, refusing lines over `max` bytes.
+/// `Ok(false)` at EOF (a partial last line is dropped).
+pub(crate) fn read_line_capped(
+    r: &mut impl std::io::BufRead,
+    out: &mut Vec<u8>,
+    max: usize,
+) -> Result<bool, String> {
+    loop {
+        let buf = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("receive: {e}")),
+        };
+        if buf.is_empty() {
+            return Ok(false);
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (buf.len(), false),
+        };
+        if out.len() + take > max {
+            return Err(format!(
+                "the other side sent a line longer than {max} bytes"
+            ));
+        }
+        out.extend_from_slice(&buf[..take]);
+        r.consume(take + usize::from(done));
+        if done {
+            return Ok(true);
+        }
+    }
+}
