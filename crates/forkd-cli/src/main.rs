@@ -42,6 +42,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// A server (`forkd hub serve`, `forkd serve`) ignores SIGPIPE altogether: a client that goes
+/// away mid-response must cost that one connection, never the process. (Before this, a pull
+/// cut mid-transfer could kill `forkd hub serve` by SIGPIPE from a vectored socket write, and
+/// every later request through the same address failed.)
+pub fn ignore_sigpipe() {
+    // SAFETY: SIG_IGN is a valid disposition; nothing in forkd relies on dying of SIGPIPE in a
+    // server, and std's writes then see EPIPE as an ordinary error.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 /// Rust ignores SIGPIPE, so `forkd images list | head -1` would panic on the closed pipe. A
 /// command-line tool should die quietly instead, like every other Unix filter. But a socket
 /// whose peer went away raises SIGPIPE too (a TLS alert written to a plain-http server that

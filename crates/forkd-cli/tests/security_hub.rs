@@ -39,7 +39,11 @@ impl Published {
 
 /// Run `forkd` with `args`, killed after `limit`; returns (exit code, stderr, peak RSS in KiB,
 /// elapsed). The peak RSS comes from wait4's rusage of that very process.
-fn run_measured(home: &Path, args: &[&str], limit: Duration) -> (Option<i32>, String, i64, Duration) {
+fn run_measured(
+    home: &Path,
+    args: &[&str],
+    limit: Duration,
+) -> (Option<i32>, String, i64, Duration) {
     let started = Instant::now();
     let mut child = Command::new(FORKD)
         .args(args)
@@ -81,7 +85,12 @@ fn run_measured(home: &Path, args: &[&str], limit: Duration) -> (Option<i32>, St
     killer.join().unwrap();
     std::mem::forget(child); // reaped above
     let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
-    (code, reader.join().unwrap(), usage.ru_maxrss, started.elapsed())
+    (
+        code,
+        reader.join().unwrap(),
+        usage.ru_maxrss,
+        started.elapsed(),
+    )
 }
 
 /// An HTTP server that serves `root` (if any) but answers the paths `endless` matches with an
@@ -297,7 +306,13 @@ fn hub_answering_a_blob_with_an_endless_body_is_cut_at_its_stored_size() {
     // The image manifest is a blob too: it is served as it is; every data blob is endless.
     static MANIFEST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     MANIFEST
-        .set(tag["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string())
+        .set(
+            tag["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string(),
+        )
         .unwrap();
     let h = hostile(Some(p.root.clone()), |rel| {
         rel.starts_with("blobs/") && !rel.ends_with(MANIFEST.get().unwrap().as_str())
@@ -329,12 +344,23 @@ fn pull_has_an_overall_deadline() {
     let out = forkd(
         c.path(),
         &[
-            "pull", "acme/snap:v1", "--hub", &f.url, "--trust", &p.key, "--timeout", "2",
+            "pull",
+            "acme/snap:v1",
+            "--hub",
+            &f.url,
+            "--trust",
+            &p.key,
+            "--timeout",
+            "2",
         ],
     );
     let err = fails_with(&out, "deadline");
     assert!(err.contains("hint:"), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
     assert!(store_state(c.path()).is_empty());
 }
 
@@ -402,8 +428,15 @@ fn bad_catalogue_entries_are_skipped_with_a_warning() {
     let stdout = ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stdout.contains("acme/snap"), "{stdout}");
-    assert!(!stdout.contains("acme/ok") && !stdout.contains("etc/x"), "{stdout}");
-    assert_eq!(stderr.matches("skipped a malformed entry").count(), 3, "{stderr}");
+    assert!(
+        !stdout.contains("acme/ok") && !stdout.contains("etc/x"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stderr.matches("skipped a malformed entry").count(),
+        3,
+        "{stderr}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -473,17 +506,33 @@ fn cut_proxy(upstream: String, cut_after: usize, cuts: u32) -> CutProxy {
 #[test]
 fn a_cut_link_heals() {
     let p = Published::new(24, 35);
-    let srv = Serve::start(&p.root, Some(TOKEN), &[]);
+    let mut srv = Serve::start(&p.root, Some(TOKEN), &[]);
     for i in 0..5 {
         let proxy = cut_proxy(srv.addr(), 300_000, 6);
         let c = tempfile::tempdir().unwrap();
         let out = forkd_env(
             c.path(),
-            &["pull", "acme/snap:v1", "--hub", &proxy.url, "--trust", &p.key],
+            &[
+                "pull",
+                "acme/snap:v1",
+                "--hub",
+                &proxy.url,
+                "--trust",
+                &p.key,
+            ],
             &[("FORKD_HUB_ATTEMPTS", "8")],
         );
+        assert!(
+            srv.child.try_wait().unwrap().is_none(),
+            "iteration {i}: forkd hub serve died: {:?}",
+            srv.child.try_wait()
+        );
         ok(&out);
-        assert_eq!(proxy.cuts_left.load(Ordering::SeqCst), 0, "iteration {i}: no cut happened");
+        assert_eq!(
+            proxy.cuts_left.load(Ordering::SeqCst),
+            0,
+            "iteration {i}: no cut happened"
+        );
         assert_eq!(tag_hashes(c.path(), "snap"), tag_hashes(&p.home, "snap"));
         // And straight away, with no proxy, the server answers.
         let c2 = tempfile::tempdir().unwrap();
@@ -535,7 +584,11 @@ fn idle_connections_do_not_starve_gets() {
         let (code, _, body) = get(&srv.addr(), "forkd-hub.json", "");
         assert_eq!(code, 200, "{extra:?}");
         assert!(body.starts_with(b"{"));
-        assert!(t.elapsed() < Duration::from_secs(8), "{extra:?}: took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "{extra:?}: took {:?}",
+            t.elapsed()
+        );
         let c = tempfile::tempdir().unwrap();
         ok(&forkd(
             c.path(),
@@ -551,13 +604,18 @@ fn slow_headers_are_cut_off() {
     let root = tempfile::tempdir().unwrap();
     let srv = Serve::start(root.path(), Some(TOKEN), &["--header-timeout", "1"]);
     let mut c = TcpStream::connect(srv.addr()).unwrap();
-    c.write_all(b"GET /forkd-hub.json HTTP/1.1\r\nHost: x\r\n").unwrap();
+    c.write_all(b"GET /forkd-hub.json HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let t = Instant::now();
     let mut buf = Vec::new();
     let r = c.read_to_end(&mut buf);
     assert!(r.is_ok(), "not closed by the server: {r:?}");
-    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
 }
 
 /// RFC 9110: a last-byte-pos past the end is clamped; u64::MAX must not overflow.
@@ -657,7 +715,12 @@ fn writes_are_layout_keys_capped_and_validated() {
     let good = br#"{"layout":1,"image":"acme/x","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":1}"#;
     assert_eq!(put(&a, "tags/acme/x/1.json", Some(TOKEN), good).0, 201);
     // Nothing is left behind in the upload area.
-    assert_eq!(std::fs::read_dir(root.path().join(".uploads")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(root.path().join(".uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
 }
 
 /// `--read-only` needs no token and refuses every write; reads work (a mirror).
@@ -711,7 +774,13 @@ fn friendly_addresses() {
     let err = fails_with(
         &forkd(
             c.path(),
-            &["serve", "--listen", "nonsense", "--token-file", tok.to_str().unwrap()],
+            &[
+                "serve",
+                "--listen",
+                "nonsense",
+                "--token-file",
+                tok.to_str().unwrap(),
+            ],
         ),
         "cannot listen on",
     );

@@ -67,9 +67,9 @@ pub fn hub_url(input: &str) -> std::borrow::Cow<'_, str> {
         return input.into();
     }
     let authority = input.split('/').next().unwrap_or_default();
-    let has_port = authority
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let has_port = authority.rsplit_once(':').is_some_and(|(h, p)| {
+        !h.is_empty() && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())
+    });
     if has_port {
         format!("http://{input}").into()
     } else {
@@ -87,12 +87,17 @@ mod tests {
         assert_eq!(listen_addr("8080"), Ok(lo(8080)));
         assert_eq!(listen_addr(":0"), Ok(lo(0)));
         assert_eq!(listen_addr("localhost:7"), Ok(lo(7)));
-        assert_eq!(
-            listen_addr("0.0.0.0:80").unwrap().to_string(),
-            "0.0.0.0:80"
-        );
+        assert_eq!(listen_addr("0.0.0.0:80").unwrap().to_string(), "0.0.0.0:80");
         assert_eq!(listen_addr("[::1]:80").unwrap().to_string(), "[::1]:80");
-        for bad in ["", "99999", ":x", "127.0.0.1", "http://x:1", "host:", "a:b:c"] {
+        for bad in [
+            "",
+            "99999",
+            ":x",
+            "127.0.0.1",
+            "http://x:1",
+            "host:",
+            "a:b:c",
+        ] {
             assert!(listen_addr(bad).is_err(), "{bad}");
         }
     }

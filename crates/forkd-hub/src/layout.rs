@@ -275,7 +275,10 @@ impl CatalogImage {
         }
         for v in &self.versions {
             if !crate::reference::is_version(&v.version) {
-                return Err(format!("{}: version {:?} is not valid", self.name, v.version));
+                return Err(format!(
+                    "{}: version {:?} is not valid",
+                    self.name, v.version
+                ));
             }
             if crate::reference::digest_hex(&v.digest).is_none() {
                 return Err(format!(

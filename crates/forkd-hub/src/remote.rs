@@ -56,7 +56,15 @@ pub fn parse_json<T: DeserializeOwned>(hub: &dyn Transport, what: &str, data: &[
 
 /// Check forkd-hub.json. With `create`, an empty hub is initialised (push).
 pub async fn check_layout(hub: &dyn Transport, create: bool) -> Result<()> {
-    match get_retry(hub, HUB_INFO_KEY, MAX_HUB_INFO_BYTES, DOCUMENT_ATTEMPTS, &crate::Silent).await {
+    match get_retry(
+        hub,
+        HUB_INFO_KEY,
+        MAX_HUB_INFO_BYTES,
+        DOCUMENT_ATTEMPTS,
+        &crate::Silent,
+    )
+    .await
+    {
         Ok(data) => {
             let info: HubInfo = parse_json(hub, HUB_INFO_KEY, &data)?;
             if info.layout > LAYOUT {
@@ -93,7 +101,15 @@ pub async fn fetch_catalog(hub: &dyn Transport) -> Result<Catalog> {
 /// The catalogue, and a description of each entry that was skipped because it is malformed.
 /// A catalogue that is not a catalogue at all is an error.
 pub async fn fetch_catalog_checked(hub: &dyn Transport) -> Result<(Catalog, Vec<String>)> {
-    match get_retry(hub, CATALOG_KEY, MAX_CATALOG_BYTES, DOCUMENT_ATTEMPTS, &crate::Silent).await {
+    match get_retry(
+        hub,
+        CATALOG_KEY,
+        MAX_CATALOG_BYTES,
+        DOCUMENT_ATTEMPTS,
+        &crate::Silent,
+    )
+    .await
+    {
         Ok(data) => {
             let (c, skipped) =
                 Catalog::parse_checked(&data).map_err(|msg| HubError::BadDocument {

@@ -127,7 +127,9 @@ pub async fn serve(
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&shared, req.map(Body::new)).await) }
+                async move {
+                    Ok::<_, std::convert::Infallible>(handle(&shared, req.map(Body::new)).await)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -441,10 +443,7 @@ async fn write(
         {
             return Err((
                 StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "upload slower than {} bytes/s",
-                    s.limits.min_upload_rate
-                ),
+                format!("upload slower than {} bytes/s", s.limits.min_upload_rate),
             ));
         }
         if is_blob {
@@ -508,7 +507,8 @@ impl Drop for Cleanup {
         if self.armed
             && let Ok(uploads) = dir_beneath(&self.shared.root, &[UPLOADS], false)
         {
-            let _ = rustix::fs::unlinkat(&uploads, self.name.as_str(), rustix::fs::AtFlags::empty());
+            let _ =
+                rustix::fs::unlinkat(&uploads, self.name.as_str(), rustix::fs::AtFlags::empty());
         }
     }
 }

@@ -67,7 +67,12 @@ pub enum Cmd {
         jobs: usize,
         /// Give up when the whole pull takes longer than this many seconds (0: no limit);
         /// what was verified stays cached and the next pull resumes
-        #[arg(long, env = "FORKD_PULL_TIMEOUT", value_name = "SECONDS", default_value_t = 3600)]
+        #[arg(
+            long,
+            env = "FORKD_PULL_TIMEOUT",
+            value_name = "SECONDS",
+            default_value_t = 3600
+        )]
         timeout: u64,
         /// Print the result as JSON
         #[arg(long)]
@@ -354,11 +359,11 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             stall_timeout,
             max_upload_mib,
         }) => {
-            let addr = forkd_hub::address::listen_addr(&listen)
-                .map_err(|e| {
-                    let hint = e.hint();
-                    anyhow::Error::from(e).context(Hint(hint.into()))
-                })?;
+            crate::ignore_sigpipe();
+            let addr = forkd_hub::address::listen_addr(&listen).map_err(|e| {
+                let hint = e.hint();
+                anyhow::Error::from(e).context(Hint(hint.into()))
+            })?;
             let token = match (&token_file, read_only) {
                 (Some(f), false) => Some(forkd_hub::transport::read_token(f)?),
                 _ => None,

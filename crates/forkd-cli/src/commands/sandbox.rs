@@ -447,6 +447,7 @@ fn cp(ctx: &Ctx, src: &str, dst: &str, mode: Option<&str>) -> anyhow::Result<()>
 }
 
 fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
+    crate::ignore_sigpipe();
     let store = ctx.store()?;
     let listen = match (&a.listen, &a.token_file) {
         (Some(addr), Some(f)) => forkd_server::Listen::Tcp {

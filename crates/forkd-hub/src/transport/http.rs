@@ -66,11 +66,7 @@ fn req_err(key: &str, e: reqwest::Error) -> TransportError {
     while let Some(s) = src {
         msg.push_str(": ");
         msg.push_str(&s.to_string());
-        // tokio-rustls wraps rustls' error in an io::Error, whose source() skips it.
-        tls |= s.is::<rustls::Error>()
-            || s.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .is_some_and(|inner| inner.is::<rustls::Error>());
+        tls |= is_tls(s);
         src = s.source();
     }
     if tls {
@@ -85,6 +81,25 @@ fn req_err(key: &str, e: reqwest::Error) -> TransportError {
     }
 }
 
+/// Whether `e` is a rustls error. tokio-rustls and reqwest wrap it in (nested) io::Errors,
+/// whose source() skips the wrapped error, so unwrap them by hand.
+fn is_tls(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut e = e;
+    for _ in 0..8 {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => e = inner,
+            None => return false,
+        }
+    }
+    false
+}
+
 /// What to do with a body longer than the cap.
 #[derive(Clone, Copy, PartialEq)]
 enum Over {
@@ -96,7 +111,12 @@ enum Over {
 
 /// Read a response body, never holding more than `max` bytes: a declared Content-Length above
 /// `max` is refused before any byte is read, and the stream is cut as soon as it goes over.
-async fn read_capped(key: &str, mut resp: reqwest::Response, max: u64, over: Over) -> TResult<Bytes> {
+async fn read_capped(
+    key: &str,
+    mut resp: reqwest::Response,
+    max: u64,
+    over: Over,
+) -> TResult<Bytes> {
     let too_large = || TransportError::TooLarge {
         key: key.into(),
         max,
@@ -212,10 +232,14 @@ impl Transport for HttpTransport {
                 .send()
                 .await
                 .map_err(|e| req_err(&key, e))?;
-            if resp.status().is_success() {
-                Ok(())
-            } else {
-                Err(status_err(&key, resp.status()))
+            match resp.status() {
+                s if s.is_success() => Ok(()),
+                StatusCode::METHOD_NOT_ALLOWED => Err(TransportError::ReadOnly {
+                    scheme: self.base.scheme().into(),
+                    hint: "the server refuses writes (a `forkd hub serve --read-only` mirror?)"
+                        .into(),
+                }),
+                s => Err(status_err(&key, s)),
             }
         }
         .boxed()
