@@ -59,6 +59,8 @@ pub enum HubError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("the pull did not finish within its deadline of {after:?}")]
+    Deadline { after: std::time::Duration },
 }
 
 impl HubError {

@@ -10,8 +10,8 @@
 use crate::error::{HubError, Result};
 use crate::layout::{self, Chunk, ImageManifest};
 use crate::progress::Progress;
-use crate::remote::transport_err;
-use crate::transport::{TResult, Transport};
+use crate::remote::{get_retry, transport_err};
+use crate::transport::Transport;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use std::collections::HashSet;
@@ -20,7 +20,6 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 /// How hard a fetch works: chunks in flight, and attempts per blob for transient errors.
 pub struct Limits {
@@ -34,28 +33,6 @@ pub struct Fetched {
 }
 
 const JOURNAL: &str = ".journal";
-
-async fn fetch_retry(
-    hub: &dyn Transport,
-    key: &str,
-    attempts: u32,
-    progress: &dyn Progress,
-) -> TResult<Bytes> {
-    let mut delay = Duration::from_millis(200);
-    let mut n = 1;
-    loop {
-        match hub.get(key).await {
-            Err(e) if e.is_transient() && n < attempts => {
-                progress.message(&format!("retrying {key} in {delay:?} ({e})"));
-                tracing::debug!("attempt {n} for {key} failed: {e}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                n += 1;
-            }
-            r => return r,
-        }
-    }
-}
 
 /// Chunk indices recorded as done. A torn last line (kill -9 mid-append) is ignored.
 fn read_journal(path: &Path, image: &ImageManifest) -> HashSet<usize> {
@@ -192,7 +169,7 @@ pub async fn fetch(
                     return Ok(raw);
                 }
                 let key = layout::blob_key(&c.digest);
-                let data = fetch_retry(hub.as_ref(), &key, opts.attempts, progress)
+                let data = get_retry(hub.as_ref(), &key, c.stored_size, opts.attempts, progress)
                     .await
                     .map_err(transport_err(
                         hub.as_ref(),

@@ -13,6 +13,16 @@ pub const MEDIA_TYPE: &str = "application/vnd.forkd.image.v1+json";
 pub const HUB_INFO_KEY: &str = "forkd-hub.json";
 pub const CATALOG_KEY: &str = "catalog.json";
 
+/// Largest forkd-hub.json a client reads or `hub serve` stores.
+pub const MAX_HUB_INFO_BYTES: u64 = 64 << 10;
+/// Largest tag file a client reads or `hub serve` stores (a signature is well under 1 KiB).
+pub const MAX_TAG_BYTES: u64 = 64 << 10;
+/// Largest catalogue a client reads or `hub serve` stores (tens of thousands of versions).
+pub const MAX_CATALOG_BYTES: u64 = 16 << 20;
+/// Largest image manifest blob a client reads: about 300 000 chunks, i.e. more than 1 TiB of
+/// snapshot at 4 MiB chunks.
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
 /// `blobs/sha256/<2 hex>/<64 hex>` for a `sha256:<hex>` digest (validated by the caller).
 pub fn blob_key(digest: &str) -> String {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
@@ -146,4 +156,206 @@ pub struct CatalogVersion {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_size: Option<u64>,
     pub created_at: String,
+}
+
+/// What a key of the layout names; anything else is not part of a hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayoutKey {
+    HubInfo,
+    Catalog,
+    /// `blobs/sha256/<2 hex>/<64 hex>`: the 64 hex.
+    Blob(String),
+    /// `tags/OWNER/NAME/VERSION.json`
+    Tag {
+        owner: String,
+        name: String,
+        version: String,
+    },
+    /// `tags/OWNER/NAME/_digests/<64 hex>.json`
+    DigestTag {
+        owner: String,
+        name: String,
+        hex: String,
+    },
+}
+
+impl LayoutKey {
+    /// Classify `key` (relative, `/`-separated); `None` when the layout has no such key.
+    pub fn parse(key: &str) -> Option<LayoutKey> {
+        use crate::reference::{Reference, digest_hex, is_version};
+        let hex_of = |h: &str| digest_hex(&format!("sha256:{h}")).map(str::to_string);
+        // OWNER and NAME follow the reference rules (one parser for both).
+        let repo_ok = |o: &str, n: &str| Reference::parse(&format!("{o}/{n}")).is_ok();
+        let parts: Vec<&str> = key.split('/').collect();
+        match parts.as_slice() {
+            [HUB_INFO_KEY] => Some(LayoutKey::HubInfo),
+            [CATALOG_KEY] => Some(LayoutKey::Catalog),
+            ["blobs", "sha256", pre, hex] => {
+                let hex = hex_of(hex)?;
+                (hex[..2] == **pre).then_some(LayoutKey::Blob(hex))
+            }
+            ["tags", owner, name, file] if repo_ok(owner, name) => {
+                let version = file.strip_suffix(".json")?;
+                is_version(version).then(|| LayoutKey::Tag {
+                    owner: owner.to_string(),
+                    name: name.to_string(),
+                    version: version.to_string(),
+                })
+            }
+            ["tags", owner, name, "_digests", file] if repo_ok(owner, name) => {
+                let hex = hex_of(file.strip_suffix(".json")?)?;
+                Some(LayoutKey::DigestTag {
+                    owner: owner.to_string(),
+                    name: name.to_string(),
+                    hex,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The most bytes a well-formed object at this key can hold; `blob_max` for blobs (image
+    /// manifests and chunks share the address space).
+    pub fn max_size(&self, blob_max: u64) -> u64 {
+        match self {
+            LayoutKey::HubInfo => MAX_HUB_INFO_BYTES,
+            LayoutKey::Catalog => MAX_CATALOG_BYTES,
+            LayoutKey::Blob(_) => blob_max,
+            LayoutKey::Tag { .. } | LayoutKey::DigestTag { .. } => MAX_TAG_BYTES,
+        }
+    }
+
+    /// Check a document about to be stored at this key: tags must name the image and digest of
+    /// their path, the catalogue and forkd-hub.json must parse. Blobs are checked by hash.
+    pub fn validate(&self, body: &[u8]) -> Result<(), String> {
+        let tag = |owner: &str, name: &str| -> Result<TagFile, String> {
+            let t: TagFile =
+                serde_json::from_slice(body).map_err(|e| format!("not a tag file: {e}"))?;
+            if crate::reference::digest_hex(&t.digest).is_none() {
+                return Err(format!("digest {:?} is not sha256:<64 hex>", t.digest));
+            }
+            if t.image != format!("{owner}/{name}") {
+                return Err(format!("it names image {:?}, not {owner}/{name}", t.image));
+            }
+            Ok(t)
+        };
+        match self {
+            LayoutKey::Blob(_) => Ok(()),
+            LayoutKey::HubInfo => serde_json::from_slice::<HubInfo>(body)
+                .map(drop)
+                .map_err(|e| format!("not a forkd-hub.json: {e}")),
+            LayoutKey::Catalog => {
+                let (_, skipped) = Catalog::parse_checked(body)?;
+                match skipped.first() {
+                    None => Ok(()),
+                    Some(why) => Err(why.clone()),
+                }
+            }
+            LayoutKey::Tag { owner, name, .. } => tag(owner, name).map(drop),
+            LayoutKey::DigestTag { owner, name, hex } => {
+                let t = tag(owner, name)?;
+                if t.digest != format!("sha256:{hex}") {
+                    return Err(format!("it points at {}, not at its path", t.digest));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl CatalogImage {
+    /// Whether the entry is well formed: `OWNER/NAME`, valid versions and digests.
+    pub fn check(&self) -> Result<(), String> {
+        let name_ok = self.name.split_once('/').is_some_and(|(o, n)| {
+            !n.contains(['/', ':', '@'])
+                && crate::reference::Reference::parse(&format!("{o}/{n}")).is_ok()
+        });
+        if !name_ok {
+            return Err(format!("{:?} is not OWNER/NAME", self.name));
+        }
+        for v in &self.versions {
+            if !crate::reference::is_version(&v.version) {
+                return Err(format!(
+                    "{}: version {:?} is not valid",
+                    self.name, v.version
+                ));
+            }
+            if crate::reference::digest_hex(&v.digest).is_none() {
+                return Err(format!(
+                    "{}:{}: digest {:?} is not sha256:<64 hex>",
+                    self.name, v.version, v.digest
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Catalog {
+    /// Parse an untrusted catalogue: the document must be a catalogue object, but a bad image
+    /// entry is skipped (and described in the second value) so one entry cannot hide the rest.
+    pub fn parse_checked(body: &[u8]) -> Result<(Catalog, Vec<String>), String> {
+        #[derive(Deserialize)]
+        struct Raw {
+            layout: u32,
+            images: Vec<serde_json::Value>,
+        }
+        let raw: Raw = serde_json::from_slice(body)
+            .map_err(|e| format!("not a catalogue ({{\"layout\": 1, \"images\": [...]}}): {e}"))?;
+        let mut images = Vec::with_capacity(raw.images.len());
+        let mut skipped = Vec::new();
+        for (i, v) in raw.images.into_iter().enumerate() {
+            match serde_json::from_value::<CatalogImage>(v) {
+                Ok(img) => match img.check() {
+                    Ok(()) => images.push(img),
+                    Err(why) => skipped.push(format!("entry {i}: {why}")),
+                },
+                Err(e) => skipped.push(format!("entry {i}: {e}")),
+            }
+        }
+        Ok((
+            Catalog {
+                layout: raw.layout,
+                images,
+            },
+            skipped,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_keys() {
+        let hex = "ab".to_string() + &"c".repeat(62);
+        assert_eq!(LayoutKey::parse("forkd-hub.json"), Some(LayoutKey::HubInfo));
+        assert_eq!(LayoutKey::parse("catalog.json"), Some(LayoutKey::Catalog));
+        assert_eq!(
+            LayoutKey::parse(&format!("blobs/sha256/ab/{hex}")),
+            Some(LayoutKey::Blob(hex.clone()))
+        );
+        assert!(matches!(
+            LayoutKey::parse("tags/acme/tiny/1.json"),
+            Some(LayoutKey::Tag { .. })
+        ));
+        assert!(matches!(
+            LayoutKey::parse(&format!("tags/acme/tiny/_digests/{hex}.json")),
+            Some(LayoutKey::DigestTag { .. })
+        ));
+        for bad in [
+            "junk/anything/big.bin",
+            &format!("blobs/sha256/cd/{hex}"),
+            "blobs/sha256/ab/xyz",
+            "tags/acme/tiny/1.txt",
+            "tags/Acme/tiny/1.json",
+            "tags/acme/tiny/_x.json",
+            "tags/acme/tiny/_digests/abc.json",
+            "catalog.json/x",
+            ".uploads/x",
+        ] {
+            assert_eq!(LayoutKey::parse(bad), None, "{bad}");
+        }
+    }
 }

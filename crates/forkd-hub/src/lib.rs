@@ -4,6 +4,7 @@
 //! decompresses, writes and hashes concurrently, resumes from a content-addressed cache, and
 //! installs atomically through the local store.
 
+pub mod address;
 pub mod layout;
 pub mod redact;
 pub mod reference;

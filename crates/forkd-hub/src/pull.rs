@@ -12,6 +12,10 @@ use forkd_store::{Overwrite, Store, Tag};
 use minisign::PublicKey;
 use std::sync::Arc;
 
+/// How long a pull may take in all unless told otherwise: long enough for tens of GiB on a slow
+/// link, short enough that a hub trickling bytes cannot hold a pull (and its lock) forever.
+pub const DEFAULT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 pub struct PullOptions {
     pub tag: Tag,
     pub jobs: usize,
@@ -20,6 +24,8 @@ pub struct PullOptions {
     pub skip_compat_check: bool,
     /// Attempts per blob for transient errors (connection drops, 5xx).
     pub attempts: u32,
+    /// The whole pull (resolve, download, install) gives up after this long; `None`: never.
+    pub deadline: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -33,7 +39,25 @@ pub struct PullOutcome {
     pub unverified: Option<String>,
 }
 
+/// [`pull_unbounded`] within `opts.deadline`. A pull stopped by the deadline keeps what it
+/// verified in the cache (the next pull resumes) and leaves the store as it was.
 pub async fn pull(
+    hub: Arc<dyn Transport>,
+    store: &Store,
+    reference: &Reference,
+    opts: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<PullOutcome> {
+    let work = pull_unbounded(hub, store, reference, opts, progress);
+    match opts.deadline {
+        None => work.await,
+        Some(after) => tokio::time::timeout(after, work)
+            .await
+            .map_err(|_| HubError::Deadline { after })?,
+    }
+}
+
+async fn pull_unbounded(
     hub: Arc<dyn Transport>,
     store: &Store,
     reference: &Reference,

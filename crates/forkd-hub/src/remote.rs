@@ -1,7 +1,9 @@
 //! Reading and writing the hub's small JSON documents (forkd-hub.json, tags, catalogue).
 
 use crate::error::{HubError, Result};
-use crate::layout::{CATALOG_KEY, Catalog, HUB_INFO_KEY, HubInfo, LAYOUT};
+use crate::layout::{
+    CATALOG_KEY, Catalog, HUB_INFO_KEY, HubInfo, LAYOUT, MAX_CATALOG_BYTES, MAX_HUB_INFO_BYTES,
+};
 use crate::transport::{Transport, TransportError};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -15,6 +17,35 @@ pub fn transport_err(
     move |source| HubError::Transport { what, hub, source }
 }
 
+/// Attempts for the small documents (forkd-hub.json, tags, manifests, catalogue).
+pub const DOCUMENT_ATTEMPTS: u32 = 4;
+
+/// `hub.get(key, max)`, retried with backoff on transient errors (dropped or cut connections,
+/// timeouts, 5xx, 429): a link that was cut a moment ago must not fail the next request for
+/// good. Each attempt opens what the transport needs afresh; a body is never resumed.
+pub async fn get_retry(
+    hub: &dyn Transport,
+    key: &str,
+    max: u64,
+    attempts: u32,
+    progress: &dyn crate::progress::Progress,
+) -> Result<Bytes, TransportError> {
+    let mut delay = std::time::Duration::from_millis(250);
+    let mut n = 1;
+    loop {
+        match hub.get(key, max).await {
+            Err(e) if e.is_transient() && n < attempts => {
+                progress.message(&format!("retrying {key} in {delay:?} ({e})"));
+                tracing::debug!("attempt {n} for {key} failed: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                n += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
 pub fn parse_json<T: DeserializeOwned>(hub: &dyn Transport, what: &str, data: &[u8]) -> Result<T> {
     serde_json::from_slice(data).map_err(|e| HubError::BadDocument {
         what: what.into(),
@@ -25,7 +56,15 @@ pub fn parse_json<T: DeserializeOwned>(hub: &dyn Transport, what: &str, data: &[
 
 /// Check forkd-hub.json. With `create`, an empty hub is initialised (push).
 pub async fn check_layout(hub: &dyn Transport, create: bool) -> Result<()> {
-    match hub.get(HUB_INFO_KEY).await {
+    match get_retry(
+        hub,
+        HUB_INFO_KEY,
+        MAX_HUB_INFO_BYTES,
+        DOCUMENT_ATTEMPTS,
+        &crate::Silent,
+    )
+    .await
+    {
         Ok(data) => {
             let info: HubInfo = parse_json(hub, HUB_INFO_KEY, &data)?;
             if info.layout > LAYOUT {
@@ -49,23 +88,50 @@ pub async fn check_layout(hub: &dyn Transport, create: bool) -> Result<()> {
     }
 }
 
-/// The catalogue; a hub without one has an empty catalogue.
+/// The catalogue; a hub without one has an empty catalogue. Bad entries are left out (and
+/// logged); [`fetch_catalog_checked`] returns them to the caller.
 pub async fn fetch_catalog(hub: &dyn Transport) -> Result<Catalog> {
-    match hub.get(CATALOG_KEY).await {
+    let (catalog, skipped) = fetch_catalog_checked(hub).await?;
+    for why in skipped {
+        tracing::warn!("{CATALOG_KEY} on {}: skipped {why}", hub.describe());
+    }
+    Ok(catalog)
+}
+
+/// The catalogue, and a description of each entry that was skipped because it is malformed.
+/// A catalogue that is not a catalogue at all is an error.
+pub async fn fetch_catalog_checked(hub: &dyn Transport) -> Result<(Catalog, Vec<String>)> {
+    match get_retry(
+        hub,
+        CATALOG_KEY,
+        MAX_CATALOG_BYTES,
+        DOCUMENT_ATTEMPTS,
+        &crate::Silent,
+    )
+    .await
+    {
         Ok(data) => {
-            let c: Catalog = parse_json(hub, CATALOG_KEY, &data)?;
+            let (c, skipped) =
+                Catalog::parse_checked(&data).map_err(|msg| HubError::BadDocument {
+                    what: CATALOG_KEY.into(),
+                    hub: hub.describe(),
+                    msg,
+                })?;
             if c.layout > LAYOUT {
                 return Err(HubError::LayoutTooNew {
                     hub: hub.describe(),
                     found: c.layout,
                 });
             }
-            Ok(c)
+            Ok((c, skipped))
         }
-        Err(TransportError::NotFound { .. }) => Ok(Catalog {
-            layout: LAYOUT,
-            images: vec![],
-        }),
+        Err(TransportError::NotFound { .. }) => Ok((
+            Catalog {
+                layout: LAYOUT,
+                images: vec![],
+            },
+            vec![],
+        )),
         Err(e) => Err(transport_err(hub, "cannot read the catalogue")(e)),
     }
 }

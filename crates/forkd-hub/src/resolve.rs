@@ -4,7 +4,7 @@
 use crate::error::{HubError, Result};
 use crate::layout::{self, ImageManifest, TagFile};
 use crate::reference::{Reference, Target, digest_hex};
-use crate::remote::{check_layout, parse_json, transport_err};
+use crate::remote::{DOCUMENT_ATTEMPTS, check_layout, get_retry, parse_json, transport_err};
 use crate::transport::{Transport, TransportError};
 use forkd_store::Manifest;
 use minisign::PublicKey;
@@ -32,7 +32,15 @@ pub async fn resolve(
         reference: reference.to_string(),
         hub: hub.describe(),
     };
-    let tag: TagFile = match hub.get(&key).await {
+    let tag: TagFile = match get_retry(
+        hub,
+        &key,
+        layout::MAX_TAG_BYTES,
+        DOCUMENT_ATTEMPTS,
+        &crate::Silent,
+    )
+    .await
+    {
         Ok(d) => parse_json(hub, &key, &d)?,
         Err(TransportError::NotFound { .. }) => return Err(not_found(hub)),
         Err(e) => {
@@ -68,7 +76,15 @@ pub async fn resolve(
         return Err(bad(format!("it points at {}", tag.digest)));
     }
     let mkey = layout::blob_key(&tag.digest);
-    let body = hub.get(&mkey).await.map_err(transport_err(
+    let body = get_retry(
+        hub,
+        &mkey,
+        layout::MAX_MANIFEST_BYTES,
+        DOCUMENT_ATTEMPTS,
+        &crate::Silent,
+    )
+    .await
+    .map_err(transport_err(
         hub,
         format!("cannot read the image manifest {}", tag.digest),
     ))?;
@@ -142,7 +158,11 @@ fn validate(im: &ImageManifest) -> Result<Manifest, String> {
         }
         let mut end = 0;
         for c in &f.chunks {
-            if c.offset < end || c.len == 0 || c.len > MAX_CHUNK || c.offset + c.len > f.size {
+            if c.offset < end
+                || c.len == 0
+                || c.len > MAX_CHUNK
+                || c.offset.checked_add(c.len).is_none_or(|e| e > f.size)
+            {
                 return Err(format!(
                     "{}: chunk at {} is out of order or out of bounds",
                     f.name, c.offset

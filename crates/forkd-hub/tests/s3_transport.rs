@@ -35,12 +35,17 @@ fn s3_multipart_put_and_ranged_reads() {
         assert!(!hub.exists("big").await.unwrap());
         hub.put("big", Bytes::from(data.clone())).await.unwrap();
         assert!(hub.exists("big").await.unwrap());
-        let all = hub.get("big").await.unwrap();
+        let all = hub.get("big", size as u64).await.unwrap();
         assert_eq!(all.len(), size);
         assert!(all[..] == data[..], "multipart object differs");
         let part = hub.get_range("big", 5..1_000_005).await.unwrap();
         assert!(part[..] == data[5..1_000_005]);
-        match hub.get("missing").await {
+        // One byte less than the object: refused, not truncated.
+        match hub.get("big", size as u64 - 1).await {
+            Err(TransportError::TooLarge { .. }) => {}
+            other => panic!("expected TooLarge, got {:?}", other.map(|b| b.len())),
+        }
+        match hub.get("missing", 1 << 20).await {
             Err(TransportError::NotFound { .. }) => {}
             other => panic!("expected NotFound, got {other:?}"),
         }

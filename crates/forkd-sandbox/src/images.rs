@@ -76,6 +76,7 @@ pub fn pull(
         insecure: cfg.insecure,
         skip_compat_check: false,
         attempts: 4,
+        deadline: Some(forkd_hub::pull::DEFAULT_DEADLINE),
     };
     let silent = forkd_hub::progress::Silent;
     let progress = progress.unwrap_or(&silent);

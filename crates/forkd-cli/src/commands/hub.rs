@@ -4,7 +4,7 @@ use crate::ctx::Ctx;
 use crate::report::{Hint, human_bytes};
 use anyhow::{Context, Result};
 use forkd_hub::sign::SignError;
-use forkd_hub::{HubError, HubOptions, Reference, Transport};
+use forkd_hub::{HubError, HubOptions, Reference, Transport, TransportError};
 use forkd_store::{Store, Tag};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -65,6 +65,15 @@ pub enum Cmd {
         /// Concurrent downloads
         #[arg(long, short, default_value_t = 8)]
         jobs: usize,
+        /// Give up when the whole pull takes longer than this many seconds (0: no limit);
+        /// what was verified stays cached and the next pull resumes
+        #[arg(
+            long,
+            env = "FORKD_PULL_TIMEOUT",
+            value_name = "SECONDS",
+            default_value_t = 3600
+        )]
+        timeout: u64,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -99,16 +108,42 @@ pub enum KeyCmd {
 #[derive(clap::Subcommand, Debug)]
 pub enum HubCmd {
     /// Serve a hub over HTTP: anonymous reads (with Range), writes with a bearer token
+    #[command(after_help = "Examples:\n  \
+        forkd hub serve --listen 8080 --token-file ~/.forkd-hub-token      (127.0.0.1:8080)\n  \
+        forkd hub serve --listen 0.0.0.0:8080 --read-only --root /srv/hub  (a public mirror)")]
     Serve {
-        /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free one)
-        #[arg(long)]
+        /// Address to listen on: PORT or :PORT (127.0.0.1), HOST:PORT, [IPv6]:PORT;
+        /// port 0 picks a free one
+        #[arg(long, value_name = "ADDR")]
         listen: String,
         /// Hub directory [default: $FORKD_HOME/hub]
         #[arg(long)]
         root: Option<PathBuf>,
         /// File holding the bearer token that writes must present
-        #[arg(long, value_name = "FILE")]
-        token_file: PathBuf,
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "read_only",
+            conflicts_with = "read_only"
+        )]
+        token_file: Option<PathBuf>,
+        /// Refuse every write (a mirror); needs no token
+        #[arg(long)]
+        read_only: bool,
+        /// Connections served at once; more wait until one closes
+        #[arg(long, default_value_t = 512)]
+        max_connections: usize,
+        /// Seconds a client has to send a request's headers, and to start the next request
+        /// on a kept-alive connection
+        #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+        header_timeout: u64,
+        /// Seconds a connection may make no progress reading or writing before it is closed
+        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        stall_timeout: u64,
+        /// Largest object one PUT may store, in MiB (tag files and the catalogue have smaller
+        /// fixed caps)
+        #[arg(long, value_name = "MIB", default_value_t = forkd_hub::serve::DEFAULT_MAX_UPLOAD.div_ceil(1 << 20))]
+        max_upload_mib: u64,
     },
 }
 
@@ -205,6 +240,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             insecure,
             skip_compat_check,
             jobs,
+            timeout,
             json,
         } => {
             let store = ctx.store()?;
@@ -223,6 +259,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(4),
+                deadline: (timeout > 0).then(|| std::time::Duration::from_secs(timeout)),
             };
             let progress = crate::commands::hub_progress::Bars::new(ctx);
             let started = std::time::Instant::now();
@@ -269,9 +306,13 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             let store = ctx.store()?;
             let transport = open_hub(&hub, &store)?;
             let shown = transport.describe();
-            let catalog = runtime()?
-                .block_on(forkd_hub::remote::fetch_catalog(transport.as_ref()))
+            let (catalog, skipped) = runtime()?
+                .block_on(forkd_hub::remote::fetch_catalog_checked(transport.as_ref()))
+                .map_err(|e| with_hint(e, &shown))
                 .with_context(|| format!("cannot search {shown}"))?;
+            for why in &skipped {
+                eprintln!("warning: {shown}: catalog.json: skipped a malformed {why}");
+            }
             let found = forkd_hub::remote::search(&catalog, text.as_deref());
             if json {
                 println!("{}", serde_json::to_string_pretty(&found)?);
@@ -312,24 +353,54 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             listen,
             root,
             token_file,
+            read_only,
+            max_connections,
+            header_timeout,
+            stall_timeout,
+            max_upload_mib,
         }) => {
-            let token = forkd_hub::transport::read_token(&token_file)?;
+            crate::ignore_sigpipe();
+            let addr = forkd_hub::address::listen_addr(&listen).map_err(|e| {
+                let hint = e.hint();
+                anyhow::Error::from(e).context(Hint(hint.into()))
+            })?;
+            let token = match (&token_file, read_only) {
+                (Some(f), false) => Some(forkd_hub::transport::read_token(f)?),
+                _ => None,
+            };
             let root = match root {
                 Some(r) => r,
                 None => ctx.store()?.home().hub_dir(),
             };
             std::fs::create_dir_all(&root)
                 .with_context(|| format!("cannot create {}", root.display()))?;
+            let limits = forkd_hub::serve::Limits {
+                max_connections,
+                header_timeout: std::time::Duration::from_secs(header_timeout.max(1)),
+                stall_timeout: std::time::Duration::from_secs(stall_timeout.max(1)),
+                max_upload: max_upload_mib.saturating_mul(1 << 20),
+                ..Default::default()
+            };
             runtime()?.block_on(async {
-                let listener = tokio::net::TcpListener::bind(&listen)
+                let listener = tokio::net::TcpListener::bind(addr)
                     .await
-                    .with_context(|| format!("cannot listen on {listen}"))?;
+                    .with_context(|| format!("cannot listen on {addr}"))?;
                 let addr = listener.local_addr()?;
-                println!("serving {} on http://{addr}/", root.display());
+                println!(
+                    "serving {}{} on http://{addr}/",
+                    root.display(),
+                    if read_only { " read-only" } else { "" }
+                );
                 use std::io::Write;
                 std::io::stdout().flush()?;
-                forkd_hub::serve::serve(listener, root, token, forkd_hub::serve::shutdown_signal())
-                    .await?;
+                let opts = forkd_hub::serve::ServeOptions {
+                    root: root.clone(),
+                    token,
+                    limits,
+                };
+                forkd_hub::serve::serve(listener, opts, forkd_hub::serve::shutdown_signal())
+                    .await
+                    .with_context(|| format!("cannot serve {}", root.display()))?;
                 Ok::<_, anyhow::Error>(())
             })
         }
@@ -360,6 +431,25 @@ fn with_hint(e: HubError, hub: &str) -> anyhow::Error {
             "`forkd search --hub {hub}` lists what this hub has"
         )),
         HubError::Incompatible { .. } => Some("--skip-compat-check downloads it anyway".into()),
+        HubError::Transport {
+            source: TransportError::Tls { .. },
+            ..
+        } => Some(format!(
+            "is the server plain http? `forkd hub serve` speaks plain http: use {}",
+            hub.replacen("https://", "http://", 1)
+        )),
+        HubError::Transport {
+            source: TransportError::TooLarge { .. },
+            ..
+        } => Some(
+            "the hub (or something between it and you) sent far more than the layout allows; \
+             it is broken or hostile"
+                .into(),
+        ),
+        HubError::Deadline { .. } => Some(
+            "raise --timeout (or FORKD_PULL_TIMEOUT); pulling again resumes from what was verified"
+                .into(),
+        ),
         _ => None,
     };
     let err = anyhow::Error::from(e);

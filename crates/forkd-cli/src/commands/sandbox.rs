@@ -81,8 +81,9 @@ pub enum Cmd {
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// Serve TCP on HOST:PORT instead of the unix socket (needs --token-file)
-    #[arg(long, value_name = "HOST:PORT", requires = "token_file")]
+    /// Serve TCP instead of the unix socket (needs --token-file): PORT or :PORT (127.0.0.1),
+    /// HOST:PORT, [IPv6]:PORT; port 0 picks a free one
+    #[arg(long, value_name = "ADDR", requires = "token_file")]
     listen: Option<String>,
     /// File holding the bearer token TCP clients must send (not readable by others)
     #[arg(long, value_name = "FILE")]
@@ -446,10 +447,16 @@ fn cp(ctx: &Ctx, src: &str, dst: &str, mode: Option<&str>) -> anyhow::Result<()>
 }
 
 fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
+    crate::ignore_sigpipe();
     let store = ctx.store()?;
     let listen = match (&a.listen, &a.token_file) {
         (Some(addr), Some(f)) => forkd_server::Listen::Tcp {
-            addr: addr.clone(),
+            addr: forkd_hub::address::listen_addr(addr)
+                .map_err(|e| {
+                    let hint = e.hint();
+                    anyhow::Error::from(e).context(Hint(hint.into()))
+                })?
+                .to_string(),
             token: read_private_token(f)?,
             tls: match (&a.tls_cert, &a.tls_key) {
                 (Some(c), Some(k)) => {

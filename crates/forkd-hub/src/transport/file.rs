@@ -67,9 +67,24 @@ impl Transport for FileTransport {
         format!("file://{}", self.root.display())
     }
 
-    fn get(&self, key: &str) -> BoxFuture<'_, TResult<Bytes>> {
+    fn get(&self, key: &str, max: u64) -> BoxFuture<'_, TResult<Bytes>> {
         let p = self.path(key);
-        blocking(key, move || std::fs::read(p).map(Bytes::from))
+        let k = key.to_string();
+        async move {
+            let read = blocking(&k, move || {
+                let f = std::fs::File::open(p)?;
+                let mut buf = Vec::new();
+                // One byte more than allowed tells "too large" from "exactly max".
+                f.take(max.saturating_add(1)).read_to_end(&mut buf)?;
+                Ok(buf)
+            });
+            let buf = read.await?;
+            if buf.len() as u64 > max {
+                return Err(TransportError::TooLarge { key: k, max });
+            }
+            Ok(Bytes::from(buf))
+        }
+        .boxed()
     }
 
     fn get_range(&self, key: &str, range: Range<u64>) -> BoxFuture<'_, TResult<Bytes>> {
@@ -77,8 +92,9 @@ impl Transport for FileTransport {
         blocking(key, move || {
             let mut f = std::fs::File::open(p)?;
             f.seek(SeekFrom::Start(range.start))?;
-            let mut buf = Vec::with_capacity((range.end - range.start) as usize);
-            f.take(range.end - range.start).read_to_end(&mut buf)?;
+            let mut buf = Vec::new();
+            f.take(range.end.saturating_sub(range.start))
+                .read_to_end(&mut buf)?;
             Ok(Bytes::from(buf))
         })
     }

@@ -28,6 +28,9 @@ impl HttpTransport {
         let mut b = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))
+            // Shorter than `forkd hub serve`'s idle timeout (10 s): a pooled connection is
+            // never picked just as the server closes it.
+            .pool_idle_timeout(Duration::from_secs(5))
             .user_agent(concat!("forkd/", env!("CARGO_PKG_VERSION")));
         if let Some(host) = base.host_str() {
             let local = host == "localhost" || host.ends_with(".localhost");
@@ -58,16 +61,83 @@ fn req_err(key: &str, e: reqwest::Error) -> TransportError {
     // reqwest's Display may include the URL; it never holds our token (sent as a header).
     let e = e.without_url();
     let mut msg = e.to_string();
+    let mut tls = false;
     let mut src = std::error::Error::source(&e);
     while let Some(s) = src {
         msg.push_str(": ");
         msg.push_str(&s.to_string());
+        tls |= is_tls(s);
         src = s.source();
+    }
+    if tls {
+        return TransportError::Tls {
+            key: key.into(),
+            msg,
+        };
     }
     TransportError::Connection {
         key: key.into(),
         msg,
     }
+}
+
+/// Whether `e` is a rustls error. tokio-rustls and reqwest wrap it in (nested) io::Errors,
+/// whose source() skips the wrapped error, so unwrap them by hand.
+fn is_tls(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut e = e;
+    for _ in 0..8 {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => e = inner,
+            None => return false,
+        }
+    }
+    false
+}
+
+/// What to do with a body longer than the cap.
+#[derive(Clone, Copy, PartialEq)]
+enum Over {
+    /// Refuse it: [`TransportError::TooLarge`].
+    Refuse,
+    /// Keep the first `max` bytes and drop the connection (a server that ignored Range).
+    Truncate,
+}
+
+/// Read a response body, never holding more than `max` bytes: a declared Content-Length above
+/// `max` is refused before any byte is read, and the stream is cut as soon as it goes over.
+async fn read_capped(
+    key: &str,
+    mut resp: reqwest::Response,
+    max: u64,
+    over: Over,
+) -> TResult<Bytes> {
+    let too_large = || TransportError::TooLarge {
+        key: key.into(),
+        max,
+    };
+    if over == Over::Refuse && resp.content_length().is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let hint = resp.content_length().unwrap_or(0).min(max).min(64 << 20);
+    let mut buf = bytes::BytesMut::with_capacity(hint as usize);
+    while let Some(chunk) = resp.chunk().await.map_err(|e| req_err(key, e))? {
+        let room = max - buf.len() as u64;
+        if chunk.len() as u64 > room {
+            if over == Over::Refuse {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&chunk[..room as usize]);
+            break;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
 }
 
 fn status_err(key: &str, status: StatusCode) -> TransportError {
@@ -84,10 +154,15 @@ fn status_err(key: &str, status: StatusCode) -> TransportError {
 }
 
 impl HttpTransport {
-    async fn fetch(&self, key: &str, range: Option<Range<u64>>) -> TResult<Bytes> {
+    async fn fetch(&self, key: &str, range: Option<Range<u64>>, max: u64) -> TResult<Bytes> {
         let mut req = self.client.get(self.url(key));
+        let mut max = max;
         if let Some(r) = &range {
+            if r.end <= r.start {
+                return Ok(Bytes::new());
+            }
             req = req.header(header::RANGE, format!("bytes={}-{}", r.start, r.end - 1));
+            max = max.min(r.end - r.start);
         }
         let resp = req.send().await.map_err(|e| req_err(key, e))?;
         let status = resp.status();
@@ -97,12 +172,13 @@ impl HttpTransport {
         if let Some(r) = &range
             && status != StatusCode::PARTIAL_CONTENT
         {
-            // The server ignored Range: take the slice we asked for.
-            let all = resp.bytes().await.map_err(|e| req_err(key, e))?;
-            let end = (r.end as usize).min(all.len());
-            return Ok(all.slice((r.start as usize).min(end)..end));
+            // The server ignored Range: read up to the end we asked for, keep the slice.
+            let all = read_capped(key, resp, r.end, Over::Truncate).await?;
+            let end = usize::try_from(r.end).unwrap_or(usize::MAX).min(all.len());
+            let start = usize::try_from(r.start).unwrap_or(usize::MAX).min(end);
+            return Ok(all.slice(start..end));
         }
-        resp.bytes().await.map_err(|e| req_err(key, e))
+        read_capped(key, resp, max, Over::Refuse).await
     }
 }
 
@@ -111,14 +187,14 @@ impl Transport for HttpTransport {
         redact_url(self.base.as_str())
     }
 
-    fn get(&self, key: &str) -> BoxFuture<'_, TResult<Bytes>> {
+    fn get(&self, key: &str, max: u64) -> BoxFuture<'_, TResult<Bytes>> {
         let key = key.to_string();
-        async move { self.fetch(&key, None).await }.boxed()
+        async move { self.fetch(&key, None, max).await }.boxed()
     }
 
     fn get_range(&self, key: &str, range: Range<u64>) -> BoxFuture<'_, TResult<Bytes>> {
         let key = key.to_string();
-        async move { self.fetch(&key, Some(range)).await }.boxed()
+        async move { self.fetch(&key, Some(range), u64::MAX).await }.boxed()
     }
 
     fn exists(&self, key: &str) -> BoxFuture<'_, TResult<bool>> {
@@ -156,10 +232,14 @@ impl Transport for HttpTransport {
                 .send()
                 .await
                 .map_err(|e| req_err(&key, e))?;
-            if resp.status().is_success() {
-                Ok(())
-            } else {
-                Err(status_err(&key, resp.status()))
+            match resp.status() {
+                s if s.is_success() => Ok(()),
+                StatusCode::METHOD_NOT_ALLOWED => Err(TransportError::ReadOnly {
+                    scheme: self.base.scheme().into(),
+                    hint: "the server refuses writes (a `forkd hub serve --read-only` mirror?)"
+                        .into(),
+                }),
+                s => Err(status_err(&key, s)),
             }
         }
         .boxed()

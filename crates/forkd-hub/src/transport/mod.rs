@@ -45,6 +45,12 @@ pub enum TransportError {
     Other { key: String, msg: String },
     #[error("this hub is read-only over {scheme}: {hint}")]
     ReadOnly { scheme: String, hint: String },
+    /// The object is larger than the reader was prepared to take: a hostile or broken hub.
+    #[error("{key}: the hub sent more than the {max} bytes expected; refusing the rest")]
+    TooLarge { key: String, max: u64 },
+    /// The TLS handshake failed (often: an https:// URL for a plain-http server).
+    #[error("{key}: TLS handshake failed: {msg}")]
+    Tls { key: String, msg: String },
 }
 
 impl TransportError {
@@ -64,7 +70,9 @@ pub type TResult<T> = Result<T, TransportError>;
 pub trait Transport: Send + Sync {
     /// The hub URL with secrets removed, for messages.
     fn describe(&self) -> String;
-    fn get(&self, key: &str) -> BoxFuture<'_, TResult<Bytes>>;
+    /// The whole object, streamed and refused with [`TransportError::TooLarge`] as soon as it
+    /// exceeds `max` bytes (an untrusted hub must not choose how much memory a read takes).
+    fn get(&self, key: &str, max: u64) -> BoxFuture<'_, TResult<Bytes>>;
     fn get_range(&self, key: &str, range: Range<u64>) -> BoxFuture<'_, TResult<Bytes>>;
     fn exists(&self, key: &str) -> BoxFuture<'_, TResult<bool>>;
     fn put(&self, key: &str, data: Bytes) -> BoxFuture<'_, TResult<()>>;
@@ -129,13 +137,16 @@ pub fn open_or_default(
 
 /// Open a hub by URL. A bare absolute path is accepted as `file://`.
 pub fn open(url: &str, opts: &HubOptions) -> Result<Arc<dyn Transport>, OpenError> {
+    let url = &*crate::address::hub_url(url);
     let shown = redact_url(url);
     if url.starts_with('/') {
         return Ok(Arc::new(FileTransport::new(PathBuf::from(url))));
     }
     let parsed = url::Url::parse(url).map_err(|e| OpenError::Invalid {
         url: shown.clone(),
-        msg: e.to_string(),
+        msg: format!(
+            "{e}; expected file:///DIR, http(s)://HOST[:PORT]/PREFIX, s3://BUCKET/PREFIX or HOST:PORT (plain http)"
+        ),
     })?;
     match parsed.scheme() {
         "file" => {

@@ -5,8 +5,8 @@
 
 use super::{OpenError, TResult, Transport, TransportError};
 use bytes::Bytes;
-use futures::FutureExt;
 use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
@@ -89,7 +89,7 @@ impl Transport for S3Transport {
         }
     }
 
-    fn get(&self, key: &str) -> BoxFuture<'_, TResult<Bytes>> {
+    fn get(&self, key: &str, max: u64) -> BoxFuture<'_, TResult<Bytes>> {
         let key = key.to_string();
         async move {
             let r = self
@@ -97,7 +97,23 @@ impl Transport for S3Transport {
                 .get(&self.path(&key))
                 .await
                 .map_err(|e| map_err(&key, e))?;
-            r.bytes().await.map_err(|e| map_err(&key, e))
+            let too_large = || TransportError::TooLarge {
+                key: key.clone(),
+                max,
+            };
+            if r.meta.size > max {
+                return Err(too_large());
+            }
+            let mut stream = r.into_stream();
+            let mut buf = bytes::BytesMut::new();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| map_err(&key, e))?;
+                if buf.len() as u64 + chunk.len() as u64 > max {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(buf.freeze())
         }
         .boxed()
     }
