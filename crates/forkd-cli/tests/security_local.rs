@@ -132,9 +132,13 @@ fn mode(p: &Path) -> u32 {
 
 /// Run `attempt` as user `nobody` (in a child forked for it, between fork and exec): `Ok` if
 /// the attempt succeeded, else the error it met.
-fn as_nobody(attempt: impl Fn() -> std::io::Result<()> + Send + Sync + 'static) -> std::io::Result<()> {
+fn as_nobody(
+    attempt: impl Fn() -> std::io::Result<()> + Send + Sync + 'static,
+) -> std::io::Result<()> {
     let mut c = Command::new("/bin/true");
-    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     // SAFETY: runs in the forked child; setgroups/setgid/setuid and the attempts below
     // (open, socket, connect on prepared buffers) are async-signal-safe system calls.
     unsafe {
@@ -269,11 +273,7 @@ mod other_local_user {
         std::fs::create_dir(&place.home).unwrap();
         std::fs::set_permissions(&place.home, PermissionsExt::from_mode(0o777)).unwrap();
         let o = forkd(&place.home, 0o000, &["images", "list"]);
-        assert!(
-            o.status.success(),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert_eq!(mode(&place.home), 0o700);
         assert!(
             String::from_utf8_lossy(&o.stderr).contains("made it 700"),
@@ -321,11 +321,7 @@ mod planted_run_dirs {
         plant(&run, "evil", &v, None);
         let o = forkd(&place.home, 0o022, &["kill", "evil"]);
         assert!(v.join("precious").is_file(), "kill removed {}", v.display());
-        assert!(
-            o.status.success(),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(!run.join("evil").exists(), "run/evil was not removed");
     }
 
@@ -389,7 +385,9 @@ fn alive(pid: u32) -> bool {
     // A zombie still has a /proc entry; it has stopped running.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
-            let state = s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+            let state = s
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next());
             state != Some("Z")
         })
         .unwrap_or(false)
@@ -409,7 +407,9 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// Start `forkd fork -n 3 ARGS --exec 'sleep 30'` and wait until its 3 QEMUs run (and a
 /// little more, so the commands are running in the guests).
 fn fork_three(home: &Path, extra: &[&str]) -> (std::process::Child, Vec<(u32, PathBuf)>) {
-    let mut args = vec!["-q", "fork", "--tag", "tiny", "-n", "3", "--exec", "sleep 30"];
+    let mut args = vec![
+        "-q", "fork", "--tag", "tiny", "-n", "3", "--exec", "sleep 30",
+    ];
     args.extend_from_slice(extra);
     let mut child = forkd_cmd(home, 0o022, &args)
         .stdout(Stdio::null())
@@ -449,7 +449,11 @@ fn assert_nothing_left(home: &Path, qemus: &[(u32, PathBuf)], what: &str) {
     assert!(gone, "QEMUs {left:?} survived {what} of forkd fork");
     ok(home, 0o022, &["ps"]);
     for (_, d) in qemus {
-        assert!(!d.exists(), "{} survived {what} and a forkd ps", d.display());
+        assert!(
+            !d.exists(),
+            "{} survived {what} and a forkd ps",
+            d.display()
+        );
     }
 }
 
@@ -505,14 +509,23 @@ mod end_of_forkd {
     fn kept_children_outlive_the_cli() {
         let home = shared();
         let _one = serial();
-        ok(home, 0o022, &["-q", "fork", "--tag", "tiny", "-n", "2", "--keep"]);
+        ok(
+            home,
+            0o022,
+            &["-q", "fork", "--tag", "tiny", "-n", "2", "--keep"],
+        );
         let out = ok(home, 0o022, &["ps", "--json"]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let kept: Vec<(String, u32)> = v
             .as_array()
             .unwrap()
             .iter()
-            .map(|c| (c["id"].as_str().unwrap().to_string(), c["pid"].as_u64().unwrap() as u32))
+            .map(|c| {
+                (
+                    c["id"].as_str().unwrap().to_string(),
+                    c["pid"].as_u64().unwrap() as u32,
+                )
+            })
             .collect();
         assert_eq!(kept.len(), 2, "{out}");
         std::thread::sleep(Duration::from_secs(1));
@@ -541,12 +554,25 @@ mod end_of_forkd {
         let out = ok(
             home,
             0o022,
-            &["fork", "--tag", "tiny", "-n", "3", "--exec", "echo tied-ok", "--json"],
+            &[
+                "fork",
+                "--tag",
+                "tiny",
+                "-n",
+                "3",
+                "--exec",
+                "echo tied-ok",
+                "--json",
+            ],
         );
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["alive"], 3, "{out}");
         for c in v["children"].as_array().unwrap() {
-            assert_eq!(c["exec"]["stdout"].as_str().unwrap().trim(), "tied-ok", "{c}");
+            assert_eq!(
+                c["exec"]["stdout"].as_str().unwrap().trim(),
+                "tied-ok",
+                "{c}"
+            );
         }
     }
 }

@@ -237,8 +237,8 @@ impl KeptChild {
         if !valid_id(id) {
             return Err(EngineError::NoSuchChild(id.to_string()));
         }
-        let text = read_in(run_root, id, RECORD)
-            .map_err(|_| EngineError::NoSuchChild(id.to_string()))?;
+        let text =
+            read_in(run_root, id, RECORD).map_err(|_| EngineError::NoSuchChild(id.to_string()))?;
         let p = run_root.join(id).join(RECORD);
         let mut child: KeptChild = serde_json::from_slice(&text)
             .map_err(|e| EngineError::Corrupt(format!("{}: {e}", p.display())))?;

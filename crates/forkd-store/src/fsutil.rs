@@ -102,7 +102,8 @@ pub fn private_dir(dir: &Path) -> Result<(), PathError> {
 /// symbolic link at its name.
 pub fn private_options() -> OpenOptions {
     let mut o = OpenOptions::new();
-    o.mode(FILE_MODE).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
+    o.mode(FILE_MODE)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
     o
 }
 

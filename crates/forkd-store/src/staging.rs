@@ -4,11 +4,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::fsutil::{DIR_MODE, IoContext, make_private, sync_dir, unique_name, write_private};
-use std::os::unix::fs::DirBuilderExt;
 use crate::lock::FileLock;
 use crate::manifest::{MANIFEST_NAME, Manifest};
 use crate::store::{Overwrite, Snapshot, Store, StoreError, lock_path_of};
 use crate::tag::Tag;
+use std::os::unix::fs::DirBuilderExt;
 
 /// A directory under `tmp/` owned by this process (its `.lock` is held). Write the snapshot's
 /// files into [`Staging::dir`], then [`Staging::commit`]. Dropped uncommitted, it is deleted.
@@ -69,8 +69,11 @@ impl Staging {
             make_private(&f, &p)?;
             f.sync_all().at("cannot sync", &p)?;
         }
-        fs::set_permissions(&self.dir, std::os::unix::fs::PermissionsExt::from_mode(DIR_MODE))
-            .at("cannot chmod", &self.dir)?;
+        fs::set_permissions(
+            &self.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(DIR_MODE),
+        )
+        .at("cannot chmod", &self.dir)?;
         sync_dir(&self.dir)?;
 
         let images = self.store.images_dir();
