@@ -372,11 +372,13 @@ fn qemu_children(pid: u32, run: &Path) -> Vec<(u32, PathBuf)> {
             ppid == Some(pid)
         })
         .filter_map(|q| {
+            // The child's own directory is the one its QMP socket is in (the kernel comes
+            // from the fork's shared stub directory).
             let cmd = std::fs::read(format!("/proc/{q}/cmdline")).ok()?;
             let cmd = String::from_utf8_lossy(&cmd).into_owned();
-            let at = cmd.find(&prefix)? + prefix.len();
-            let id: String = cmd[at..].chars().take_while(|c| *c != '/').collect();
-            Some((q, run.join(id)))
+            let end = cmd.find("/qmp.sock")?;
+            let start = cmd[..end].rfind(&prefix)? + prefix.len();
+            Some((q, run.join(&cmd[start..end])))
         })
         .collect()
 }
