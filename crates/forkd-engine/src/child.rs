@@ -53,17 +53,20 @@ pub struct VmGuard {
     cgroup: Option<crate::cgroup::Cgroup>,
     /// Descriptors QEMU inherits at spawn (closed here once it started).
     pass: Vec<std::fs::File>,
+    /// QEMU gets SIGKILL when the thread that spawned it exits (`PR_SET_PDEATHSIG`). True
+    /// unless [`VmGuard::outlive_spawner`] was called before [`VmGuard::spawn`].
+    die_with_spawner: bool,
 }
 
 /// Unix socket paths are limited to 108 bytes.
 const MAX_SOCK_PATH: usize = 100;
 
 impl VmGuard {
-    /// Create `run_dir` (must not exist) and launch QEMU with `args` (built for this dir's
-    /// sockets). QEMU gets its own process group so a terminal's Ctrl-C reaches only forkd,
-    /// which then stops the VMs itself.
+    /// Create `run_dir` (must not exist; 0700, its parent too) and launch QEMU with `args`
+    /// (built for this dir's sockets). QEMU gets its own process group so a terminal's Ctrl-C
+    /// reaches only forkd, which then stops the VMs itself.
     pub fn create(run_dir: &Path) -> Result<VmGuard> {
-        std::fs::create_dir_all(run_dir).at("cannot create run directory", run_dir)?;
+        crate::run::create_run_dir(run_dir)?;
         let g = VmGuard {
             run_dir: run_dir.to_path_buf(),
             qmp_sock: run_dir.join("qmp.sock"),
@@ -73,6 +76,7 @@ impl VmGuard {
             keep: false,
             cgroup: None,
             pass: Vec::new(),
+            die_with_spawner: true,
         };
         if g.agent_sock.as_os_str().len() > MAX_SOCK_PATH {
             return Err(EngineError::Io {
@@ -81,15 +85,29 @@ impl VmGuard {
                 source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
             });
         }
-        // Until a record names it, the directory is ours: if we die, a sweep cleans it up.
-        crate::run::write_owner(run_dir)?;
         Ok(g)
     }
 
+    /// Let QEMU live on after the thread that spawns it (and this process) exits: for children
+    /// that are kept (`fork --keep`) or handed to a daemon. Decided before [`VmGuard::spawn`];
+    /// such a child left by a crash is found by [`crate::run::sweep_orphans`].
+    pub fn outlive_spawner(&mut self) {
+        self.die_with_spawner = false;
+    }
+
+    /// Start QEMU. Whatever it creates (sockets, files) is 0600, and unless
+    /// [`VmGuard::outlive_spawner`] was called it is killed when the calling thread exits, so
+    /// `kill -9` of forkd leaves no VM running: call it from a thread that outlives the VM.
     pub fn spawn(&mut self, qemu: &Path, args: &[String]) -> Result<()> {
-        let log = std::fs::File::create(&self.log).at("cannot create", &self.log)?;
+        let log = forkd_store::private_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&self.log)
+            .at("cannot create", &self.log)?;
         let log2 = log.try_clone().at("cannot open", &self.log)?;
         let mut cmd = Command::new(qemu);
+        private_and_tied(&mut cmd, self.die_with_spawner);
         cmd.args(args)
             .env("TMPDIR", &self.run_dir) // snapshot=on overlays land here, removed with the dir
             .env("MALLOC_ARENA_MAX", "1")
@@ -99,6 +117,10 @@ impl VmGuard {
             .process_group(0);
         let join = self.confine_command(&mut cmd)?;
         let child = cmd.spawn().at("cannot start", qemu)?;
+        if self.die_with_spawner {
+            // A confined QEMU loses its parent-death signal when it changes user.
+            crate::reaper::tie(child.id());
+        }
         drop(join);
         self.pass.clear(); // QEMU has its own copies now
         self.process = Some(child);
@@ -163,9 +185,20 @@ impl VmGuard {
 
     /// Whether QEMU is still running.
     pub fn alive(&mut self) -> bool {
-        match self.process.as_mut() {
-            Some(p) => matches!(p.try_wait(), Ok(None)),
-            None => false,
+        let Some(p) = self.process.as_mut() else {
+            return false;
+        };
+        match p.try_wait() {
+            Ok(None) => true,
+            _ => {
+                // Reaped by try_wait (or unknowable): no longer ours to kill.
+                let pid = p.id();
+                self.process = None;
+                if self.die_with_spawner {
+                    crate::reaper::untie(pid);
+                }
+                false
+            }
         }
     }
 
@@ -187,6 +220,9 @@ impl VmGuard {
     pub fn stop(&mut self) {
         if let Some(mut p) = self.process.take() {
             let _ = p.kill();
+            if self.die_with_spawner {
+                crate::reaper::untie(p.id()); // before the reap frees the pid
+            }
             let _ = p.wait();
         }
     }
@@ -196,11 +232,39 @@ impl VmGuard {
         self.keep = true;
         let pid = self.pid().unwrap_or(0);
         // Dropping the Child handle does not kill the process.
-        self.process = None;
+        if let Some(p) = self.process.take()
+            && self.die_with_spawner
+        {
+            crate::reaper::untie(p.id());
+        }
         if let Some(cg) = self.cgroup.take() {
             cg.detach(); // `forkd kill` removes it (its dirs are in child.json)
         }
         (pid, self.run_dir.clone())
+    }
+}
+
+/// Set up what QEMU gets between fork and exec: a umask of 0177, so the sockets and files it
+/// makes (QMP, agent, serial, a parent's memory.bin) are 0600 whatever forkd's umask; and, when
+/// `tied`, `PR_SET_PDEATHSIG(SIGKILL)`, so it dies with the thread that spawned it.
+fn private_and_tied(cmd: &mut Command, tied: bool) {
+    use rustix::process::{Signal, getpid, getppid, set_parent_process_death_signal, umask};
+    let spawner = getpid();
+    // SAFETY: the closure runs in the forked child before exec. It only makes system calls
+    // that are async-signal-safe (umask, prctl, getppid) and allocates nothing: the io::Error
+    // values it may return are an OS error code or a bare kind.
+    unsafe {
+        cmd.pre_exec(move || {
+            umask(rustix::fs::Mode::from_raw_mode(0o177));
+            if tied {
+                set_parent_process_death_signal(Some(Signal::KILL))?;
+                // If forkd died before the prctl, no signal will come: give up now.
+                if getppid() != Some(spawner) {
+                    return Err(std::io::ErrorKind::BrokenPipe.into());
+                }
+            }
+            Ok(())
+        });
     }
 }
 

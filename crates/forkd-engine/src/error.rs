@@ -85,6 +85,16 @@ impl From<AgentError> for EngineError {
     }
 }
 
+impl From<forkd_store::PathError> for EngineError {
+    fn from(e: forkd_store::PathError) -> EngineError {
+        EngineError::Io {
+            what: e.op,
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 fn tail_suffix(console: &str) -> String {
     if console.trim().is_empty() {
         String::new()

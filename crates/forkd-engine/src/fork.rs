@@ -6,7 +6,7 @@
 //! fails is reported and the rest go on.
 
 use crate::child::{ChildPlan, ChildReport, ChildState, VmGuard, Work, run_child};
-use crate::error::{EngineError, IoCtx, Result};
+use crate::error::{EngineError, Result};
 use crate::gate::{StartGate, max_starting};
 use crate::qemu::{AccelChoice, Qemu, resolve_accel};
 use crate::run::KeptChild;
@@ -171,10 +171,13 @@ fn fork_children(
         .ok()
         .and_then(|v| v.parse().ok());
     let vmstate = dir.join(&spec.vmstate);
-    std::fs::create_dir_all(&opts.run_root).at("cannot create", &opts.run_root)?;
-    let stub_dir = StubDir(opts.run_root.join(format!(".fork-{}-{session}", opts.tag)));
-    std::fs::create_dir_all(&stub_dir.0).at("cannot create", &stub_dir.0)?;
-    crate::run::write_owner(&stub_dir.0)?;
+    // What a crashed fork left (its owner is dead): kill its QEMUs, remove its directories.
+    for d in crate::run::sweep_orphans(&opts.run_root) {
+        tracing::info!("removed {} left by a forkd that died", d.display());
+    }
+    let stub_dir = opts.run_root.join(format!(".fork-{}-{session}", opts.tag));
+    crate::run::create_run_dir(&stub_dir)?;
+    let stub_dir = StubDir(stub_dir);
     let stub_path = stub_dir.0.join("vmlinuz-stub");
     let stub = stub_path.as_path();
     crate::spec::write_stub_kernel(&dir.join(&spec.kernel), stub)?;
@@ -208,6 +211,12 @@ fn fork_children(
                         };
                         if confine.cgroups {
                             child_cgroup(&mut guard, &id, limits);
+                        }
+                        if keep {
+                            // Handed over running: this thread ends before the VM does.
+                            // Otherwise the VM is stopped below, before this thread ends, and
+                            // dies with it if forkd is killed.
+                            guard.outlive_spawner();
                         }
                         let args = Launch {
                             spec,

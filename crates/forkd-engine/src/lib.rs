@@ -25,6 +25,7 @@ mod memory;
 pub mod mux;
 pub mod qemu;
 mod qmp;
+mod reaper;
 pub mod run;
 pub mod snapshot;
 pub mod spec;

@@ -1,10 +1,18 @@
 //! Children kept running after `forkd fork --keep`: one directory per child under
 //! `$FORKD_HOME/run/<id>/` with `child.json`, its sockets, log and disk overlay.
+//!
+//! `run/` and every directory in it are 0700 and their files 0600, whatever the umask. What is
+//! read back from them is untrusted: a record's own paths are never used (a child's directory
+//! is always `run/<id>`, derived here), files are opened relative to a directory opened without
+//! following symbolic links, and reads are capped.
 
 use crate::agent::AgentConn;
 use crate::error::{EngineError, IoCtx, Result};
 use forkd_agent::{ExecReply, ExecRequest};
+use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,6 +23,9 @@ pub const RECORD: &str = "child.json";
 /// fork) is found by [`sweep_orphans`]: its QEMU is killed and the directory removed.
 pub const OWNER: &str = "owner";
 
+/// The most a record or owner file may hold: they are a few hundred bytes.
+const MAX_RECORD: u64 = 64 * 1024;
+
 /// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat): with the pid
 /// it names one process, even after the pid is reused.
 fn start_time(pid: u32) -> Option<u64> {
@@ -23,17 +34,63 @@ fn start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Create the run directory `dir` for this process: `run/` (its parent) is made 0700 if
+/// needed, `dir` must not exist (nothing planted there is used) and is created 0700, and it is
+/// marked as this process's ([`OWNER`]) so a sweep removes it if we die before it is recorded.
+pub fn create_run_dir(dir: &Path) -> Result<()> {
+    if let Some(parent) = dir.parent() {
+        forkd_store::private_dir(parent)?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(forkd_store::DIR_MODE)
+        .create(dir)
+        .at("cannot create run directory", dir)?;
+    write_owner(dir)
+}
+
+/// Whether `id` can name a directory in `run/` (one plain path component).
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 255 && !id.contains('/') && !id.starts_with('.')
+}
+
+/// Read `name` in `run_root/<id>/`, at most [`MAX_RECORD`] bytes: `<id>` is opened as a
+/// directory without following a symbolic link, and `name` relative to it, also without
+/// following one, and only if it is a regular file.
+fn read_in(run_root: &Path, id: &str, name: &str) -> std::io::Result<Vec<u8>> {
+    let ro = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    let root = rustix::fs::open(run_root, ro | OFlags::DIRECTORY, Mode::empty())?;
+    let dir = rustix::fs::openat(&root, id, ro | OFlags::DIRECTORY, Mode::empty())?;
+    // NONBLOCK: a FIFO planted under the name must not hang the open.
+    let fd = rustix::fs::openat(&dir, name, ro | OFlags::NONBLOCK, Mode::empty())?;
+    let file = std::fs::File::from(fd);
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    let mut buf = Vec::new();
+    file.take(MAX_RECORD + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > MAX_RECORD {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "larger than a record can be",
+        ));
+    }
+    Ok(buf)
+}
+
 /// Mark `dir` as this process's.
 pub fn write_owner(dir: &Path) -> Result<()> {
     let me = std::process::id();
     let text = format!("{me} {}\n", start_time(me).unwrap_or(0));
-    let p = dir.join(OWNER);
-    std::fs::write(&p, text).at("cannot write", &p)
+    Ok(forkd_store::write_private(&dir.join(OWNER), text)?)
 }
 
-/// Whether the process named in `dir/owner` still runs. `None`: no owner file.
-fn owner_alive(dir: &Path) -> Option<bool> {
-    let text = std::fs::read_to_string(dir.join(OWNER)).ok()?;
+/// Whether the process named in `run_root/<name>/owner` still runs. `None`: no owner file.
+fn owner_alive(run_root: &Path, name: &str) -> Option<bool> {
+    let text = read_in(run_root, name, OWNER).ok()?;
+    let text = String::from_utf8(text).ok()?;
     let mut it = text.split_whitespace();
     let pid: u32 = it.next()?.parse().ok()?;
     let start: u64 = it.next()?.parse().ok()?;
@@ -67,8 +124,13 @@ pub fn sweep_orphans(run_root: &Path) -> Vec<PathBuf> {
     };
     for e in rd.flatten() {
         let dir = e.path();
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        // file_type does not follow a symbolic link: a link is never a run directory.
         let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        if !is_dir || dir.join(RECORD).exists() || owner_alive(&dir) != Some(false) {
+        let recorded = std::fs::symlink_metadata(dir.join(RECORD)).is_ok();
+        if !is_dir || recorded || owner_alive(run_root, &name) != Some(false) {
             continue;
         }
         for pid in qemus_in(&dir) {
@@ -172,8 +234,30 @@ impl KeptChild {
         let text =
             serde_json::to_string_pretty(self).map_err(|e| EngineError::Corrupt(e.to_string()))?;
         let tmp = self.run_dir.join(".child.json.tmp");
-        std::fs::write(&tmp, text).at("cannot write", &tmp)?;
+        forkd_store::write_private(&tmp, text)?;
         std::fs::rename(&tmp, &p).at("cannot write", &p)
+    }
+
+    /// Read the record of `run_root/<id>`. Its `run_dir` is `run_root/<id>` whatever the file
+    /// says, and a record naming another id is refused.
+    fn load(run_root: &Path, id: &str) -> Result<KeptChild> {
+        if !valid_id(id) {
+            return Err(EngineError::NoSuchChild(id.to_string()));
+        }
+        let text =
+            read_in(run_root, id, RECORD).map_err(|_| EngineError::NoSuchChild(id.to_string()))?;
+        let p = run_root.join(id).join(RECORD);
+        let mut child: KeptChild = serde_json::from_slice(&text)
+            .map_err(|e| EngineError::Corrupt(format!("{}: {e}", p.display())))?;
+        if child.id != id {
+            return Err(EngineError::Corrupt(format!(
+                "{}: names the child {:?}",
+                p.display(),
+                child.id
+            )));
+        }
+        child.run_dir = run_root.join(id);
+        Ok(child)
     }
 
     pub fn agent_sock(&self) -> PathBuf {
@@ -198,11 +282,10 @@ pub fn list(run_root: &Path) -> Result<Vec<ChildStatus>> {
         Err(e) => return Err(e).at("cannot read", run_root),
     };
     for entry in rd.flatten() {
-        let p = entry.path().join(RECORD);
-        let Ok(text) = std::fs::read_to_string(&p) else {
+        let Some(id) = entry.file_name().to_str().map(str::to_string) else {
             continue;
         };
-        let Ok(child) = serde_json::from_str::<KeptChild>(&text) else {
+        let Ok(child) = KeptChild::load(run_root, &id) else {
             continue;
         };
         let running = child.running();
@@ -212,16 +295,13 @@ pub fn list(run_root: &Path) -> Result<Vec<ChildStatus>> {
     Ok(out)
 }
 
+/// The kept child `id`: its record in `run_root/<id>/` (a symbolic link there is not followed).
 pub fn find(run_root: &Path, id: &str) -> Result<KeptChild> {
-    if id.is_empty() || id.contains('/') || id.starts_with('.') {
-        return Err(EngineError::NoSuchChild(id.to_string()));
-    }
-    let p = run_root.join(id).join(RECORD);
-    let text = std::fs::read_to_string(&p).map_err(|_| EngineError::NoSuchChild(id.to_string()))?;
-    serde_json::from_str(&text).map_err(|e| EngineError::Corrupt(format!("{}: {e}", p.display())))
+    KeptChild::load(run_root, id)
 }
 
-/// Stop a kept child and remove its run directory.
+/// Stop a kept child and remove its run directory: `run_root/<id>`, derived here, never a path
+/// the record names. A symbolic link at `run_root/<id>` is not followed (no such child).
 pub fn kill(run_root: &Path, id: &str) -> Result<()> {
     let child = find(run_root, id)?;
     if child.running() {
@@ -236,7 +316,10 @@ pub fn kill(run_root: &Path, id: &str) -> Result<()> {
     }
     // Only groups named forkd-* under /sys/fs/cgroup are removed, and only when empty.
     crate::cgroup::remove_dirs(&child.cgroups);
-    std::fs::remove_dir_all(&child.run_dir).at("cannot remove", &child.run_dir)
+    // remove_dir_all removes a symbolic link, not what it points to, and does not follow the
+    // links it meets inside.
+    let dir = run_root.join(id);
+    std::fs::remove_dir_all(&dir).at("cannot remove", &dir)
 }
 
 /// Run a command in a kept child through its agent.

@@ -88,7 +88,12 @@ pub fn take(
     }
     copy_in(&opts.rootfs, &out.join(ROOTFS_FILE))?;
     let mem = out.join(MEMORY_FILE);
-    let f = std::fs::File::create(&mem).at("cannot create", &mem)?;
+    let f = forkd_store::private_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&mem)
+        .at("cannot create", &mem)?;
     f.set_len(opts.mem_mib * 1024 * 1024)
         .at("cannot size", &mem)?;
     drop(f);

@@ -172,7 +172,7 @@ pub fn write_stub_kernel(kernel: &Path, out: &Path) -> Result<()> {
             .map(|_| ())
             .at("cannot copy", kernel);
     };
-    std::fs::write(out, &head[..len]).at("cannot write", out)
+    Ok(forkd_store::write_private(out, &head[..len])?)
 }
 
 fn s(p: &Path) -> String {

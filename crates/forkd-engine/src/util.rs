@@ -65,10 +65,15 @@ pub fn sh_quote(s: &str) -> String {
 pub struct Interrupt(Arc<AtomicBool>);
 
 impl Interrupt {
-    /// Register SIGINT and SIGTERM to set the flag (instead of killing the process).
+    /// Register SIGINT, SIGTERM and SIGHUP (a closed terminal or ssh session) to set the flag
+    /// instead of killing the process, so its VMs are stopped and their directories removed.
     pub fn install() -> Interrupt {
         let flag = Arc::new(AtomicBool::new(false));
-        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        for sig in [
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
+        ] {
             // A second signal, while the first is still being handled, exits at once (130).
             let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
             if let Err(e) = signal_hook::flag::register(sig, flag.clone()) {

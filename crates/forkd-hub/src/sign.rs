@@ -49,14 +49,18 @@ fn password() -> String {
     std::env::var(PASSWORD_ENV).unwrap_or_default()
 }
 
-/// Generate a key pair into `dir` (`forkd.key` 0600, `forkd.pub`); returns the public key line.
+/// Generate a key pair into `dir` (made 0700 if missing; `forkd.key` 0600, `forkd.pub` 0644,
+/// whatever the umask); returns the public key line.
 pub fn generate(dir: &Path) -> Result<(PathBuf, PathBuf, String), SignError> {
     let sk_path = dir.join(SECRET_KEY_FILE);
     let pk_path = dir.join(PUBLIC_KEY_FILE);
     if sk_path.exists() {
         return Err(SignError::Exists(sk_path));
     }
-    fs_err::create_dir_all(dir).map_err(io(dir))?;
+    // Missing directories are made 0700, whatever the umask.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+        .map_err(io(dir))?;
     let key_err = |msg: minisign::PError| SignError::Key {
         what: "key generation".into(),
         msg: msg.to_string(),
@@ -79,7 +83,22 @@ pub fn generate(dir: &Path) -> Result<(PathBuf, PathBuf, String), SignError> {
             .map_err(io(&sk_path))?;
         f.write_all(sk_text.as_bytes()).map_err(io(&sk_path))?;
     }
-    fs_err::write(&pk_path, &pk_text).map_err(io(&pk_path))?;
+    {
+        // Public by nature, but never writable by others, whatever the umask.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&pk_path)
+            .map_err(io(&pk_path))?;
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io(&pk_path))?;
+        f.write_all(pk_text.as_bytes()).map_err(io(&pk_path))?;
+    }
     Ok((sk_path, pk_path, kp.pk.to_base64()))
 }
 

@@ -222,7 +222,7 @@ struct Sink {
 
 impl Sink {
     fn create(path: PathBuf) -> Result<Sink> {
-        let file = std::fs::OpenOptions::new()
+        let file = forkd_store::private_options()
             .create_new(true)
             .read(true)
             .write(true)

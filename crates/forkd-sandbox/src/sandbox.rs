@@ -422,7 +422,8 @@ pub(crate) fn save_meta(run_dir: &Path, meta: &Meta) -> Result<()> {
     let p = run_dir.join(META);
     let tmp: PathBuf = run_dir.join(".sandbox.json.tmp");
     let text = serde_json::to_vec_pretty(meta).unwrap_or_default();
-    std::fs::write(&tmp, text)
+    forkd_store::write_private(&tmp, text)
+        .map_err(|e| e.source)
         .and_then(|()| std::fs::rename(&tmp, &p))
         .map_err(|source| SandboxError::Io {
             what: "cannot write",

@@ -464,8 +464,8 @@ async fn wait_for_signal() {
     }
 }
 
-/// Bind the unix socket with mode 0600 from the start (umask while binding, so there is no
-/// moment where another user could connect). A socket file left by a dead daemon is replaced;
+/// Bind the unix socket with mode 0600 from the start (made in a private directory, so there
+/// is no moment where another user could connect). A socket file left by a dead daemon is replaced;
 /// one that answers means a daemon is running.
 fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, ServeError> {
     let err = |source| ServeError::Listen {
@@ -491,10 +491,23 @@ fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, ServeEr
         }
         std::fs::remove_file(path).map_err(err)?;
     }
-    let old = rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o177));
-    let l = std::os::unix::net::UnixListener::bind(path);
-    rustix::process::umask(old);
-    let l = l.map_err(err)?;
+    // The umask is the process's, shared by every thread: changing it here would give a
+    // directory made meanwhile by another thread no search bit. So bind inside a fresh 0700
+    // directory, make the socket 0600, and only then rename it into place.
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let scratch = dir.join(format!(".s{}", std::process::id())); // no longer than forkd.sock
+    let _ = std::fs::remove_dir_all(&scratch); // one a crashed daemon of this pid left
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&scratch)
+        .map_err(err)?;
+    let tmp = scratch.join("s");
+    let bound = std::os::unix::net::UnixListener::bind(&tmp).and_then(|l| {
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_dir_all(&scratch);
+    let l = bound.map_err(err)?;
     l.set_nonblocking(true).map_err(err)?;
     tokio::net::UnixListener::from_std(l).map_err(err)
 }

@@ -47,7 +47,9 @@ mod store;
 pub mod synth;
 mod tag;
 
-pub use fsutil::PathError;
+pub use fsutil::{
+    DIR_MODE, FILE_MODE, PathError, make_private, private_dir, private_options, write_private,
+};
 pub use home::{Home, default_home};
 pub use lock::FileLock;
 pub use manifest::{EngineInfo, FileEntry, Manifest, ManifestError};

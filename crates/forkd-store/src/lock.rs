@@ -53,7 +53,7 @@ impl FileLock {
     pub(crate) fn create_new(path: &Path) -> Result<FileLock, PathError> {
         let dir = path.parent().unwrap_or(Path::new("."));
         let tmp = dir.join(crate::fsutil::unique_name(".new-"));
-        let file = OpenOptions::new()
+        let file = crate::fsutil::private_options()
             .read(true)
             .write(true)
             .create_new(true)
@@ -91,7 +91,7 @@ pub(crate) fn warn_waiting(path: &Path) {
 }
 
 fn open_or_create(path: &Path) -> Result<File, PathError> {
-    OpenOptions::new()
+    crate::fsutil::private_options()
         .read(true)
         .write(true)
         .create(true)

@@ -3,11 +3,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::fsutil::{IoContext, sync_dir, unique_name};
+use crate::fsutil::{DIR_MODE, IoContext, make_private, sync_dir, unique_name, write_private};
 use crate::lock::FileLock;
 use crate::manifest::{MANIFEST_NAME, Manifest};
 use crate::store::{Overwrite, Snapshot, Store, StoreError, lock_path_of};
 use crate::tag::Tag;
+use std::os::unix::fs::DirBuilderExt;
 
 /// A directory under `tmp/` owned by this process (its `.lock` is held). Write the snapshot's
 /// files into [`Staging::dir`], then [`Staging::commit`]. Dropped uncommitted, it is deleted.
@@ -25,7 +26,10 @@ impl Staging {
         // The lock exists (and is held) before the directory, so the sweeper never takes a
         // directory that is being written.
         let lock = FileLock::create_new(&lock_path_of(&dir))?;
-        fs::create_dir(&dir).at("cannot create staging directory", &dir)?;
+        fs::DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(&dir)
+            .at("cannot create staging directory", &dir)?;
         Ok(Staging {
             store,
             dir,
@@ -39,7 +43,8 @@ impl Staging {
     }
 
     /// Check that the directory holds exactly the files the manifest lists, with the listed
-    /// sizes; write manifest.toml; fsync everything; and atomically install it as `tag`.
+    /// sizes; write manifest.toml; make every file 0600 (whatever wrote it and whatever the
+    /// umask); fsync everything; and atomically install it as `tag`.
     pub fn commit(
         mut self,
         tag: &Tag,
@@ -52,7 +57,7 @@ impl Staging {
         })?;
         self.check_contents(manifest)?;
         let mpath = self.dir.join(MANIFEST_NAME);
-        fs::write(&mpath, text).at("cannot write", &mpath)?;
+        write_private(&mpath, text)?;
         for name in manifest
             .files
             .keys()
@@ -60,10 +65,15 @@ impl Staging {
             .chain([MANIFEST_NAME])
         {
             let p = self.dir.join(name);
-            fs::File::open(&p)
-                .and_then(|f| f.sync_all())
-                .at("cannot sync", &p)?;
+            let f = fs::File::open(&p).at("cannot open", &p)?;
+            make_private(&f, &p)?;
+            f.sync_all().at("cannot sync", &p)?;
         }
+        fs::set_permissions(
+            &self.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(DIR_MODE),
+        )
+        .at("cannot chmod", &self.dir)?;
         sync_dir(&self.dir)?;
 
         let images = self.store.images_dir();

@@ -4,7 +4,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::fsutil::{IoContext, PathError, disk_usage, sync_dir, unique_name};
+use crate::fsutil::{
+    IoContext, PathError, disk_usage, private_dir, sync_dir, unique_name, write_private,
+};
 use crate::home::{Home, NoHome, default_home};
 use crate::lock::{FileLock, warn_waiting};
 use crate::manifest::{MANIFEST_NAME, Manifest, ManifestError};
@@ -95,9 +97,11 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Open (creating if needed) the store at `home`, and sweep stale staging leftovers.
+    /// Open (creating if needed) the store at `home`, and sweep stale staging leftovers. The
+    /// home and its directories are 0700 whatever the umask; a home others could enter is made
+    /// 0700 again (with a warning).
     pub fn open(home: &Path) -> Result<Store, StoreError> {
-        fs::create_dir_all(home).at("cannot create store directory", home)?;
+        private_dir(home)?;
         let store = Store {
             home: Home::new(home),
             on_wait: Arc::new(warn_waiting),
@@ -105,7 +109,7 @@ impl Store {
         store.check_layout()?;
         let h = &store.home;
         for p in [h.images_dir(), h.tmp_dir(), h.locks_dir()] {
-            fs::create_dir_all(&p).at("cannot create directory", &p)?;
+            private_dir(&p)?;
         }
         store.sweep_tmp();
         Ok(store)
@@ -147,7 +151,7 @@ impl Store {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let tmp = self.home.path().join(unique_name(".store.toml.tmp-"));
-                fs::write(&tmp, format!("layout = {LAYOUT_VERSION}\n")).at("cannot write", &tmp)?;
+                write_private(&tmp, format!("layout = {LAYOUT_VERSION}\n"))?;
                 fs::File::open(&tmp)
                     .and_then(|f| f.sync_all())
                     .at("cannot sync", &tmp)?;
