@@ -41,7 +41,7 @@ fn main() -> ExitCode {
     report::init_tracing(cli.global.verbose, cli.global.quiet);
     let ctx = ctx::Ctx::new(cli.global);
     match commands::run(cli.command, &ctx) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(report::exit::OK),
         Err(err) => {
             report::print_error(&err);
             ExitCode::from(report::exit_code(&err))

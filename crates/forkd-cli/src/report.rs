@@ -94,8 +94,7 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// An error: forkd could not do what was asked (bad reference, missing image, I/O, ...).
     pub const ERROR: u8 = 1;
-    /// The command line is wrong (clap's own code for usage errors).
-    pub const USAGE: u8 = 2;
+    // 2: the command line is wrong (clap exits with it by itself).
     /// `fork`: forkd worked, but some children failed to come up, timed out, or their
     /// `--exec` command exited non-zero.
     pub const CHILDREN_FAILED: u8 = 3;

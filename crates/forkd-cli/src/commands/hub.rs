@@ -312,6 +312,9 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             }
             if found.is_empty() {
                 println!("no images found on {shown}");
+                if hub.hub.is_none() {
+                    eprintln!("hint: {NO_HUB_HINT}");
+                }
             }
             // Every string here is the hub's: shown with control characters escaped.
             let cell = |t: &str| escape_controls(t, Lines::Escape).into_owned();
