@@ -287,7 +287,10 @@ mod tests {
             "a\\x1b[2Jb\\rall ok\n"
         );
         assert_eq!(escape_controls("x\ny\t", Lines::Escape), "x\\ny\\t");
-        assert_eq!(escape_controls("\u{9b}2J\u{202e}", Lines::Keep), "\\u{9b}2J\\u{202e}");
+        assert_eq!(
+            escape_controls("\u{9b}2J\u{202e}", Lines::Keep),
+            "\\u{9b}2J\\u{202e}"
+        );
         assert_eq!(escape_controls("plain é ✓", Lines::Escape), "plain é ✓");
     }
 

@@ -56,7 +56,11 @@ fn the_readme_first_commands_work_verbatim_in_a_fresh_store() {
             .env_remove("FORKD_HUB")
             .output()
             .unwrap();
-        assert!(o.status.success(), "README command {c:?} failed:\n{}", text(&o));
+        assert!(
+            o.status.success(),
+            "README command {c:?} failed:\n{}",
+            text(&o)
+        );
         if c.starts_with("forkd fork") {
             let out = String::from_utf8_lossy(&o.stdout);
             assert!(out.contains("children alive"), "{out}");
@@ -75,7 +79,10 @@ fn an_upper_case_reference_is_refused_with_the_lower_case_spelling() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("upper case is not allowed"), "{err}");
-    assert!(err.contains(r#"did you mean "owner/python-numpy"?"#), "{err}");
+    assert!(
+        err.contains(r#"did you mean "owner/python-numpy"?"#),
+        "{err}"
+    );
     // The same for a local tag.
     let o = forkd_in(home.path(), &["fork", "--tag", "Tiny"]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -85,12 +92,21 @@ fn an_upper_case_reference_is_refused_with_the_lower_case_spelling() {
 #[test]
 fn pulling_with_no_hub_configured_says_how_to_get_one() {
     let home = new_home();
-    for (args, code) in [(&["pull", "acme/python-numpy"][..], 1), (&["search"][..], 0)] {
+    for (args, code) in [
+        (&["pull", "acme/python-numpy"][..], 1),
+        (&["search"][..], 0),
+    ] {
         let o = forkd_in(home.path(), args);
         assert_eq!(o.status.code(), Some(code), "{}", text(&o));
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("hint: no hub is configured"), "{args:?}: {err}");
-        assert!(err.contains("forkd hub serve") && err.contains("FORKD_HUB"), "{err}");
+        assert!(
+            err.contains("hint: no hub is configured"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            err.contains("forkd hub serve") && err.contains("FORKD_HUB"),
+            "{err}"
+        );
     }
 }
 
@@ -129,7 +145,11 @@ fn all_commands(prefix: &[String]) -> Vec<Vec<String>> {
 #[test]
 fn every_command_has_examples_in_its_help() {
     let cmds = all_commands(&[]);
-    assert!(cmds.len() >= 24, "walked only {} commands: {cmds:?}", cmds.len());
+    assert!(
+        cmds.len() >= 24,
+        "walked only {} commands: {cmds:?}",
+        cmds.len()
+    );
     let mut missing = Vec::new();
     for c in &cmds {
         let mut args = c.clone();
@@ -166,7 +186,11 @@ fn fork_keep_prints_the_id_that_exec_and_kill_take() {
     let host = forkd(&["exec", &id, "--", "hostname"]);
     let ps = ok(&["ps"]);
     let killed = forkd(&["kill", &id]);
-    assert!(host.status.success(), "exec {id} (as fork printed it): {}", text(&host));
+    assert!(
+        host.status.success(),
+        "exec {id} (as fork printed it): {}",
+        text(&host)
+    );
     assert_eq!(String::from_utf8_lossy(&host.stdout).trim(), id);
     assert!(ps.contains(&id), "{ps}");
     assert!(killed.status.success(), "{}", text(&killed));
@@ -175,10 +199,19 @@ fn fork_keep_prints_the_id_that_exec_and_kill_take() {
 #[test]
 fn exec_of_shell_text_hints_at_sh_and_sh_runs_it() {
     tiny();
-    let r = json(&ok(&["fork", "--tag", "tiny", "-n", "1", "--keep", "--json"]));
+    let r = json(&ok(&[
+        "fork", "--tag", "tiny", "-n", "1", "--keep", "--json",
+    ]));
     let id = r["kept"][0].as_str().unwrap().to_string();
     let wrong = forkd(&["exec", &id, "--env", "X=42", "--", "echo $X"]);
-    let sh = forkd(&["exec", &id, "--env", "X=42", "--sh", "echo $X; echo $((6 * 7))"]);
+    let sh = forkd(&[
+        "exec",
+        &id,
+        "--env",
+        "X=42",
+        "--sh",
+        "echo $X; echo $((6 * 7))",
+    ]);
     let _ = forkd(&["kill", &id]);
     assert!(!wrong.status.success(), "{}", text(&wrong));
     let err = String::from_utf8_lossy(&wrong.stderr);
@@ -208,13 +241,18 @@ fn name_colon_version_is_taken_wherever_a_tag_is() {
     );
     assert_eq!(nv, "tiny:1");
     // ...and every command that takes an image takes it.
-    let r = json(&ok(&["fork", "--tag", &nv, "-n", "1", "--exec", "true", "--json"]));
+    let r = json(&ok(&[
+        "fork", "--tag", &nv, "-n", "1", "--exec", "true", "--json",
+    ]));
     assert_eq!(r["succeeded"], 1, "{r:#}");
     assert!(ok(&["inspect", &nv]).contains("name = \"tiny\""));
     let o = forkd(&["fork", "--tag", "tiny:9"]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("no image tiny:9") && err.contains("tiny:1"), "{err}");
+    assert!(
+        err.contains("no image tiny:9") && err.contains("tiny:1"),
+        "{err}"
+    );
     // A new tag has no version: refused with the tag it probably meant.
     let o = forkd(&["build-tiny", "--tag", "tiny:2"]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -224,7 +262,9 @@ fn name_colon_version_is_taken_wherever_a_tag_is() {
 #[test]
 fn rmi_of_an_image_with_running_children_is_refused() {
     tiny();
-    let r = json(&ok(&["fork", "--tag", "tiny", "-n", "1", "--keep", "--json"]));
+    let r = json(&ok(&[
+        "fork", "--tag", "tiny", "-n", "1", "--keep", "--json",
+    ]));
     let id = r["kept"][0].as_str().unwrap().to_string();
     let o = forkd(&["rmi", "tiny"]);
     let still = forkd(&["inspect", "tiny"]);
@@ -233,7 +273,11 @@ fn rmi_of_an_image_with_running_children_is_refused() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&id), "names the children: {err}");
     assert!(err.contains("--force"), "{err}");
-    assert!(still.status.success(), "the image was removed: {}", text(&still));
+    assert!(
+        still.status.success(),
+        "the image was removed: {}",
+        text(&still)
+    );
 }
 
 #[test]
@@ -241,11 +285,23 @@ fn build_tiny_on_an_existing_tag_refuses_before_booting() {
     tiny();
     let assets = tiny_assets();
     let t = Instant::now();
-    let o = forkd(&["build-tiny", "--assets", assets.to_str().unwrap(), "--mem-mib", "192"]);
+    let o = forkd(&[
+        "build-tiny",
+        "--assets",
+        assets.to_str().unwrap(),
+        "--mem-mib",
+        "192",
+    ]);
     let took = t.elapsed();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("already exists") && err.contains("--force"), "{err}");
-    assert!(!err.contains("booting the parent"), "it booted a VM first: {err}");
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("booting the parent"),
+        "it booted a VM first: {err}"
+    );
     assert!(took < Duration::from_secs(3), "took {took:?}");
 }

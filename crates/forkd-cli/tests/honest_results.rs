@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 #[test]
 fn a_command_that_exits_non_zero_fails_the_fork_with_exit_code_3() {
     tiny();
-    let o = forkd(&["fork", "--tag", "tiny", "-n", "2", "--exec", "exit 3", "--json"]);
+    let o = forkd(&[
+        "fork", "--tag", "tiny", "-n", "2", "--exec", "exit 3", "--json",
+    ]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     let r = json(&String::from_utf8_lossy(&o.stdout));
     assert_eq!(r["alive"], 2, "{r:#}");
@@ -98,7 +100,9 @@ fn guest_output_in_the_fork_table_is_escaped() {
     assert!(out.contains(r"\x1b[2J\x1b[Hall ok\r"), "{out}");
     assert!(out.contains(r"\x1b]0;title\x07"), "stderr cell: {out}");
     // --json keeps the exact bytes (JSON-escaped).
-    let o = forkd(&["fork", "--tag", "tiny", "-n", "1", "--exec", TAKEOVER, "--json"]);
+    let o = forkd(&[
+        "fork", "--tag", "tiny", "-n", "1", "--exec", TAKEOVER, "--json",
+    ]);
     let r = json(&String::from_utf8_lossy(&o.stdout));
     assert!(
         r["children"][0]["exec"]["stdout"]
@@ -163,7 +167,9 @@ fn on_a_terminal(args: &[&str]) -> (Option<i32>, Vec<u8>) {
 #[test]
 fn exec_output_is_escaped_on_a_terminal_and_raw_in_a_pipe() {
     tiny();
-    let r = json(&ok(&["fork", "--tag", "tiny", "-n", "1", "--keep", "--json"]));
+    let r = json(&ok(&[
+        "fork", "--tag", "tiny", "-n", "1", "--keep", "--json",
+    ]));
     let id = r["kept"][0].as_str().unwrap().to_string();
     let (code, seen) = on_a_terminal(&["exec", &id, "--sh", TAKEOVER]);
     let seen_text = String::from_utf8_lossy(&seen).into_owned();
@@ -176,7 +182,10 @@ fn exec_output_is_escaped_on_a_terminal_and_raw_in_a_pipe() {
         !seen.iter().any(|&b| b == 0x1b || b == 0x07),
         "raw control bytes reached the terminal: {seen_text:?}"
     );
-    assert!(seen_text.contains(r"\x1b[2J\x1b[Hall ok\r"), "{seen_text:?}");
+    assert!(
+        seen_text.contains(r"\x1b[2J\x1b[Hall ok\r"),
+        "{seen_text:?}"
+    );
     assert!(seen_text.contains(r"\x1b]0;title\x07"), "{seen_text:?}");
     assert!(
         piped.stdout.starts_with(b"\x1b[2J\x1b[Hall ok\r"),
@@ -227,7 +236,9 @@ fn concurrent_forks_name_their_children_apart() {
     tiny();
     let spawn = || {
         cmd_in(home())
-            .args(["fork", "--tag", "tiny", "-n", "2", "--json", "--exec", "hostname"])
+            .args([
+                "fork", "--tag", "tiny", "-n", "2", "--json", "--exec", "hostname",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -319,7 +330,10 @@ fn a_full_host_disk_is_reported_as_disk_full() {
     let r = json(&String::from_utf8_lossy(&o.stdout));
     let c = &r["children"][0];
     let err = c["error"].as_str().unwrap_or("");
-    assert!(err.contains("disk full"), "not reported as disk full: {c:#}");
+    assert!(
+        err.contains("disk full"),
+        "not reported as disk full: {c:#}"
+    );
     assert!(!err.contains("timed out"), "{c:#}");
     assert_eq!(c["ok"], false);
     // Reported when it happened, not after the 100 s work timeout.

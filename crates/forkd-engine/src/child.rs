@@ -272,7 +272,10 @@ pub fn child_hostname(id: &str) -> String {
     );
     let room = MAX.saturating_sub(index.len() + session.len() + 2);
     let tag: String = tag.chars().take(room).collect();
-    format!("{}-{session}-{index}", tag.trim_end_matches(['-', '.', '_']))
+    format!(
+        "{}-{session}-{index}",
+        tag.trim_end_matches(['-', '.', '_'])
+    )
 }
 
 /// One child's life: launch QEMU (argv built by `args`), restore, resume, wait for the agent,
@@ -400,7 +403,7 @@ fn watch_disk(
             Err(_) => return None, // QEMU is gone: the child's own error says why
         };
         if let Some(e) = block_io_error(qmp, &status, overlay_dir) {
-            tracing::warn!("{e}");
+            tracing::debug!("disk watcher: {e}");
             waits.set();
             return Some(e);
         }

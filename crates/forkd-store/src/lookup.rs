@@ -18,7 +18,9 @@ pub enum ImageName {
 pub enum LookupError {
     #[error(transparent)]
     Tag(#[from] TagError),
-    #[error("invalid image name {0:?}: VERSION after ':' must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-'")]
+    #[error(
+        "invalid image name {0:?}: VERSION after ':' must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-'"
+    )]
     Version(String),
     #[error("no image {name}:{version} in the local store{}", have_suffix(.have))]
     NoVersion {

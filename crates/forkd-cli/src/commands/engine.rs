@@ -366,7 +366,7 @@ pub(super) fn children_outcome(
     }
     let mut parts = Vec::new();
     if not_up > 0 {
-        parts.push(format!("{not_up} failed to come up"));
+        parts.push(format!("{not_up} failed"));
     }
     if timed_out > 0 {
         parts.push(format!("{timed_out} timed out"));
@@ -376,6 +376,10 @@ pub(super) fn children_outcome(
     }
     Err(anyhow::Error::new(crate::report::ExitWith {
         code: crate::report::exit::CHILDREN_FAILED,
-        message: format!("{} of {requested} children: {}", not_up + not_ok_but_up, parts.join(", ")),
+        message: format!(
+            "{} of {requested} children: {}",
+            not_up + not_ok_but_up,
+            parts.join(", ")
+        ),
     }))
 }

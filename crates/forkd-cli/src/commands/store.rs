@@ -26,10 +26,12 @@ pub enum Cmd {
         json: bool,
     },
     /// Remove images from the local store
-    #[command(after_help = "Examples:\n  forkd rmi python-numpy old-test\n  forkd rmi tiny:1\n  \
+    #[command(
+        after_help = "Examples:\n  forkd rmi python-numpy old-test\n  forkd rmi tiny:1\n  \
         forkd rmi --force tiny        # even while kept children of it run\n\n\
         An image that kept children (forkd ps) were forked from is not removed unless --force: \
-        they keep running either way, but nothing could fork it again.")]
+        they keep running either way, but nothing could fork it again."
+    )]
     Rmi {
         /// Images to remove: TAG or NAME:VERSION (as `forkd images` shows them)
         #[arg(required = true, value_name = "IMAGE")]
@@ -95,7 +97,9 @@ pub enum Cmd {
 #[derive(clap::Subcommand, Debug)]
 pub enum ImagesCmd {
     /// List the images in the local store (the default)
-    #[command(after_help = "Examples:\n  forkd images list\n  forkd images list --json | jq -r '.[].tag'")]
+    #[command(
+        after_help = "Examples:\n  forkd images list\n  forkd images list --json | jq -r '.[].tag'"
+    )]
     List {
         /// Print JSON instead of a table
         #[arg(long)]
