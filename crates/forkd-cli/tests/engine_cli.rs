@@ -292,7 +292,7 @@ fn unknown_tag_and_too_many_children_are_refused() {
     tiny();
     let o = forkd(&["fork", "--tag", "nope", "-n", "1"]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no snapshot nope"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no image nope in the local store"));
     let o = forkd(&["fork", "--tag", "tiny", "-n", "500000"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);

@@ -381,7 +381,7 @@ fn life(
 }
 
 /// How often the disk watcher asks QEMU whether the VM is still running.
-const DISK_WATCH_EVERY: Duration = Duration::from_millis(200);
+const DISK_WATCH_EVERY: Duration = Duration::from_millis(500);
 
 /// Watch one child's QMP until `stop`: when QEMU reports a block I/O error (a
 /// `BLOCK_IO_ERROR` event, or the VM in state `io-error`), set `waits` so the agent calls
