@@ -18,8 +18,15 @@ use std::process::ExitCode;
     about = "Fork many VMs copy-on-write from one warmed parent snapshot",
     long_about = "Fork many VMs copy-on-write from one warmed parent snapshot, and move \
                   snapshots between hosts through the Snapshot Hub.\n\n\
-                  Quick start:\n  forkd pull OWNER/python-numpy\n  forkd fork --tag python-numpy -n 100 --exec 'python3 -c \"print(1)\"'",
-    propagate_version = true
+                  Quick start (after scripts/quickstart.sh, or recipes/tiny/build.sh):\n  \
+                  forkd build-tiny\n  \
+                  forkd fork --tag tiny -n 10 --exec 'echo hello from $(hostname)'\n\n\
+                  Share it through a hub:\n  \
+                  forkd key generate && forkd push tiny acme/tiny\n  \
+                  forkd pull acme/tiny --hub http://HOST:8080 --trust forkd.pub   # on another host\n\n\
+                  Examples:\n  forkd --help\n  forkd fork --help\n  forkd -q images",
+    propagate_version = true,
+    after_long_help = report::EXIT_CODES_HELP
 )]
 struct Cli {
     #[command(flatten)]
@@ -34,10 +41,10 @@ fn main() -> ExitCode {
     report::init_tracing(cli.global.verbose, cli.global.quiet);
     let ctx = ctx::Ctx::new(cli.global);
     match commands::run(cli.command, &ctx) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(report::exit::OK),
         Err(err) => {
             report::print_error(&err);
-            ExitCode::FAILURE
+            ExitCode::from(report::exit_code(&err))
         }
     }
 }

@@ -98,11 +98,10 @@ fn fork_runs_the_command_in_every_child() {
     ]));
     assert_eq!(r["alive"], 3, "{r:#}");
     for c in r["children"].as_array().unwrap() {
-        let i = c["index"].as_u64().unwrap();
         assert_eq!(c["exec"]["exit_code"], 0);
         assert_eq!(
             c["exec"]["stdout"].as_str().unwrap(),
-            format!("tiny-{i}\nwarm\n")
+            format!("{}\nwarm\n", c["id"].as_str().unwrap())
         );
     }
     let human = ok(&[
@@ -222,17 +221,21 @@ fn a_command_over_the_exec_timeout_times_out_in_every_child() {
         "--json",
     ]);
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
+    // Timed-out children are a failed fork (exit 3), and not `ok`.
+    assert_eq!(
+        o.status.code(),
+        Some(3),
         "{text}{}",
         String::from_utf8_lossy(&o.stderr)
     );
     let r = json(&text);
     assert_eq!(r["alive"], 2, "{r:#}");
+    assert_eq!(r["succeeded"], 0, "{r:#}");
     let children = r["children"].as_array().unwrap();
     assert_eq!(children.len(), 2);
     for c in children {
         assert_eq!(c["timed_out"], true, "{c:#}");
+        assert_eq!(c["ok"], false, "{c:#}");
         assert_eq!(c["exec"]["timed_out"], true, "{c:#}");
         assert!(c["exec"]["exit_code"].is_null(), "{c:#}");
         assert!(c["exec"]["duration_ms"].as_u64().unwrap() < 4_000, "{c:#}");
@@ -250,7 +253,7 @@ fn a_command_over_the_exec_timeout_times_out_in_every_child() {
     }
     assert!(t.elapsed().as_secs() < 60, "{:?}", t.elapsed());
     // The table says so too.
-    let human = ok(&[
+    let o = forkd(&[
         "fork",
         "--tag",
         "tiny",
@@ -261,6 +264,8 @@ fn a_command_over_the_exec_timeout_times_out_in_every_child() {
         "--exec-timeout",
         "1",
     ]);
+    assert_eq!(o.status.code(), Some(3));
+    let human = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
         human.contains("TIMEOUT") && human.contains("exit timed-out"),
         "{human}"
@@ -287,7 +292,7 @@ fn unknown_tag_and_too_many_children_are_refused() {
     tiny();
     let o = forkd(&["fork", "--tag", "nope", "-n", "1"]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no snapshot nope"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no image nope in the local store"));
     let o = forkd(&["fork", "--tag", "tiny", "-n", "500000"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);

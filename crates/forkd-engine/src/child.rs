@@ -321,6 +321,10 @@ pub struct ChildReport {
     pub id: String,
     pub hostname: String,
     pub state: ChildState,
+    /// The child came up: restored, its agent answered, it has its own identity.
+    pub up: bool,
+    /// The child came up *and* its work succeeded: the `exec` command exited 0, the `run` code
+    /// finished, nothing timed out. `false` whenever `up` is.
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -345,6 +349,7 @@ impl ChildReport {
             id,
             hostname,
             state: ChildState::Starting,
+            up: false,
             ok: false,
             error: None,
             restored_ms: None,
@@ -357,12 +362,48 @@ impl ChildReport {
     }
 
     /// A child that failed before its VM could start.
-    pub fn failed(index: usize, id: String, tag: &str, e: &EngineError) -> ChildReport {
-        let mut r = ChildReport::new(index, id, format!("{tag}-{index}"));
+    pub fn failed(index: usize, id: String, e: &EngineError) -> ChildReport {
+        let hostname = child_hostname(&id);
+        let mut r = ChildReport::new(index, id, hostname);
         r.state = ChildState::Gone;
         r.error = Some(e.to_string());
         r
     }
+
+    /// Whether the work (if any) succeeded: no timeout, `exec` exited 0. A child that is up
+    /// and did no work is a success.
+    fn work_ok(&self) -> bool {
+        !self.timed_out && self.exec.as_ref().is_none_or(|x| x.exit_code == Some(0))
+    }
+}
+
+/// A child's id: `TAG-SESSION-INDEX`, where SESSION is random per `fork`, so two forks of the
+/// same tag (even at the same time) never name two children alike. The id is what `forkd ps`,
+/// `exec`, `kill` and `cp` take, and (cut to fit) the child's hostname.
+pub fn child_id(tag: &str, session: &str, index: usize) -> String {
+    format!("{tag}-{session}-{index}")
+}
+
+/// The hostname a child gets: its id, cut to the 64 bytes Linux allows by shortening the tag
+/// part (the distinct session and index stay).
+pub fn child_hostname(id: &str) -> String {
+    const MAX: usize = 63;
+    if id.len() <= MAX {
+        return id.to_string();
+    }
+    // The id is ASCII (tags are [a-z0-9._-]); keep the tail, which holds session and index.
+    let mut parts = id.rsplitn(3, '-');
+    let (index, session, tag) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    let room = MAX.saturating_sub(index.len() + session.len() + 2);
+    let tag: String = tag.chars().take(room).collect();
+    format!(
+        "{}-{session}-{index}",
+        tag.trim_end_matches(['-', '.', '_'])
+    )
 }
 
 /// One child's life: launch QEMU (argv built by `args`), restore, resume, wait for the agent,
@@ -374,14 +415,15 @@ pub fn run_child(
     mut guard: VmGuard,
     args: Vec<String>,
 ) -> (ChildReport, Option<VmGuard>) {
-    let hostname = format!("{}-{index}", plan.tag);
+    let hostname = child_hostname(&id);
     let mut report = ChildReport::new(index, id, hostname.clone());
     let start = Instant::now();
     let result = life(plan, &hostname, &mut guard, args, &mut report, start);
     report.pid = guard.pid();
     match result {
         Ok(()) => {
-            report.ok = true;
+            report.up = true;
+            report.ok = report.work_ok();
             (report, Some(guard))
         }
         Err(e) => {
@@ -444,16 +486,142 @@ fn life(
     advance(report, ChildState::Restored);
     check(plan.interrupt)?;
 
+    // From here on the guest runs and may write to its disk. If the host file system under
+    // the overlay fills up, QEMU pauses the VM (werror=enospc) and the agent simply stops
+    // answering: a watcher on QMP sees that, stops the waits and says "disk full".
+    let overlay_dir = guard.run_dir.clone();
+    let waits = Interrupt::never();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let watcher = std::thread::Builder::new()
+            .name(format!("disk-watch-{}", report.index))
+            .stack_size(128 * 1024)
+            .spawn_scoped(scope, || {
+                watch_disk(&mut qmp, &overlay_dir, &stop, &waits, plan.interrupt)
+            })
+            .at("cannot start a thread for", &overlay_dir)?;
+        let worked = serve(plan, hostname, guard, report, start, &waits, starting);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.thread().unpark();
+        let disk = watcher.join().unwrap_or(None);
+        match disk {
+            Some(e) => Err(e),
+            None => worked,
+        }
+    })
+}
+
+/// How often the disk watcher asks QEMU whether the VM is still running.
+const DISK_WATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// Watch one child's QMP until `stop`: when QEMU reports a block I/O error (a
+/// `BLOCK_IO_ERROR` event, or the VM in state `io-error`), set `waits` so the agent calls
+/// return now, and return the error. Also passes a Ctrl-C (`outer`) on to `waits`.
+fn watch_disk(
+    qmp: &mut Qmp,
+    overlay_dir: &Path,
+    stop: &std::sync::atomic::AtomicBool,
+    waits: &Interrupt,
+    outer: &Interrupt,
+) -> Option<EngineError> {
+    use std::sync::atomic::Ordering;
+    while !stop.load(Ordering::Relaxed) {
+        if outer.is_set() {
+            waits.set();
+        }
+        let status = match qmp.status() {
+            Ok(s) => s,
+            Err(_) => return None, // QEMU is gone: the child's own error says why
+        };
+        if let Some(e) = block_io_error(qmp, &status, overlay_dir) {
+            tracing::debug!("disk watcher: {e}");
+            waits.set();
+            return Some(e);
+        }
+        std::thread::park_timeout(DISK_WATCH_EVERY);
+    }
+    None
+}
+
+/// The block I/O error QEMU has reported, if any: from a `BLOCK_IO_ERROR` event seen so far,
+/// or, when the VM sits in `io-error`, from `query-block`'s per-device `io-status`.
+fn block_io_error(qmp: &mut Qmp, status: &str, overlay_dir: &Path) -> Option<EngineError> {
+    use serde_json::Value;
+    let event = qmp
+        .events
+        .iter()
+        .find(|e| e.get("event").and_then(Value::as_str) == Some("BLOCK_IO_ERROR"))
+        .cloned();
+    let (device, nospace, detail) = match event {
+        Some(e) => {
+            let d = &e["data"];
+            let dev = d["device"]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .or(d["node-name"].as_str())
+                .unwrap_or("disk");
+            (
+                dev.to_string(),
+                d["nospace"].as_bool().unwrap_or(false),
+                d["reason"].as_str().unwrap_or("I/O error").to_string(),
+            )
+        }
+        None if status == "io-error" => {
+            let blocks = qmp.execute("query-block", None).ok()?;
+            let bad = blocks.as_array()?.iter().find(|b| {
+                b.get("io-status")
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| s != "ok")
+            })?;
+            let io = bad["io-status"].as_str().unwrap_or("failed");
+            (
+                bad["device"].as_str().unwrap_or("disk").to_string(),
+                io == "nospace",
+                format!("io-status {io}"),
+            )
+        }
+        None => return None,
+    };
+    Some(if nospace {
+        EngineError::DiskFull {
+            dir: overlay_dir.to_path_buf(),
+            device,
+            detail,
+        }
+    } else {
+        EngineError::Qmp(format!(
+            "the VM stopped on a host I/O error on {device}: {detail}"
+        ))
+    })
+}
+
+/// A restored child's agent, identity and work. `waits` ends every wait early (Ctrl-C, or
+/// the disk watcher).
+fn serve(
+    plan: &ChildPlan<'_>,
+    hostname: &str,
+    guard: &mut VmGuard,
+    report: &mut ChildReport,
+    start: Instant,
+    waits: &Interrupt,
+    starting: crate::gate::StartSlot<'_>,
+) -> Result<()> {
+    let check = |i: &Interrupt| {
+        if i.is_set() {
+            Err(EngineError::Interrupted)
+        } else {
+            Ok(())
+        }
+    };
     let agent_sock = guard.agent_sock.clone();
     let (mut agent, _hello) = {
         let g = &mut *guard;
-        let intr = plan.interrupt;
         AgentConn::wait_ready(&agent_sock, plan.ready_timeout, &mut || {
-            g.alive() && !intr.is_set()
+            g.alive() && !waits.is_set()
         })?
     };
-    agent.set_interrupt(plan.interrupt.clone());
-    check(plan.interrupt)?;
+    agent.set_interrupt(waits.clone());
+    check(waits)?;
     let now_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)

@@ -65,6 +65,17 @@ pub enum EngineError {
     Warmup { code: Option<i32>, stderr: String },
     #[error("interrupted")]
     Interrupted,
+    /// The host file system under the child's disk overlay filled up: QEMU stopped the VM
+    /// with an I/O error (QMP `BLOCK_IO_ERROR`, `nospace`) instead of letting the guest write.
+    #[error(
+        "disk full: the host file system holding {dir} has no space left for the child's disk \
+         overlay; QEMU paused the VM ({device}: {detail})"
+    )]
+    DiskFull {
+        dir: PathBuf,
+        device: String,
+        detail: String,
+    },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,

@@ -5,8 +5,8 @@
 //! own disk overlay, agent socket and identity. Children are independent threads; one that
 //! fails is reported and the rest go on.
 
-use crate::child::{ChildPlan, ChildReport, ChildState, VmGuard, Work, run_child};
-use crate::error::{EngineError, Result};
+use crate::child::{ChildPlan, ChildReport, ChildState, VmGuard, Work, child_id, run_child};
+use crate::error::{EngineError, IoCtx, Result};
 use crate::gate::{StartGate, max_starting};
 use crate::qemu::{AccelChoice, Qemu, resolve_accel};
 use crate::run::KeptChild;
@@ -41,7 +41,11 @@ pub struct ForkOptions {
 pub struct ForkReport {
     pub tag: String,
     pub requested: usize,
+    /// Children that came up (restored, agent answered).
     pub alive: usize,
+    /// Children that came up and whose work succeeded (see [`ChildReport::ok`]); the fork
+    /// succeeded only when this equals `requested`.
+    pub succeeded: usize,
     pub accel: String,
     /// Wall-clock from the start of `fork` until every child answered (or failed).
     pub wall_ms: u64,
@@ -131,13 +135,14 @@ pub fn fork(dir: &Path, qemu: &Qemu, opts: &ForkOptions) -> Result<ForkReport> {
             }
             Err(e) => {
                 child.ok = false;
+                child.up = false;
                 child.state = ChildState::Gone;
                 child.error = Some(format!("cannot record kept child: {e}"));
                 drop(guard);
             }
         }
     }
-    report.alive = report.children.iter().filter(|c| c.ok).count();
+    report.tally();
     Ok(report)
 }
 
@@ -204,10 +209,10 @@ fn fork_children(
                     .name(format!("child-{i}"))
                     .stack_size(256 * 1024)
                     .spawn_scoped(scope, move || {
-                        let id = format!("{}-{session}-{i}", opts.tag);
+                        let id = child_id(&opts.tag, session, i);
                         let mut guard = match VmGuard::create(&opts.run_root.join(&id)) {
                             Ok(g) => g,
-                            Err(e) => return (ChildReport::failed(i, id, &opts.tag, &e), None),
+                            Err(e) => return (ChildReport::failed(i, id, &e), None),
                         };
                         if confine.cgroups {
                             child_cgroup(&mut guard, &id, limits);
@@ -252,7 +257,7 @@ fn fork_children(
                 h.join().unwrap_or_else(|_| {
                     let e = EngineError::Agent("child thread panicked".into());
                     (
-                        ChildReport::failed(i, format!("{}-{i}", opts.tag), &opts.tag, &e),
+                        ChildReport::failed(i, child_id(&opts.tag, &session, i), &e),
                         None,
                     )
                 })
@@ -265,17 +270,18 @@ fn fork_children(
         return Err(EngineError::Interrupted); // guards dropped above: every VM is gone
     }
     let (children, guards): (Vec<ChildReport>, Vec<Option<VmGuard>>) = results.into_iter().unzip();
-    let alive = children.iter().filter(|c| c.ok).count();
-    let report = ForkReport {
+    let mut report = ForkReport {
         tag: opts.tag.clone(),
         requested: opts.n,
-        alive,
+        alive: 0,
+        succeeded: 0,
         accel: accel.name().to_string(),
         wall_ms,
         estimate_mib,
         children,
         kept: Vec::new(),
     };
+    report.tally();
     Ok((report, guards))
 }
 
@@ -288,6 +294,19 @@ fn child_cgroup(guard: &mut VmGuard, id: &str, limits: Option<crate::cgroup::Lim
     match crate::cgroup::Cgroup::create(h, id, limits) {
         Ok(cg) => guard.set_cgroup(cg),
         Err(e) => tracing::warn!("child {id} runs without a cgroup: {e}"),
+    }
+}
+
+impl ForkReport {
+    /// Recount `alive` and `succeeded` from the children.
+    fn tally(&mut self) {
+        self.alive = self.children.iter().filter(|c| c.up).count();
+        self.succeeded = self.children.iter().filter(|c| c.ok).count();
+    }
+
+    /// Whether every requested child came up and did its work successfully.
+    pub fn all_ok(&self) -> bool {
+        self.succeeded == self.requested
     }
 }
 

@@ -117,6 +117,7 @@ pub fn snapshot_into_store(
     overwrite: Overwrite,
     interrupt: &Interrupt,
 ) -> Result<Stored, ImageError> {
+    check_tag_free(store, tag, overwrite)?;
     let staged = take_into_store(store, tag, opts, qemu, interrupt)?;
     let manifest = staged.manifest(tag.as_str(), "1", &[])?;
     let output = staged.output.clone();
@@ -187,4 +188,25 @@ pub fn check_consistent(snapshot: &Snapshot) -> Result<VmSpec, ImageError> {
         });
     }
     Ok(spec)
+}
+
+/// Refuse an existing `tag` (unless `overwrite`) before any VM boots: a parent is not
+/// booted and warmed for nothing.
+pub fn check_tag_free(store: &Store, tag: &Tag, overwrite: Overwrite) -> Result<(), ImageError> {
+    if overwrite == Overwrite::No && store.get(tag).is_ok() {
+        return Err(StoreError::Exists(tag.clone()).into());
+    }
+    Ok(())
+}
+
+/// The ids of the kept children (under `run/`, forked by the CLI or the daemon) that were
+/// forked from the image `tag` and are still running, sorted.
+pub fn running_children(store: &Store, tag: &Tag) -> Vec<String> {
+    let dir = store.home().images_dir().join(tag.as_str());
+    crate::run::list(&store.home().run_dir())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.running && (c.child.snapshot_dir == dir || c.child.tag == tag.as_str()))
+        .map(|c| c.child.id)
+        .collect()
 }

@@ -80,6 +80,17 @@ impl Reference {
             return Err(err("expected OWNER/NAME, e.g. acme/python-numpy"));
         };
         if !is_name(owner) || !is_name(name) {
+            let lower = path.to_ascii_lowercase();
+            if lower != path
+                && let Some((o, n)) = lower.split_once('/')
+                && is_name(o)
+                && is_name(n)
+            {
+                let rest = &input[path.len()..];
+                return Err(err(&format!(
+                    "upper case is not allowed in OWNER or NAME; did you mean \"{lower}{rest}\"?"
+                )));
+            }
             return Err(err(
                 "OWNER and NAME must match [a-z0-9][a-z0-9._-]* (no slashes, no upper case)",
             ));

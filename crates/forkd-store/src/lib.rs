@@ -39,6 +39,7 @@
 mod fsutil;
 pub mod home;
 pub mod lock;
+mod lookup;
 pub mod manifest;
 pub mod pack;
 pub mod sparse;
@@ -52,6 +53,7 @@ pub use fsutil::{
 };
 pub use home::{Home, default_home};
 pub use lock::FileLock;
+pub use lookup::{ImageName, LookupError};
 pub use manifest::{EngineInfo, FileEntry, Manifest, ManifestError};
 pub use staging::Staging;
 pub use store::{ImageInfo, Overwrite, Snapshot, Store, StoreError};

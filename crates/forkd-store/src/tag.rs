@@ -17,7 +17,7 @@ pub const TAG_RULES: &str = "a tag is 1 to 128 characters of a-z, 0-9, '.', '_' 
 pub struct Tag(String);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid tag {name:?}: {reason}; {TAG_RULES}")]
+#[error("invalid tag {name:?}: {reason}; {TAG_RULES}{}", suggestion(.name))]
 pub struct TagError {
     /// The rejected input (as given).
     pub name: String,
@@ -47,6 +47,12 @@ impl Tag {
         if s.contains("..") {
             return Err(err("it contains '..'"));
         }
+        if s.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(err("upper case is not allowed"));
+        }
+        if s.contains(':') {
+            return Err(err("it contains ':' (a local tag has no :VERSION)"));
+        }
         let first = s.as_bytes()[0];
         if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
             return Err(err("it does not start with a lowercase letter or digit"));
@@ -62,6 +68,18 @@ impl Tag {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// What the user probably meant, for the error message: the lower-case spelling, or the tag
+/// before a `:VERSION`.
+fn suggestion(name: &str) -> String {
+    let lower = name.to_ascii_lowercase();
+    let base = lower.split(':').next().unwrap_or("");
+    if base != name && Tag::parse(base).is_ok() {
+        format!(" (did you mean {base:?}?)")
+    } else {
+        String::new()
     }
 }
 
@@ -121,9 +139,9 @@ mod tests {
             ("a\0b", "NUL"),
             ("-x", "does not start"),
             (".hidden", "does not start"),
-            ("Upper", "does not start"),
+            ("Upper", "did you mean \"upper\"?"),
             ("a b", "not allowed"),
-            ("a:b", "not allowed"),
+            ("a:b", "did you mean \"a\"?"),
             (&"a".repeat(129), "longer"),
         ] {
             let e = Tag::parse(t).unwrap_err();

@@ -9,7 +9,7 @@ use forkd_engine::child::Work;
 use forkd_engine::fork::ForkOptions;
 use forkd_engine::qemu::Qemu;
 use forkd_engine::snapshot::SnapshotOptions;
-use forkd_store::{Overwrite, Tag};
+use forkd_store::{ImageName, Overwrite, Snapshot, Tag};
 
 use super::vm::VmArgs;
 use crate::ctx::Ctx;
@@ -21,12 +21,30 @@ use output::print_report;
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
     /// Boot a parent VM, warm it up, and save it as a snapshot in the store
+    #[command(after_help = "Examples:\n  \
+        forkd snapshot --tag mine --kernel vmlinuz --initrd initrd.img --rootfs rootfs.ext4\n  \
+        forkd snapshot --tag py --kernel K --initrd I --rootfs R --warm python --preload 'import numpy'\n  \
+        forkd snapshot --tag mine --kernel K --rootfs R --warmup 'echo ready > /run/x' --force")]
     Snapshot(SnapshotArgs),
     /// Snapshot the tiny recipe (busybox + agent) built by recipes/tiny/build.sh
+    #[command(after_help = "Examples:\n  \
+        recipes/tiny/build.sh && forkd build-tiny     # assets, then a warm parent tagged tiny\n  \
+        forkd build-tiny --tag tiny-small --mem-mib 128\n  \
+        forkd build-tiny --force                      # replace an existing tiny")]
     BuildTiny(TinyArgs),
     /// Fork N copy-on-write children from a snapshot
+    #[command(after_help = "Examples:\n  \
+        forkd fork --tag tiny -n 10 --exec 'echo hello from $(hostname)'\n  \
+        forkd fork --tag tiny:1 -n 3 --json                  # NAME:VERSION, as `forkd images` shows\n  \
+        forkd fork --tag python-numpy -n 100 --run 'np.arange(10).sum()'\n  \
+        forkd fork --tag tiny -n 2 --keep && forkd ps        # leave them running\n\n\
+        Each child is named TAG-SESSION-INDEX (its hostname too), the id ps/exec/kill/cp take. \
+        Exit code 3 when any child failed to come up, timed out, or its --exec command exited \
+        non-zero (`ok: false` in --json). Guest output in the table has control characters \
+        escaped; --json has it exactly.")]
     Fork(ForkArgs),
     /// Check this host: QEMU, accelerator, guest kernel, disk space
+    #[command(after_help = "Examples:\n  forkd doctor\n  forkd doctor --json")]
     Doctor {
         #[arg(long)]
         json: bool,
@@ -108,6 +126,18 @@ pub struct ForkArgs {
     json: bool,
     #[command(flatten)]
     vm: VmArgs,
+}
+
+/// The local image `name` (TAG or NAME:VERSION), with a hint on how to get one.
+pub(super) fn find_image(ctx: &Ctx, name: &ImageName) -> anyhow::Result<Snapshot> {
+    ctx.store()?
+        .find(name)
+        .with_context(|| format!("no image {name} in the local store"))
+        .context(Hint(
+            "`forkd images` lists the local images; get one with `forkd pull OWNER/NAME --hub \
+             URL`, or build the tiny one with `forkd build-tiny`"
+                .into(),
+        ))
 }
 
 fn locate_qemu(vm: &VmArgs) -> anyhow::Result<Qemu> {
@@ -205,8 +235,10 @@ fn snapshot(
     force: bool,
 ) -> anyhow::Result<()> {
     let tag = Tag::parse(tag)?;
-    let qemu = locate_qemu(vm)?;
     let store = ctx.store()?;
+    let overwrite = if force { Overwrite::Yes } else { Overwrite::No };
+    forkd_engine::image::check_tag_free(&store, &tag, overwrite)?;
+    let qemu = locate_qemu(vm)?;
     let interrupt = Interrupt::install();
     if !ctx.quiet {
         eprintln!(
@@ -214,7 +246,6 @@ fn snapshot(
             opts.mem_mib, opts.vcpus
         );
     }
-    let overwrite = if force { Overwrite::Yes } else { Overwrite::No };
     let stored =
         forkd_engine::image::snapshot_into_store(&store, &tag, opts, &qemu, overwrite, &interrupt)?;
     if !ctx.quiet {
@@ -230,7 +261,15 @@ fn snapshot(
 }
 
 fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
-    let tag = Tag::parse(&a.tag)?;
+    let name = ImageName::parse(&a.tag)?;
+    if a.n == 0 {
+        bail!("-n must be at least 1");
+    }
+    // NAME:VERSION names the local image whose manifest says so; the daemon takes its tag.
+    let tag_arg = match &name {
+        ImageName::Tag(t) => t.to_string(),
+        ImageName::Versioned { .. } => find_image(ctx, &name)?.tag.to_string(),
+    };
     if a.keep
         && let forkd_server::backend::Backend::Daemon(_) = super::sandbox::backend(ctx)?
     {
@@ -247,7 +286,7 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
         }
         return super::sandbox::fork_kept(
             ctx,
-            &a.tag,
+            &tag_arg,
             a.n,
             a.exec.as_deref(),
             Duration::from_secs(a.exec_timeout),
@@ -255,12 +294,8 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
         );
     }
     let store = ctx.store()?;
-    let snap = store
-        .get(&tag)
-        .with_context(|| format!("no snapshot {tag} in the store"))
-        .context(Hint(format!(
-            "forkd pull OWNER/{tag}, or build it (forkd build-tiny)"
-        )))?;
+    let snap = find_image(ctx, &name)?;
+    let tag = snap.tag.clone();
     let qemu = locate_qemu(&a.vm)?;
     forkd_engine::image::check_consistent(&snap)?;
     let progress = ctx.show_progress().then(|| {
@@ -295,9 +330,6 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
                 as forkd_engine::fork::OnChild
         }),
     };
-    if a.n == 0 {
-        bail!("-n must be at least 1");
-    }
     let result = forkd_engine::fork::fork(&snap.dir, &qemu, &opts);
     if let Some(pb) = &progress {
         pb.finish_and_clear();
@@ -308,12 +340,46 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
     } else {
         print_report(&report);
     }
-    let failed = report.requested - report.alive;
-    if failed > 0 {
-        bail!(
-            "{failed} of {} children failed to come up",
-            report.requested
-        );
+    children_outcome(
+        report.requested,
+        report.requested - report.alive,
+        report
+            .children
+            .iter()
+            .filter(|c| c.up && c.timed_out)
+            .count(),
+        report.children.iter().filter(|c| c.up && !c.ok).count(),
+    )
+}
+
+/// The end of a fork: `Ok` when every child came up and did its work, else an
+/// [`ExitWith`](crate::report::ExitWith) error with exit code 3 that says how many failed how.
+pub(super) fn children_outcome(
+    requested: usize,
+    not_up: usize,
+    timed_out: usize,
+    not_ok_but_up: usize,
+) -> anyhow::Result<()> {
+    let exited = not_ok_but_up.saturating_sub(timed_out);
+    if not_up + not_ok_but_up == 0 {
+        return Ok(());
     }
-    Ok(())
+    let mut parts = Vec::new();
+    if not_up > 0 {
+        parts.push(format!("{not_up} failed"));
+    }
+    if timed_out > 0 {
+        parts.push(format!("{timed_out} timed out"));
+    }
+    if exited > 0 {
+        parts.push(format!("{exited} exited non-zero"));
+    }
+    Err(anyhow::Error::new(crate::report::ExitWith {
+        code: crate::report::exit::CHILDREN_FAILED,
+        message: format!(
+            "{} of {requested} children: {}",
+            not_up + not_ok_but_up,
+            parts.join(", ")
+        ),
+    }))
 }

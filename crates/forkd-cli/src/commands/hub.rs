@@ -1,11 +1,11 @@
 //! Snapshot Hub commands: push, pull, search, key generate, hub serve.
 
 use crate::ctx::Ctx;
-use crate::report::{Hint, human_bytes};
+use crate::report::{Hint, Lines, escape_controls, human_bytes};
 use anyhow::{Context, Result};
 use forkd_hub::sign::SignError;
 use forkd_hub::{HubError, HubOptions, Reference, Transport, TransportError};
-use forkd_store::{Store, Tag};
+use forkd_store::{ImageName, Store, Tag};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -22,8 +22,14 @@ pub struct HubArgs {
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
     /// Upload a local image to a hub as OWNER/NAME[:VERSION], signed
+    #[command(after_help = "Examples:\n  \
+        forkd key generate                                   # once\n  \
+        forkd push tiny acme/tiny                            # to the embedded hub ($FORKD_HOME/hub)\n  \
+        forkd push tiny:1 acme/tiny:1 --hub http://hub.lan:8080 --token-file ~/.hub-token\n  \
+        forkd push python-numpy acme/python-numpy --hub s3://bucket/forkd")]
     Push {
-        /// Local tag to push
+        /// Local image to push: TAG or NAME:VERSION
+        #[arg(value_name = "IMAGE")]
         local_tag: String,
         /// OWNER/NAME[:VERSION] (VERSION defaults to latest)
         reference: String,
@@ -46,6 +52,12 @@ pub enum Cmd {
         json: bool,
     },
     /// Download OWNER/NAME[:VERSION|@sha256:DIGEST] from a hub into the local store
+    #[command(after_help = "Examples:\n  \
+        forkd pull acme/tiny --hub http://hub.lan:8080 --trust acme.pub\n  \
+        forkd pull acme/python-numpy:2 --tag numpy2          # with FORKD_HUB set\n  \
+        forkd pull acme/tiny@sha256:0123...cdef --hub file:///mnt/usb/hub\n\n\
+        Without --hub or FORKD_HUB, pull reads the embedded hub in $FORKD_HOME/hub, which holds \
+        only what was pushed on this machine. Get a hub with `forkd hub serve` (see its help).")]
     Pull {
         reference: String,
         /// Local tag [default: NAME]
@@ -79,6 +91,9 @@ pub enum Cmd {
         json: bool,
     },
     /// Search a hub's catalogue
+    #[command(
+        after_help = "Examples:\n  forkd search\n  forkd search numpy --hub http://hub.lan:8080\n  forkd search --json | jq -r '.[].name'"
+    )]
     Search {
         /// Text to look for in names and descriptions
         text: Option<String>,
@@ -88,16 +103,26 @@ pub enum Cmd {
         json: bool,
     },
     /// Signing keys
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  forkd key generate\n  forkd key generate --out ./keys"
+    )]
     Key(KeyCmd),
     /// Run a hub
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  forkd hub serve --listen 0.0.0.0:8080 --token-file ~/.hub-token"
+    )]
     Hub(HubCmd),
 }
 
 #[derive(clap::Subcommand, Debug)]
 pub enum KeyCmd {
     /// Make a minisign (ed25519) key pair for `forkd push`
+    #[command(after_help = "Examples:\n  \
+        forkd key generate                 # $FORKD_HOME/keys/forkd.key + forkd.pub\n  \
+        forkd key generate --out ./keys\n\n\
+        Give forkd.pub to those who pull: `forkd pull OWNER/NAME --trust forkd.pub`.")]
     Generate {
         /// Directory for forkd.key and forkd.pub [default: $FORKD_HOME/keys]
         #[arg(long, value_name = "DIR")]
@@ -109,8 +134,11 @@ pub enum KeyCmd {
 pub enum HubCmd {
     /// Serve a hub over HTTP: anonymous reads (with Range), writes with a bearer token
     #[command(after_help = "Examples:\n  \
-        forkd hub serve --listen 8080 --token-file ~/.forkd-hub-token      (127.0.0.1:8080)\n  \
-        forkd hub serve --listen 0.0.0.0:8080 --read-only --root /srv/hub  (a public mirror)")]
+        head -c 32 /dev/urandom | base64 > ~/.hub-token && chmod 600 ~/.hub-token\n  \
+        forkd hub serve --listen 0.0.0.0:8080 --token-file ~/.hub-token\n  \
+        forkd push tiny acme/tiny --hub http://HOST:8080 --token-file ~/.hub-token   # publish\n  \
+        forkd pull acme/tiny --hub http://HOST:8080 --trust forkd.pub               # elsewhere\n  \
+        forkd hub serve --listen 0.0.0.0:8080 --read-only --root /srv/hub          # a public mirror")]
     Serve {
         /// Address to listen on: PORT or :PORT (127.0.0.1), HOST:PORT, [IPv6]:PORT;
         /// port 0 picks a free one
@@ -182,9 +210,11 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             json,
         } => {
             let store = ctx.store()?;
-            let tag = Tag::parse(&local_tag)?;
             let reference = Reference::parse(&reference)?;
-            let snapshot = store.get(&tag)?;
+            let snapshot = store
+                .find(&ImageName::parse(&local_tag)?)
+                .context(Hint("`forkd images` lists the local images".into()))?;
+            let tag = snapshot.tag.clone();
             let key = if unsigned {
                 None
             } else {
@@ -209,7 +239,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
                 .block_on(forkd_hub::push::push(
                     transport, &snapshot, &reference, &opts, &progress,
                 ))
-                .map_err(|e| with_hint(e, &shown))
+                .map_err(|e| with_hint(e, &shown, hub.hub.is_none()))
                 .with_context(|| format!("cannot push `{tag}` to {shown}"))?;
             if json {
                 println!(
@@ -267,7 +297,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
                 .block_on(forkd_hub::pull::pull(
                     transport, &store, &reference, &opts, &progress,
                 ))
-                .map_err(|e| with_hint(e, &shown))
+                .map_err(|e| with_hint(e, &shown, hub.hub.is_none()))
                 .with_context(|| format!("cannot pull {reference} from {shown}"))?;
             let secs = started.elapsed().as_secs_f64();
             if json {
@@ -308,10 +338,13 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             let shown = transport.describe();
             let (catalog, skipped) = runtime()?
                 .block_on(forkd_hub::remote::fetch_catalog_checked(transport.as_ref()))
-                .map_err(|e| with_hint(e, &shown))
+                .map_err(|e| with_hint(e, &shown, hub.hub.is_none()))
                 .with_context(|| format!("cannot search {shown}"))?;
             for why in &skipped {
-                eprintln!("warning: {shown}: catalog.json: skipped a malformed {why}");
+                eprintln!(
+                    "warning: {shown}: catalog.json: skipped a malformed {}",
+                    escape_controls(why, Lines::Escape)
+                );
             }
             let found = forkd_hub::remote::search(&catalog, text.as_deref());
             if json {
@@ -320,17 +353,23 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             }
             if found.is_empty() {
                 println!("no images found on {shown}");
+                if hub.hub.is_none() {
+                    eprintln!("hint: {NO_HUB_HINT}");
+                }
             }
+            // Every string here is the hub's: shown with control characters escaped.
+            let cell = |t: &str| escape_controls(t, Lines::Escape).into_owned();
             for img in found {
-                println!("{}  {}", img.name, img.description);
+                println!("{}  {}", cell(&img.name), cell(&img.description));
                 for v in img.versions {
+                    let digest: String = v.digest.chars().take(19).collect();
                     println!(
                         "    :{:<16} {:>10} download  {:>10} on disk  {}  {}",
-                        v.version,
+                        cell(&v.version),
                         human_bytes(v.size),
                         v.disk_size.map(human_bytes).unwrap_or_default(),
-                        &v.digest[..19.min(v.digest.len())],
-                        v.created_at
+                        cell(&digest),
+                        cell(&v.created_at)
                     );
                 }
             }
@@ -420,8 +459,19 @@ fn trusted_keys(store: &Store, given: &[String]) -> Result<Vec<minisign::PublicK
     Ok(keys)
 }
 
-fn with_hint(e: HubError, hub: &str) -> anyhow::Error {
+/// What to say when there is no hub: no --hub, no FORKD_HUB, so the embedded hub in
+/// $FORKD_HOME/hub was used, and it has only what was pushed on this machine.
+const NO_HUB_HINT: &str = "no hub is configured (no --hub, no FORKD_HUB), so this used the \
+    embedded hub in $FORKD_HOME/hub, which holds only what `forkd push` put there on this \
+    machine. Point --hub or FORKD_HUB at a hub: http://HOST:PORT of a `forkd hub serve` (run one \
+    with `forkd hub serve --listen 0.0.0.0:8080 --token-file FILE` and `forkd push` to it), \
+    https://..., s3://BUCKET/PREFIX or file:///DIR. Or make an image here: `forkd build-tiny`";
+
+fn with_hint(e: HubError, hub: &str, default_hub: bool) -> anyhow::Error {
     let hint = match &e {
+        HubError::NotFound { .. } | HubError::NotAHub { .. } if default_hub => {
+            Some(NO_HUB_HINT.to_string())
+        }
         HubError::Signature { .. } => Some(
             "trust the publisher's key with --trust KEY or add it to $FORKD_HOME/trusted-keys; \
              --insecure skips the check (not recommended)"

@@ -13,6 +13,7 @@ use crate::ctx::Ctx;
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     /// Print the forkd version and the store it uses
+    #[command(after_help = "Examples:\n  forkd version\n  forkd --home /srv/forkd version")]
     Version,
     #[command(flatten)]
     Store(store::Cmd),

@@ -17,15 +17,25 @@ use crate::report::Hint;
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
     /// Build a recipe: its root filesystem image, then a warmed parent snapshot in the store
+    #[command(after_help = "Examples:\n  \
+        forkd build recipes/python-numpy                 # rootfs + warmed parent, tag python-numpy\n  \
+        forkd build recipes/nodejs --tag node-test --no-smoke\n  \
+        forkd build recipes/python-numpy --rootfs-only   # just the root filesystem image")]
     Build(BuildArgs),
     /// Recipe tools: check a recipe, show the licences of a built image
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  forkd recipe check recipes/python-numpy\n  forkd recipe licences --tag python-numpy"
+    )]
     Recipe(RecipeCmd),
 }
 
 #[derive(clap::Subcommand, Debug)]
 pub enum RecipeCmd {
     /// Parse and validate a recipe without building anything
+    #[command(
+        after_help = "Examples:\n  forkd recipe check recipes/python-numpy\n  forkd recipe check recipes/nodejs/recipe.toml --json"
+    )]
     Check {
         /// Recipe directory (holding recipe.toml) or the recipe file
         recipe: PathBuf,
@@ -33,6 +43,9 @@ pub enum RecipeCmd {
         json: bool,
     },
     /// Collect the licences of a root filesystem directory (Debian copyright files, wheels, npm)
+    #[command(
+        after_help = "Examples:\n  forkd recipe licences --tag python-numpy\n  forkd recipe licences /path/to/rootfs --markdown\n  forkd recipe licences --tag nodejs --json"
+    )]
     Licences {
         /// A root filesystem directory (e.g. a cached package tree)
         #[arg(required_unless_present = "tag")]

@@ -10,7 +10,7 @@ use forkd_sandbox::{CommandRequest, Manager, ManagerOptions, OutputEvent, Owners
 use forkd_server::backend::{Backend, BackendError};
 
 use crate::ctx::Ctx;
-use crate::report::Hint;
+use crate::report::{EscapingWriter, ExitWith, Hint, Lines, escape_controls, exit};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
@@ -22,7 +22,10 @@ pub enum Cmd {
         curl --unix-socket ~/.local/share/forkd/forkd.sock http://x/v1/health")]
     Serve(ServeArgs),
     /// List kept children (sandboxes)
-    #[command(visible_alias = "ls-sandboxes")]
+    #[command(
+        visible_alias = "ls-sandboxes",
+        after_help = "Examples:\n  forkd ps\n  forkd ps --label team=ml --json"
+    )]
     Ps {
         /// Only those with this label (k=v); repeat for more
         #[arg(long, value_name = "K=V")]
@@ -30,16 +33,28 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Run a command in a kept child: forkd exec ID -- CMD [ARGS...]
+    /// Run a command in a kept child: forkd exec ID -- CMD [ARGS...], or --sh 'SHELL TEXT'
     #[command(after_help = "Examples:\n  \
         forkd exec tiny-3f2a1c-0 -- uname -a\n  \
+        forkd exec tiny-3f2a1c-0 --sh 'echo $HOME; ls /tmp | wc -l'   # like fork --exec\n  \
         forkd exec --env K=v --cwd /tmp ID -- sh -c 'echo $K; pwd'\n  \
         echo data | forkd exec -i ID -- wc -c\n\n\
-        The command's exit code becomes forkd's; its output is streamed as it comes.")]
+        After -- comes a program and its arguments (no shell); --sh runs one shell string with \
+        /bin/sh -c, as `fork --exec` does. The command's exit code becomes forkd's (124 when it \
+        ran over --timeout); its output is streamed as it comes. On a terminal, control \
+        characters in the output are shown escaped (\\x1b...); piped or redirected, the bytes \
+        are passed through untouched. --raw passes them to a terminal too.")]
     Exec {
         id: String,
-        #[arg(last = true, required = true)]
+        /// The program and its arguments, after --
+        #[arg(last = true, required_unless_present = "sh", conflicts_with = "sh")]
         cmd: Vec<String>,
+        /// Run this shell command with /bin/sh -c (the form `fork --exec` takes)
+        #[arg(long, value_name = "SHELL_TEXT")]
+        sh: Option<String>,
+        /// Write the output to a terminal as is, control characters included
+        #[arg(long)]
+        raw: bool,
         /// Kill the command after this many seconds
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
@@ -57,6 +72,7 @@ pub enum Cmd {
         json: bool,
     },
     /// Stop kept children
+    #[command(after_help = "Examples:\n  forkd kill tiny-3f2a1c-0\n  forkd kill --all")]
     Kill {
         #[arg(required_unless_present = "all")]
         id: Option<String>,
@@ -176,9 +192,14 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
                 "ID", "IMAGE", "PID", "STATE"
             );
             for s in list {
+                let cell = |t: &str| escape_controls(t, Lines::Escape).into_owned();
                 println!(
                     "{:<24} {:<16} {:<8} {:<8} {}",
-                    s.id, s.image, s.pid, s.state, s.hostname
+                    cell(&s.id),
+                    cell(&s.image),
+                    s.pid,
+                    s.state,
+                    cell(&s.hostname)
                 );
             }
             Ok(())
@@ -186,6 +207,8 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
         Cmd::Exec {
             id,
             cmd,
+            sh,
+            raw,
             timeout,
             env,
             cwd,
@@ -207,8 +230,14 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
             } else {
                 None
             };
+            let shell_hint = sh.is_none().then(|| looks_like_shell(&cmd)).flatten();
+            let (argv, shell) = match sh {
+                Some(s) => (None, Some(s)),
+                None => (Some(cmd), None),
+            };
             let req = CommandRequest {
-                argv: Some(cmd),
+                argv,
+                cmd: shell,
                 env: parse_kv("--env", &env)?.into_iter().collect(),
                 cwd,
                 stdin_data,
@@ -217,22 +246,28 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
             };
             let b = backend(ctx)?;
             let (mut out, mut err) = (Vec::new(), Vec::new());
+            let mut stdout = guest_output(std::io::stdout(), raw);
+            let mut stderr = guest_output(std::io::stderr(), raw);
             let exit = b
                 .exec(&id, &req, &mut |ev| match ev {
                     OutputEvent::Stdout(d) if json => out.extend_from_slice(d),
                     OutputEvent::Stderr(d) if json => err.extend_from_slice(d),
                     OutputEvent::Stdout(d) => {
-                        let mut o = std::io::stdout().lock();
-                        let _ = o.write_all(d);
-                        let _ = o.flush();
+                        let _ = stdout.write_all(d);
+                        let _ = stdout.flush();
                     }
                     OutputEvent::Stderr(d) => {
-                        let _ = std::io::stderr().write_all(d);
+                        let _ = stderr.write_all(d);
                     }
                     _ => {}
                 })
                 .map_err(with_hint)
+                .map_err(|e| match &shell_hint {
+                    Some(h) => e.context(Hint(h.clone())),
+                    None => e,
+                })
                 .with_context(|| format!("cannot run the command in {id}"))?;
+            drop((stdout, stderr));
             if json {
                 println!(
                     "{}",
@@ -246,10 +281,19 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
             match exit.exit_code {
                 Some(0) => Ok(()),
                 Some(c) => std::process::exit(c),
-                None if exit.timed_out => {
-                    bail!("the command timed out after {timeout} s and was killed (--timeout SECS)")
-                }
-                None => bail!("the command was killed (signal {:?})", exit.signal),
+                None if exit.timed_out => Err(anyhow::Error::new(ExitWith {
+                    code: exit::TIMED_OUT,
+                    message: format!(
+                        "the command timed out after {timeout} s and was killed (--timeout SECS)"
+                    ),
+                })),
+                None => Err(anyhow::Error::new(ExitWith {
+                    code: exit
+                        .signal
+                        .and_then(|s| u8::try_from(128 + s).ok())
+                        .unwrap_or(exit::ERROR),
+                    message: format!("the command was killed (signal {:?})", exit.signal),
+                })),
             }
         }
         Cmd::Kill { id, all } => {
@@ -278,6 +322,35 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
 }
 
 const MAX_STDIN: u64 = 64 << 20;
+
+/// Where a guest's output goes: a terminal sees control characters escaped (unless `raw`);
+/// a pipe or a file gets the bytes as they are.
+fn guest_output<W: Write + std::io::IsTerminal + 'static>(w: W, raw: bool) -> Box<dyn Write> {
+    if !raw && w.is_terminal() {
+        Box::new(EscapingWriter::new(w))
+    } else {
+        Box::new(w)
+    }
+}
+
+/// `forkd exec ID -- 'echo $X'` runs a program called "echo $X". When the one word given looks
+/// like shell text, the hint for a failure says how to run it through a shell.
+fn looks_like_shell(argv: &[String]) -> Option<String> {
+    let [one] = argv else { return None };
+    let shelly = one.contains(char::is_whitespace)
+        || one.contains(['$', ';', '|', '&', '<', '>', '`', '*', '(', '\'']);
+    shelly.then(|| {
+        format!(
+            "{one:?} was taken as the name of one program; run shell text with \
+             `forkd exec ID --sh {q}` (or `-- sh -c {q}`)",
+            q = shell_quote(one)
+        )
+    })
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
 
 /// `forkd fork --keep` while a daemon runs: the daemon forks and owns the children; an
 /// `--exec` command then runs in each through it.
@@ -321,6 +394,10 @@ pub(super) fn fork_kept(
                     });
                     match x {
                         Ok(x) => {
+                            if x.exit_code != Some(0) || x.timed_out {
+                                row["ok"] = false.into();
+                            }
+                            row["timed_out"] = x.timed_out.into();
                             row["exec"] = serde_json::json!({
                                 "exit_code": x.exit_code, "timed_out": x.timed_out,
                                 "stdout": String::from_utf8_lossy(&out),
@@ -333,43 +410,51 @@ pub(super) fn fork_kept(
                         }
                     }
                 }
+                row["up"] = true.into();
             }
             Err(e) => {
                 row["ok"] = false.into();
+                row["up"] = false.into();
                 row["error"] = e.clone().into();
             }
         }
         rows.push(row);
     }
-    let alive = rows.iter().filter(|r| r["ok"] == true).count();
+    let alive = rows.iter().filter(|r| r["up"] == true).count();
+    let succeeded = rows.iter().filter(|r| r["ok"] == true).count();
+    let timed_out = rows.iter().filter(|r| r["timed_out"] == true).count();
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "tag": tag, "requested": n, "alive": alive, "children": rows,
+                "tag": tag, "requested": n, "alive": alive, "succeeded": succeeded, "children": rows,
                 "kept": results.iter().filter_map(|r| r.as_ref().ok().map(|s| s.id.clone())).collect::<Vec<_>>(),
                 "owner": "daemon",
             }))?
         );
     } else {
         for r in &rows {
+            let status = match (r["up"] == true, r["timed_out"] == true, r["ok"] == true) {
+                (false, _, _) => "FAILED",
+                (true, true, _) => "TIMEOUT",
+                (true, false, true) => "ok",
+                (true, false, false) => "EXIT",
+            };
+            let text = r["exec"]["stdout"]
+                .as_str()
+                .or(r["error"].as_str())
+                .unwrap_or("")
+                .trim_end();
             println!(
-                "{:<28} {:<6} {}",
+                "{:<28} {:<7} {}",
                 r["id"].as_str().unwrap_or("-"),
-                if r["ok"] == true { "ok" } else { "FAILED" },
-                r["exec"]["stdout"]
-                    .as_str()
-                    .or(r["error"].as_str())
-                    .unwrap_or("")
-                    .trim_end()
+                status,
+                escape_controls(text, Lines::Escape)
             );
         }
         println!("{alive}/{n} children alive; kept {alive} (owned by the daemon; forkd ps)");
     }
-    if alive < n {
-        bail!("{} of {n} children failed to come up", n - alive);
-    }
-    Ok(())
+    super::engine::children_outcome(n, n - alive, timed_out, alive - succeeded)
 }
 
 /// `ID:/path` → (ID, /path). Local paths never contain `:` before a `/` here.

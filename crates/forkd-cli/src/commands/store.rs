@@ -5,11 +5,11 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use forkd_store::pack::{self, PACK_SUFFIX, PackOptions, UnpackOptions};
-use forkd_store::{ImageInfo, Overwrite, Tag};
+use forkd_store::{ImageInfo, ImageName, Overwrite, Tag};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::ctx::Ctx;
-use crate::report::{Hint, human_bytes};
+use crate::report::{Hint, Lines, escape_controls, human_bytes};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
@@ -26,18 +26,28 @@ pub enum Cmd {
         json: bool,
     },
     /// Remove images from the local store
-    #[command(after_help = "Example:\n  forkd rmi python-numpy old-test")]
+    #[command(
+        after_help = "Examples:\n  forkd rmi python-numpy old-test\n  forkd rmi tiny:1\n  \
+        forkd rmi --force tiny        # even while kept children of it run\n\n\
+        An image that kept children (forkd ps) were forked from is not removed unless --force: \
+        they keep running either way, but nothing could fork it again."
+    )]
     Rmi {
-        /// Tags to remove
-        #[arg(required = true, value_name = "TAG")]
-        tags: Vec<Tag>,
+        /// Images to remove: TAG or NAME:VERSION (as `forkd images` shows them)
+        #[arg(required = true, value_name = "IMAGE")]
+        tags: Vec<ImageName>,
+        /// Remove it even though kept children forked from it are running
+        #[arg(long)]
+        force: bool,
     },
     /// Show an image's manifest (what it is, how it was made, every file with size + sha256)
     #[command(
         after_help = "Examples:\n  forkd inspect python-numpy\n  forkd inspect python-numpy --json"
     )]
     Inspect {
-        tag: Tag,
+        /// TAG or NAME:VERSION
+        #[arg(value_name = "IMAGE")]
+        tag: ImageName,
         /// Print JSON instead of TOML
         #[arg(long)]
         json: bool,
@@ -51,7 +61,9 @@ pub enum Cmd {
         after_help = "Examples:\n  forkd pack python-numpy                 # -> ./python-numpy.forkd-snapshot.tar.zst\n  forkd pack python-numpy -o /mnt/usb/py.forkd-snapshot.tar.zst --level 9\n  forkd pack python-numpy -o - | ssh host forkd unpack -"
     )]
     Pack {
-        tag: Tag,
+        /// TAG or NAME:VERSION
+        #[arg(value_name = "IMAGE")]
+        tag: ImageName,
         /// Output file ("-" for stdout) [default: ./TAG.forkd-snapshot.tar.zst]
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
@@ -85,6 +97,9 @@ pub enum Cmd {
 #[derive(clap::Subcommand, Debug)]
 pub enum ImagesCmd {
     /// List the images in the local store (the default)
+    #[command(
+        after_help = "Examples:\n  forkd images list\n  forkd images list --json | jq -r '.[].tag'"
+    )]
     List {
         /// Print JSON instead of a table
         #[arg(long)]
@@ -98,7 +113,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
             let json = json || matches!(cmd, Some(ImagesCmd::List { json: true }));
             images(ctx, json)
         }
-        Cmd::Rmi { tags } => rmi(ctx, &tags),
+        Cmd::Rmi { tags, force } => rmi(ctx, &tags, force),
         Cmd::Inspect { tag, json } => inspect(ctx, &tag, json),
         Cmd::Pack {
             tag,
@@ -129,7 +144,12 @@ fn images(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
         .map(|i| {
             [
                 i.tag.to_string(),
-                format!("{}:{}", i.manifest.name, i.manifest.version),
+                // From the image's manifest, which may have come from a hub: escaped.
+                escape_controls(
+                    &format!("{}:{}", i.manifest.name, i.manifest.version),
+                    Lines::Escape,
+                )
+                .into_owned(),
                 human_bytes(i.manifest.memory_mib << 20),
                 human_bytes(i.apparent_size),
                 human_bytes(i.disk_size),
@@ -203,10 +223,38 @@ fn image_json(i: &ImageInfo) -> serde_json::Value {
     })
 }
 
-fn rmi(ctx: &Ctx, tags: &[Tag]) -> anyhow::Result<()> {
+fn rmi(ctx: &Ctx, names: &[ImageName], force: bool) -> anyhow::Result<()> {
     let store = ctx.store()?;
     let mut failed = None;
-    for t in tags {
+    for name in names {
+        let t = match store.find(name) {
+            Ok(snap) => snap.tag,
+            Err(e) => {
+                crate::report::print_error(
+                    &anyhow::Error::new(e).context(format!("cannot remove {name}")),
+                );
+                failed = Some(name.to_string());
+                continue;
+            }
+        };
+        let users = forkd_engine::image::running_children(&store, &t);
+        if !users.is_empty() && !force {
+            crate::report::print_error(
+                &anyhow::anyhow!(
+                    "{} kept child(ren) forked from `{t}` are running: {}",
+                    users.len(),
+                    users.join(", ")
+                )
+                .context(format!("cannot remove {t}"))
+                .context(Hint(format!(
+                    "stop them first (forkd kill ID, or forkd kill --all), or remove it anyway \
+                     with `forkd rmi --force {t}`"
+                ))),
+            );
+            failed = Some(t.to_string());
+            continue;
+        }
+        let t = &t;
         match store.remove(t) {
             Ok(()) => {
                 if !ctx.quiet {
@@ -217,7 +265,7 @@ fn rmi(ctx: &Ctx, tags: &[Tag]) -> anyhow::Result<()> {
                 crate::report::print_error(
                     &anyhow::Error::new(e).context(format!("cannot remove {t}")),
                 );
-                failed = Some(t);
+                failed = Some(t.to_string());
             }
         }
     }
@@ -230,10 +278,10 @@ fn rmi(ctx: &Ctx, tags: &[Tag]) -> anyhow::Result<()> {
     }
 }
 
-fn inspect(ctx: &Ctx, tag: &Tag, json: bool) -> anyhow::Result<()> {
+fn inspect(ctx: &Ctx, tag: &ImageName, json: bool) -> anyhow::Result<()> {
     let store = ctx.store()?;
     let snap = store
-        .get(tag)
+        .find(tag)
         .context(Hint("`forkd images` lists the local tags".into()))
         .with_context(|| format!("cannot inspect {tag}"))?;
     if json {
@@ -284,16 +332,17 @@ impl pack::Progress for Bar {
 
 fn pack_cmd(
     ctx: &Ctx,
-    tag: &Tag,
+    name: &ImageName,
     output: Option<PathBuf>,
     level: i32,
     threads: u32,
 ) -> anyhow::Result<()> {
     let store = ctx.store()?;
     let snap = store
-        .get(tag)
+        .find(name)
         .context(Hint("`forkd images` lists the local tags".into()))
-        .with_context(|| format!("cannot pack {tag}"))?;
+        .with_context(|| format!("cannot pack {name}"))?;
+    let tag = &snap.tag;
     let out = output.unwrap_or_else(|| PathBuf::from(format!("{tag}{PACK_SUFFIX}")));
     let opts = PackOptions {
         level,

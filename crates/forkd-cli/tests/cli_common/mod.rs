@@ -1,0 +1,122 @@
+//! Shared helpers for the CLI tests that boot real tiny guests: a store per test binary (or a
+//! private one), the real `forkd` binary, and the tiny parent built once.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub const FORKD: &str = env!("CARGO_BIN_EXE_forkd");
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// This test binary's store.
+pub fn home() -> &'static Path {
+    static H: OnceLock<tempfile::TempDir> = OnceLock::new();
+    H.get_or_init(new_home).path()
+}
+
+/// A fresh, empty store directory under /tmp (short paths: sockets live in it).
+pub fn new_home() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("fkh")
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
+/// The guest assets CI keeps: `$FORKD_ASSETS`, else /var/cache/forkd-ci/assets.
+pub fn ci_assets() -> PathBuf {
+    std::env::var_os("FORKD_ASSETS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/forkd-ci/assets"))
+}
+
+/// `forkd` with `home` as its store, TCG, and the CI assets; no hub from the environment.
+pub fn cmd_in(home: &Path) -> Command {
+    let mut c = Command::new(FORKD);
+    c.env("FORKD_HOME", home)
+        .env("FORKD_ASSETS", ci_assets())
+        .env("FORKD_ACCEL", "tcg")
+        .env_remove("FORKD_HUB")
+        .env_remove("FORKD_HUB_TOKEN");
+    c
+}
+
+pub fn forkd_in(home: &Path, args: &[&str]) -> Output {
+    cmd_in(home).args(args).output().expect("running forkd")
+}
+
+pub fn forkd(args: &[&str]) -> Output {
+    forkd_in(home(), args)
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub fn ok_in(home: &Path, args: &[&str]) -> String {
+    let o = forkd_in(home, args);
+    assert!(o.status.success(), "forkd {args:?} failed:\n{}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn ok(args: &[&str]) -> String {
+    ok_in(home(), args)
+}
+
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// The tiny recipe's assets (built once by recipes/tiny/build.sh into the CI assets).
+pub fn tiny_assets() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new(repo().join("recipes/tiny/build.sh"))
+            .env("FORKD_ASSETS", ci_assets())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "recipes/tiny/build.sh failed (run scripts/setup-engine.sh):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
+/// Snapshot the tiny parent as `tiny` in `home`.
+pub fn build_tiny_in(home: &Path) {
+    let assets = tiny_assets();
+    ok_in(
+        home,
+        &[
+            "-q",
+            "build-tiny",
+            "--assets",
+            assets.to_str().unwrap(),
+            "--mem-mib",
+            "192",
+        ],
+    );
+}
+
+/// The tiny parent in this binary's store, once.
+pub fn tiny() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| build_tiny_in(home()));
+}
+
+/// Kill every kept child of `home` (cleanup at the end of a test).
+pub fn kill_all_in(home: &Path) {
+    let _ = forkd_in(home, &["-q", "kill", "--all"]);
+}
