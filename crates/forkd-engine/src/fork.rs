@@ -6,7 +6,7 @@
 //! fails is reported and the rest go on.
 
 use crate::child::{ChildPlan, ChildReport, ChildState, VmGuard, Work, child_id, run_child};
-use crate::error::{EngineError, IoCtx, Result};
+use crate::error::{EngineError, Result};
 use crate::gate::{StartGate, max_starting};
 use crate::qemu::{AccelChoice, Qemu, resolve_accel};
 use crate::run::KeptChild;

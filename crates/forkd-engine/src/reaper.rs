@@ -13,6 +13,7 @@
 //! so the pid cannot have been reused by another process while it is listed.
 
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
@@ -84,7 +85,13 @@ mod tests {
     fn alive(pid: u32) -> bool {
         // Zombies count as dead: the sleeper is our child and is not reaped here.
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .map(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
             .unwrap_or(false)
     }
 
@@ -99,7 +106,14 @@ mod tests {
             .spawn()
             .unwrap();
         let mut input = w.stdin.take().unwrap();
-        write!(input, "+{}\n+{}\n-{}\n", tied.id(), untied.id(), untied.id()).unwrap();
+        write!(
+            input,
+            "+{}\n+{}\n-{}\n",
+            tied.id(),
+            untied.id(),
+            untied.id()
+        )
+        .unwrap();
         drop(input); // as when forkd dies
         w.wait().unwrap();
         let start = Instant::now();
