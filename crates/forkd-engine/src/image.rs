@@ -186,5 +186,6 @@ pub fn check_consistent(snapshot: &Snapshot) -> Result<VmSpec, ImageError> {
             spec_cpu: spec.cpu,
         });
     }
+    spec.check_against(&snapshot.manifest)?;
     Ok(spec)
 }

@@ -40,6 +40,7 @@ mod fsutil;
 pub mod home;
 pub mod lock;
 pub mod manifest;
+pub mod origin;
 pub mod pack;
 pub mod sparse;
 mod staging;
@@ -47,12 +48,13 @@ mod store;
 pub mod synth;
 mod tag;
 
-pub use fsutil::PathError;
+pub use fsutil::{PathError, open_nofollow};
 pub use home::{Home, default_home};
 pub use lock::FileLock;
 pub use manifest::{EngineInfo, FileEntry, Manifest, ManifestError};
+pub use origin::Origin;
 pub use staging::Staging;
-pub use store::{ImageInfo, Overwrite, Snapshot, Store, StoreError};
+pub use store::{FileCheck, ImageInfo, Overwrite, Snapshot, Store, StoreError};
 pub use tag::{Tag, TagError};
 
 /// The version of forkd this library belongs to (written into new manifests).
