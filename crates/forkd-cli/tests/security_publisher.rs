@@ -87,10 +87,7 @@ fn tag_file_copied_to_another_version_is_refused() {
         tag_file(&root, "acme", "snap", "2"),
     )
     .unwrap();
-    let err = w.pull_refused(
-        &["acme/snap:2", "--trust", &w.key],
-        "signed for version 1",
-    );
+    let err = w.pull_refused(&["acme/snap:2", "--trust", &w.key], "signed for version 1");
     assert!(err.contains("found as version 2"), "{err}");
     // The untouched version still verifies, and the signed subject carries the version.
     ok(&w.pull(&["acme/snap:1", "--trust", &w.key]));
@@ -155,7 +152,10 @@ fn unscoped_trusted_key_warns_with_the_migration_command() {
     std::fs::write(w.c.join("trusted-keys"), format!("{}\n", w.key)).unwrap();
     let out = ok_err(&w.pull(&["acme/snap:1"]));
     assert!(out.contains("trusted for every owner"), "{out}");
-    assert!(out.contains(&format!("forkd key trust acme {}", w.key)), "{out}");
+    assert!(
+        out.contains(&format!("forkd key trust acme {}", w.key)),
+        "{out}"
+    );
     let list = ok(&forkd(&w.c, &["key", "list"]));
     assert!(list.contains("ANY OWNER"), "{list}");
 }
@@ -462,7 +462,10 @@ fn links_planted_in_the_pull_cache_are_not_followed() {
     let _ = std::fs::remove_dir_all(&d1);
     std::os::unix::fs::symlink(&target_dir, &d1).unwrap();
     ok(&w.pull(&["acme/snap:2", "--trust", &w.key]));
-    assert_eq!(std::fs::read(target_dir.join("memory.bin")).unwrap(), b"mine");
+    assert_eq!(
+        std::fs::read(target_dir.join("memory.bin")).unwrap(),
+        b"mine"
+    );
     assert_eq!(std::fs::read_dir(&target_dir).unwrap().count(), 1);
     assert_eq!(tag_hashes(&w.c, "snap"), tag_hashes(&w.p, "snap"));
 }

@@ -376,3 +376,43 @@ impl Launch<'_> {
         a
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(mem_mib: u64, cpu: &str) -> String {
+        serde_json::json!({
+            "format": 1, "layout": LAYOUT, "qemu_version": "7.2.0", "machine": "pc-i440fx-7.2",
+            "cpu": cpu, "mem_mib": mem_mib, "vcpus": 1, "accel": "tcg", "cmdline": "",
+            "kernel": "vmlinuz", "rootfs": "rootfs.ext4", "memory": "memory.bin",
+            "vmstate": "vmstate"
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn untrusted_spec_fields_are_bounded() {
+        assert_eq!(
+            VmSpec::parse(&spec(256, "qemu64"))
+                .unwrap()
+                .mem_bytes()
+                .unwrap(),
+            256 << 20
+        );
+        assert!(
+            VmSpec::parse(&spec(1 << 44, "qemu64"))
+                .unwrap_err()
+                .contains("out of range")
+        );
+        for cpu in ["qemu64,+vmx", "qemu64,pmu=on", "", "-help", "a b"] {
+            assert!(VmSpec::parse(&spec(256, cpu)).is_err(), "{cpu:?}");
+        }
+        // A spec built in code is checked too: no overflow for 2^44 MiB.
+        let mut s = VmSpec::parse(&spec(256, "qemu64")).unwrap();
+        s.mem_mib = 1 << 44;
+        assert!(s.mem_bytes().is_err());
+        s.mem_mib = u64::MAX;
+        assert!(s.mem_bytes().is_err());
+    }
+}

@@ -7,8 +7,8 @@ use crate::cache::Cache;
 use crate::error::{HubError, Result};
 use crate::progress::Progress;
 use crate::reference::Reference;
-use crate::transport::Transport;
 use crate::sign::TrustedKey;
+use crate::transport::Transport;
 use forkd_store::{Origin, Overwrite, Store, Tag};
 use std::sync::Arc;
 
@@ -212,7 +212,11 @@ fn check_owner(store: &Store, tag: &Tag, new: &Origin) -> Result<()> {
 
 /// The snapshot's `engine.json` (untrusted input) must describe the machine its manifest
 /// names; checked in the staging directory, before the image is installed.
-fn check_engine(dir: &std::path::Path, m: &forkd_store::Manifest, reference: &Reference) -> Result<()> {
+fn check_engine(
+    dir: &std::path::Path,
+    m: &forkd_store::Manifest,
+    reference: &Reference,
+) -> Result<()> {
     forkd_engine::spec::check_image_dir(dir, m).map_err(|source| HubError::BadEngine {
         reference: reference.to_string(),
         source,

@@ -5,9 +5,9 @@ use crate::error::{HubError, Result};
 use crate::layout::{self, ImageManifest, TagFile};
 use crate::reference::{Reference, Target, digest_hex};
 use crate::remote::{check_layout, parse_json, transport_err};
+use crate::sign::{Expected, TrustedKey, Verified};
 use crate::transport::{Transport, TransportError};
 use forkd_store::Manifest;
-use crate::sign::{Expected, TrustedKey, Verified};
 
 /// Largest raw chunk a client accepts (bounds memory per request).
 pub const MAX_CHUNK: u64 = 64 << 20;
@@ -87,7 +87,7 @@ pub async fn resolve(
         image: &image_name,
         owner: &reference.owner,
         version: match &reference.target {
-            Target::Version(v) => Some(v),
+            Target::Version(v) => Some(v.as_str()),
             Target::Digest(_) => None,
         },
         digest: &tag.digest,

@@ -225,9 +225,9 @@ pub fn trust(path: &Path, owner: &str, key: &PublicKey) -> Result<bool, SignErro
             msg: format!("{owner:?} is not an owner name ([a-z0-9][a-z0-9._-]*)"),
         });
     }
-    let present = read_trusted_keys(path)?.into_iter().any(|k| {
-        k.key.keynum() == key.keynum() && k.scope == Scope::Owner(owner.to_string())
-    });
+    let present = read_trusted_keys(path)?
+        .into_iter()
+        .any(|k| k.key.keynum() == key.keynum() && k.scope == Scope::Owner(owner.to_string()));
     if present {
         return Ok(false);
     }
@@ -540,7 +540,13 @@ mod tests {
             key: pk.key.clone(),
             scope: Scope::Legacy,
         };
-        let v = verify(Some(&sig), b"manifest", &exp("a/b", Some("1"), d), &[legacy]).unwrap();
+        let v = verify(
+            Some(&sig),
+            b"manifest",
+            &exp("a/b", Some("1"), d),
+            &[legacy],
+        )
+        .unwrap();
         assert_eq!(v.warnings.len(), 1);
     }
 

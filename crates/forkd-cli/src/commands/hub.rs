@@ -343,7 +343,10 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             }
             .key_id();
             if added {
-                println!("trusting key {id} for images of {owner} ({})", path.display());
+                println!(
+                    "trusting key {id} for images of {owner} ({})",
+                    path.display()
+                );
             } else {
                 println!("key {id} was already trusted for images of {owner}");
             }
