@@ -41,9 +41,10 @@ impl World {
         ok(&forkd(&self.p, &["push", tag, reference]));
     }
     fn pull(&self, args: &[&str]) -> std::process::Output {
+        let hub = self.hub();
         let mut a = vec!["pull"];
         a.extend_from_slice(args);
-        a.extend_from_slice(&["--hub", &self.hub()]);
+        a.extend_from_slice(&["--hub", &hub]);
         forkd(&self.c, &a)
     }
     /// The pull fails saying `gist`, and the consumer's store is as it was.
