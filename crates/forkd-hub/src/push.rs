@@ -44,6 +44,9 @@ struct Job {
 /// zeros (a hole in the hub), its compressed blob.
 type Encoded = (Bytes, Option<(String, Bytes)>);
 
+/// A chunk pushed: its file's name and, unless it is a hole, the chunk and the bytes uploaded.
+type Uploaded = (String, Option<(Chunk, u64)>);
+
 /// Read + compress one chunk.
 fn encode(job: &Job, level: i32) -> Result<Encoded> {
     let mut buf = vec![0u8; job.len as usize];
@@ -120,7 +123,7 @@ pub async fn push(
     let (tx, rx) = tokio::sync::mpsc::channel::<(usize, u64, Bytes)>(opts.jobs.max(1) * 2);
     let hasher = std::thread::spawn(move || crate::hasher::run(sizes, rx));
     let level = opts.zstd_level;
-    let results: Result<Vec<(String, Option<(Chunk, u64)>)>> = futures::stream::iter(jobs)
+    let results: Result<Vec<Uploaded>> = futures::stream::iter(jobs)
         .map(|job| {
             let hub = hub.clone();
             async move {

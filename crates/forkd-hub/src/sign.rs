@@ -137,7 +137,7 @@ pub struct TrustedKey {
 impl TrustedKey {
     /// The key id as minisign prints it (16 upper-case hex digits).
     pub fn key_id(&self) -> String {
-        key_id(&self.key.keynum())
+        key_id(self.key.keynum())
     }
 
     fn allows(&self, owner: &str) -> bool {
@@ -393,7 +393,7 @@ pub fn verify(
 ) -> Result<Verified, SignError> {
     let text = signature.ok_or(SignError::Unsigned)?;
     let sig = SignatureBox::from_string(text).map_err(|e| SignError::Invalid(e.to_string()))?;
-    let key_id = key_id(&sig.keynum());
+    let key_id = key_id(sig.keynum());
     let same_key: Vec<&TrustedKey> = trusted
         .iter()
         .filter(|k| k.key.keynum() == sig.keynum())
