@@ -69,11 +69,12 @@ pub fn preflight(dir: &Path, qemu: &Qemu) -> Result<VmSpec> {
     }
     let mem = dir.join(&spec.memory);
     let actual = std::fs::metadata(&mem).map(|m| m.len()).unwrap_or(0);
-    if actual != spec.mem_bytes() {
+    let expected = spec.mem_bytes()?;
+    if actual != expected {
         return Err(EngineError::MemorySize {
             path: mem,
             actual,
-            expected: spec.mem_bytes(),
+            expected,
             mib: spec.mem_mib,
         });
     }

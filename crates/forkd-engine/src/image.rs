@@ -187,6 +187,7 @@ pub fn check_consistent(snapshot: &Snapshot) -> Result<VmSpec, ImageError> {
             spec_cpu: spec.cpu,
         });
     }
+    spec.check_against(&snapshot.manifest)?;
     Ok(spec)
 }
 

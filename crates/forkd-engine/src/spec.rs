@@ -20,6 +20,42 @@ pub const ROOTFS_FILE: &str = "rootfs.ext4";
 pub const MEMORY_FILE: &str = "memory.bin";
 pub const VMSTATE_FILE: &str = "vmstate";
 
+/// Largest guest RAM a snapshot may declare: the store's ceiling for one file (1 TiB).
+pub const MAX_MEM_MIB: u64 = forkd_store::manifest::MAX_TOTAL_SIZE >> 20;
+/// Largest engine.json read (it is a few hundred bytes).
+pub const MAX_SPEC_BYTES: u64 = 64 << 10;
+
+/// A machine type or CPU model as QEMU lists them: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`. Nothing
+/// else may reach `-machine`/`-cpu` (a `,` would add properties such as `,+vmx` or
+/// `,memory-backend=`).
+pub fn is_plain_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+}
+
+/// [`check_image_dir`] in the shape of the store's unpack check (`UnpackOptions::check`).
+pub fn check_staged(dir: &Path, manifest: &forkd_store::Manifest) -> Result<(), String> {
+    check_image_dir(dir, manifest)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Check the `engine.json` of an image directory against the image's manifest, when the
+/// manifest lists one (images made by other tools may not have it): what the store installs
+/// is what a later `fork` will believe.
+pub fn check_image_dir(dir: &Path, manifest: &forkd_store::Manifest) -> Result<Option<VmSpec>> {
+    if !manifest.files.contains_key(SPEC_FILE) {
+        return Ok(None);
+    }
+    let spec = VmSpec::load(dir)?;
+    spec.check_against(manifest)?;
+    Ok(Some(spec))
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmSpec {
     pub format: u32,
@@ -46,51 +82,123 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
-    pub fn mem_bytes(&self) -> u64 {
-        self.mem_mib * 1024 * 1024
+    /// Guest RAM in bytes; an error when `mem_mib` is out of range (checked arithmetic).
+    pub fn mem_bytes(&self) -> Result<u64> {
+        if self.mem_mib == 0 || self.mem_mib > MAX_MEM_MIB {
+            return Err(EngineError::Corrupt(format!(
+                "engine.json: mem_mib = {} is out of range (1 to {MAX_MEM_MIB})",
+                self.mem_mib
+            )));
+        }
+        self.mem_mib
+            .checked_mul(1 << 20)
+            .ok_or_else(|| EngineError::Corrupt("engine.json: mem_mib overflows".into()))
     }
 
     /// Read and check `DIR/engine.json`.
     pub fn load(dir: &Path) -> Result<VmSpec> {
+        use std::io::Read;
         let p = dir.join(SPEC_FILE);
-        if !p.exists() {
-            return Err(EngineError::MissingFile(p));
-        }
-        let text = std::fs::read_to_string(&p).at("cannot read", &p)?;
-        let spec: VmSpec = serde_json::from_str(&text)
-            .map_err(|e| EngineError::Corrupt(format!("{}: {e}", p.display())))?;
-        if spec.format != SPEC_FORMAT {
+        let file = match forkd_store::open_nofollow(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(EngineError::MissingFile(p));
+            }
+            Err(e) => return Err(e).at("cannot open", &p),
+        };
+        let mut text = String::new();
+        file.take(MAX_SPEC_BYTES + 1)
+            .read_to_string(&mut text)
+            .at("cannot read", &p)?;
+        if text.len() as u64 > MAX_SPEC_BYTES {
             return Err(EngineError::Corrupt(format!(
-                "{}: engine format {} is not supported (this forkd reads {SPEC_FORMAT})",
-                p.display(),
-                spec.format
-            )));
-        }
-        if spec.layout != LAYOUT {
-            return Err(EngineError::Corrupt(format!(
-                "{}: device layout {:?} is unknown (this forkd knows {LAYOUT:?})",
-                p.display(),
-                spec.layout
-            )));
-        }
-        if spec.mem_mib == 0 || spec.vcpus == 0 || spec.vcpus > 64 {
-            return Err(EngineError::Corrupt(format!(
-                "{}: bad mem_mib/vcpus",
+                "{}: larger than {MAX_SPEC_BYTES} bytes",
                 p.display()
             )));
+        }
+        Self::parse(&text).map_err(|e| EngineError::Corrupt(format!("{}: {e}", p.display())))
+    }
+
+    /// Parse and check untrusted `engine.json` text; the error says which field is wrong.
+    pub fn parse(text: &str) -> Result<VmSpec, String> {
+        let spec: VmSpec = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if spec.format != SPEC_FORMAT {
+            return Err(format!(
+                "engine format {} is not supported (this forkd reads {SPEC_FORMAT})",
+                spec.format
+            ));
+        }
+        if spec.layout != LAYOUT {
+            return Err(format!(
+                "device layout {:?} is unknown (this forkd knows {LAYOUT:?})",
+                spec.layout
+            ));
+        }
+        if spec.mem_mib == 0 || spec.mem_mib > MAX_MEM_MIB {
+            return Err(format!(
+                "mem_mib = {} is out of range (1 to {MAX_MEM_MIB})",
+                spec.mem_mib
+            ));
+        }
+        if spec.vcpus == 0 || spec.vcpus > 64 {
+            return Err(format!("vcpus = {} is out of range (1 to 64)", spec.vcpus));
+        }
+        for (field, v) in [("machine", &spec.machine), ("cpu", &spec.cpu)] {
+            if !is_plain_name(v) {
+                return Err(format!(
+                    "{field} {v:?} is not a plain QEMU model name ([A-Za-z0-9][A-Za-z0-9._-]*, no ',property=')"
+                ));
+            }
+        }
+        if !is_plain_name(&spec.qemu_version) || !matches!(spec.accel.as_str(), "kvm" | "tcg") {
+            return Err(format!(
+                "qemu_version {:?} or accel {:?} is not valid",
+                spec.qemu_version, spec.accel
+            ));
         }
         for f in [&spec.kernel, &spec.rootfs, &spec.memory, &spec.vmstate]
             .into_iter()
             .chain(spec.initrd.as_ref())
         {
-            if f.is_empty() || f.contains('/') || f.starts_with('.') {
-                return Err(EngineError::Corrupt(format!(
-                    "{}: bad file name {f:?}",
-                    p.display()
-                )));
+            if !forkd_store::manifest::valid_file_name(f) || f == SPEC_FILE {
+                return Err(format!("bad file name {f:?}"));
             }
         }
         Ok(spec)
+    }
+
+    /// The spec must describe the machine the manifest names: the same RAM, machine type and
+    /// CPU model, and every file it names listed, the memory file exactly `mem_mib` MiB.
+    pub fn check_against(&self, m: &forkd_store::Manifest) -> Result<()> {
+        let bad = |msg: String| Err(EngineError::Corrupt(format!("engine.json: {msg}")));
+        if self.mem_mib != m.memory_mib {
+            return bad(format!(
+                "mem_mib = {} but the manifest says memory_mib = {}",
+                self.mem_mib, m.memory_mib
+            ));
+        }
+        if self.machine != m.engine.machine_type || self.cpu != m.engine.cpu_model {
+            return bad(format!(
+                "machine {} / cpu {} but the manifest says {} / {}",
+                self.machine, self.cpu, m.engine.machine_type, m.engine.cpu_model
+            ));
+        }
+        for f in [&self.kernel, &self.rootfs, &self.memory, &self.vmstate]
+            .into_iter()
+            .chain(self.initrd.as_ref())
+        {
+            if !m.files.contains_key(f) {
+                return bad(format!("it names {f}, which the manifest does not list"));
+            }
+        }
+        let mem = m.files[&self.memory].size;
+        if mem != self.mem_bytes()? {
+            return bad(format!(
+                "{} is {mem} bytes but the machine has {} MiB of RAM",
+                self.memory, self.mem_mib
+            ));
+        }
+        Ok(())
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -278,5 +386,45 @@ impl Launch<'_> {
             }
         }
         a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(mem_mib: u64, cpu: &str) -> String {
+        serde_json::json!({
+            "format": 1, "layout": LAYOUT, "qemu_version": "7.2.0", "machine": "pc-i440fx-7.2",
+            "cpu": cpu, "mem_mib": mem_mib, "vcpus": 1, "accel": "tcg", "cmdline": "",
+            "kernel": "vmlinuz", "rootfs": "rootfs.ext4", "memory": "memory.bin",
+            "vmstate": "vmstate"
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn untrusted_spec_fields_are_bounded() {
+        assert_eq!(
+            VmSpec::parse(&spec(256, "qemu64"))
+                .unwrap()
+                .mem_bytes()
+                .unwrap(),
+            256 << 20
+        );
+        assert!(
+            VmSpec::parse(&spec(1 << 44, "qemu64"))
+                .unwrap_err()
+                .contains("out of range")
+        );
+        for cpu in ["qemu64,+vmx", "qemu64,pmu=on", "", "-help", "a b"] {
+            assert!(VmSpec::parse(&spec(256, cpu)).is_err(), "{cpu:?}");
+        }
+        // A spec built in code is checked too: no overflow for 2^44 MiB.
+        let mut s = VmSpec::parse(&spec(256, "qemu64")).unwrap();
+        s.mem_mib = 1 << 44;
+        assert!(s.mem_bytes().is_err());
+        s.mem_mib = u64::MAX;
+        assert!(s.mem_bytes().is_err());
     }
 }

@@ -2,11 +2,12 @@
 //! records every chunk that was verified and written, so a pull interrupted by a network cut,
 //! Ctrl-C or kill -9 resumes with only the missing chunks, and each byte is written to disk
 //! once. N chunks are in flight; each is verified against its digest, decompressed (at most its
-//! `len`), checked for length and written at its offset (zero pages skipped). That verifies every
-//! byte of a fresh pull. A resumed pull also runs a hasher thread that hashes every file in
-//! offset order as chunks complete (resumed chunks are read back from the file), so its
-//! whole-file sha256 check needs no second pass.
+//! `len`), checked for length and written at its offset (zero pages skipped). A hasher thread
+//! hashes every file in offset order as chunks complete (holes as zeros; a resumed pull's
+//! chunks are read back from the file), so the whole-file sha256 of every pull, fresh or
+//! resumed, is checked against the manifest without a second pass.
 
+use crate::cache::Partial;
 use crate::error::{HubError, Result};
 use crate::layout::{self, Chunk, ImageManifest};
 use crate::progress::Progress;
@@ -17,7 +18,6 @@ use futures::{StreamExt, TryStreamExt};
 use std::collections::HashSet;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -35,15 +35,19 @@ pub struct Fetched {
 const JOURNAL: &str = ".journal";
 
 /// Chunk indices recorded as done. A torn last line (kill -9 mid-append) is ignored.
-fn read_journal(path: &Path, image: &ImageManifest) -> HashSet<usize> {
+fn read_journal(journal: &std::fs::File, image: &ImageManifest) -> HashSet<usize> {
+    use std::io::Read;
     let digests: Vec<&str> = image
         .files
         .iter()
         .flat_map(|f| f.chunks.iter().map(|c| c.digest.as_str()))
         .collect();
-    let Ok(text) = std::fs::read_to_string(path) else {
+    // One line per chunk: "INDEX sha256:HEX\n".
+    let cap = (digests.len() as u64 + 1) * 96;
+    let mut text = String::new();
+    if journal.take(cap).read_to_string(&mut text).is_err() {
         return HashSet::new();
-    };
+    }
     text.lines()
         .filter_map(|l| {
             let (i, d) = l.split_once(' ')?;
@@ -56,38 +60,20 @@ fn read_journal(path: &Path, image: &ImageManifest) -> HashSet<usize> {
 pub async fn fetch(
     hub: Arc<dyn Transport>,
     image: &ImageManifest,
-    dir: &Path,
+    dir: &Partial,
     opts: &Limits,
     progress: &dyn Progress,
 ) -> Result<Fetched> {
-    fs_err::create_dir_all(dir).map_err(HubError::io("cannot create the download directory"))?;
-    let journal_path = dir.join(JOURNAL);
-    let done = read_journal(&journal_path, image);
-    let journal = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&journal_path)
-        .map_err(HubError::io(format!(
-            "cannot open {}",
-            journal_path.display()
-        )))?;
+    let journal = dir.open_file(JOURNAL, true)?;
+    let done = read_journal(&journal, image);
     let journal = Arc::new(Mutex::new(journal));
-    // A fresh pull (nothing from an earlier attempt) creates every file here, so whatever no
-    // chunk covers is zeros by construction; a resumed one may find anything in them.
-    let mut fresh = done.is_empty();
     let mut files = Vec::new();
     for f in &image.files {
-        let path = dir.join(&f.name);
-        fresh &= !path.try_exists().unwrap_or(true);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(HubError::io(format!("cannot create {}", path.display())))?;
-        file.set_len(f.size)
-            .map_err(HubError::io(format!("cannot size {}", path.display())))?;
+        let file = dir.open_file(&f.name, false)?;
+        file.set_len(f.size).map_err(HubError::io(format!(
+            "cannot size {}",
+            dir.path().join(&f.name).display()
+        )))?;
         files.push(Arc::new(file));
     }
 
@@ -122,27 +108,13 @@ pub async fn fetch(
     }
 
     // Every downloaded blob is checked against its digest in the (verified) image manifest,
-    // and zstd decodes it into exactly `len` bytes, so on a fresh pull each byte of each file
-    // is already verified: present bytes by their chunk, holes by construction. Only a resumed
-    // pull, whose files predate this process, recomputes the whole-file sha256 (in offset
-    // order, on its own thread, holes hashed as zeros).
-    let hasher = (!fresh).then(|| {
-        let sizes: Vec<u64> = image.files.iter().map(|f| f.size).collect();
-        let (tx, rx) = tokio::sync::mpsc::channel::<(usize, u64, Bytes)>(opts.jobs.max(1) * 2);
-        (
-            tx,
-            std::thread::spawn(move || crate::hasher::run(sizes, rx)),
-        )
-    });
-    let (tx, hasher) = match hasher {
-        Some((tx, h)) => (Some(tx), Some(h)),
-        None => (None, None),
-    };
-    tracing::debug!(
-        fresh,
-        "whole-file hash {}",
-        if fresh { "skipped" } else { "on" }
-    );
+    // and zstd decodes it into exactly `len` bytes. The whole-file sha256 is computed as well
+    // (in offset order, on its own thread, holes hashed as zeros): it checks that the chunks
+    // add up to the files manifest.toml describes (a publisher could list chunks of other
+    // content), and a resumed pull's bytes that predate this process.
+    let sizes: Vec<u64> = image.files.iter().map(|f| f.size).collect();
+    let (tx, rx) = tokio::sync::mpsc::channel::<(usize, u64, Bytes)>(opts.jobs.max(1) * 2);
+    let hasher = std::thread::spawn(move || crate::hasher::run(sizes, rx));
 
     progress.start("pulling", total);
     let downloaded = AtomicU64::new(0);
@@ -153,7 +125,6 @@ pub async fn fetch(
             let file = files[w.file_idx].clone();
             let journal = journal.clone();
             let downloaded = &downloaded;
-            let keep_raw = tx.is_some();
             async move {
                 let c = w.chunk;
                 if done.contains(&w.idx) {
@@ -206,11 +177,7 @@ pub async fn fetch(
                     let mut j = journal.lock().expect("journal lock");
                     writeln!(j, "{} {digest}", w.idx)
                         .map_err(HubError::io("cannot write the download journal"))?;
-                    Ok(if keep_raw {
-                        Bytes::from(raw)
-                    } else {
-                        Bytes::new()
-                    })
+                    Ok(Bytes::from(raw))
                 })
                 .await
                 .map_err(|e| HubError::Invalid(e.to_string()))??;
@@ -221,24 +188,16 @@ pub async fn fetch(
         .try_for_each(|item| {
             let tx = tx.clone();
             async move {
-                match tx {
-                    Some(tx) => tx
-                        .send(item)
-                        .await
-                        .map_err(|_| HubError::Invalid("hasher stopped".into())),
-                    None => Ok(()),
-                }
+                tx.send(item)
+                    .await
+                    .map_err(|_| HubError::Invalid("hasher stopped".into()))
             }
         })
         .await;
     drop(tx);
-    let hashes = match hasher {
-        Some(h) => Some(
-            h.join()
-                .map_err(|_| HubError::Invalid("hasher thread panicked".into()))?,
-        ),
-        None => None,
-    };
+    let hashes = hasher
+        .join()
+        .map_err(|_| HubError::Invalid("hasher thread panicked".into()))?;
     progress.finish();
     if let Err(e) = result {
         // Out of space: free what this pull took instead of keeping it for a resume.
@@ -246,15 +205,15 @@ pub async fn fetch(
             && source.raw_os_error() == Some(28)
         {
             drop(files);
-            let _ = std::fs::remove_dir_all(dir);
+            let _ = std::fs::remove_dir_all(dir.path());
         }
         return Err(e);
     }
 
-    for (f, actual) in image.files.iter().zip(hashes.into_iter().flatten()) {
+    for (f, actual) in image.files.iter().zip(hashes) {
         if actual != f.sha256 {
             // Start over next time: what is here cannot be trusted.
-            let _ = std::fs::remove_dir_all(dir);
+            let _ = std::fs::remove_dir_all(dir.path());
             return Err(HubError::Corrupt {
                 what: format!("{} after download", f.name),
                 expected: format!("sha256 {}", f.sha256),

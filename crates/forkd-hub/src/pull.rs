@@ -7,9 +7,9 @@ use crate::cache::Cache;
 use crate::error::{HubError, Result};
 use crate::progress::Progress;
 use crate::reference::Reference;
+use crate::sign::TrustedKey;
 use crate::transport::Transport;
-use forkd_store::{Overwrite, Store, Tag};
-use minisign::PublicKey;
+use forkd_store::{Origin, Overwrite, Store, Tag};
 use std::sync::Arc;
 
 /// How long a pull may take in all unless told otherwise: long enough for tens of GiB on a slow
@@ -19,8 +19,10 @@ pub const DEFAULT_DEADLINE: std::time::Duration = std::time::Duration::from_secs
 pub struct PullOptions {
     pub tag: Tag,
     pub jobs: usize,
-    pub trusted: Vec<PublicKey>,
+    pub trusted: Vec<TrustedKey>,
     pub insecure: bool,
+    /// Replace a local tag that came from another owner, or was made on this host.
+    pub force: bool,
     pub skip_compat_check: bool,
     /// Attempts per blob for transient errors (connection drops, 5xx).
     pub attempts: u32,
@@ -71,6 +73,38 @@ async fn pull_unbounded(
             "warning: accepting {reference} without a valid signature (--insecure): {why}"
         ));
     }
+    for w in r.verified.iter().flat_map(|v| &v.warnings) {
+        progress.message(&format!("warning: {w}"));
+    }
+    let origin = Origin {
+        hub: hub.describe(),
+        reference: reference.to_string(),
+        owner: reference.owner.clone(),
+        name: reference.name.clone(),
+        version: r
+            .verified
+            .as_ref()
+            .and_then(|v| v.subject.version.clone())
+            .or(match &reference.target {
+                crate::reference::Target::Version(v) => Some(v.clone()),
+                crate::reference::Target::Digest(_) => None,
+            }),
+        digest: r.digest.clone(),
+        verified: r.verified.is_some(),
+        key_id: r.verified.as_ref().map(|v| v.key_id.clone()),
+        signed_at: r.verified.as_ref().and_then(|v| v.subject.time.clone()),
+        pulled_at: jiff::Timestamp::now(),
+    };
+    let overwrite = if opts.force {
+        Overwrite::Yes
+    } else {
+        Overwrite::No
+    };
+    // Refuse early (before any download) to replace another owner's tag; the store checks
+    // again under its lock when it installs.
+    if !opts.force {
+        check_owner(store, &opts.tag, &origin)?;
+    }
     if !opts.skip_compat_check {
         crate::compat::check(&r.manifest).map_err(|reason| HubError::Incompatible {
             reference: reference.to_string(),
@@ -86,8 +120,10 @@ async fn pull_unbounded(
         apparent_size: r.image.apparent_size(),
         unverified: r.unverified.clone(),
     };
-    let up_to_date =
-        |store: &Store| matches!(store.get(&opts.tag), Ok(s) if s.manifest == r.manifest);
+    let up_to_date = |store: &Store| {
+        matches!(store.get(&opts.tag), Ok(s) if s.manifest == r.manifest)
+            && matches!(store.origin(&opts.tag), Ok(Some(o)) if o.owner == origin.owner && o.digest == origin.digest)
+    };
     if up_to_date(store) {
         outcome.up_to_date = true;
         return Ok(outcome);
@@ -143,13 +179,16 @@ async fn pull_unbounded(
                 });
             }
         }
+        check_engine(staging.dir(), &r.manifest, reference)?;
         let tag = opts.tag.clone();
-        tokio::task::block_in_place(|| staging.commit(&tag, &r.manifest, Overwrite::Yes))?;
+        tokio::task::block_in_place(|| {
+            staging.commit_pulled(&tag, &r.manifest, &origin, overwrite)
+        })?;
         outcome.cached_bytes = r.image.stored_size();
         return Ok(outcome);
     }
 
-    let partial = cache.partial_dir(&r.digest);
+    let partial = cache.partial(&r.digest)?;
     let limits = crate::fetch::Limits {
         jobs: opts.jobs,
         attempts: opts.attempts,
@@ -159,19 +198,52 @@ async fn pull_unbounded(
     outcome.cached_bytes = fetched.resumed;
     tracing::debug!("fetched and verified in {:?}", t0.elapsed());
 
+    if let Err(e) = check_engine(partial.path(), &r.manifest, reference) {
+        partial.remove();
+        return Err(e);
+    }
     // Move the verified files into a staging directory (same filesystem) and install.
     let staging = store.stage()?;
     for f in &r.image.files {
-        let (from, to) = (partial.join(&f.name), staging.dir().join(&f.name));
-        std::fs::rename(&from, &to).map_err(HubError::io(format!(
-            "cannot move {} into the store",
-            from.display()
-        )))?;
+        partial.move_out(&f.name, &staging.dir().join(&f.name))?;
     }
     let tag = opts.tag.clone();
-    tokio::task::block_in_place(|| staging.commit(&tag, &r.manifest, Overwrite::Yes))?;
-    let _ = std::fs::remove_dir_all(&partial);
+    tokio::task::block_in_place(|| staging.commit_pulled(&tag, &r.manifest, &origin, overwrite))?;
+    partial.remove();
     tracing::debug!("installed in {:?}", t0.elapsed());
     drop(lock);
     Ok(outcome)
+}
+
+/// A pull may replace a local tag only when that tag was pulled from the same owner.
+fn check_owner(store: &Store, tag: &Tag, new: &Origin) -> Result<()> {
+    if store.get(tag).is_err() {
+        return Ok(());
+    }
+    let existing = match store.origin(tag) {
+        Ok(Some(o)) if o.owner == new.owner => return Ok(()),
+        Ok(Some(o)) => o.describe(),
+        Ok(None) => "this host (it was not pulled)".to_string(),
+        Err(e) => format!("an unknown place ({e})"),
+    };
+    Err(forkd_store::StoreError::OtherOwner {
+        tag: tag.clone(),
+        existing,
+        owner: new.owner.clone(),
+    }
+    .into())
+}
+
+/// The snapshot's `engine.json` (untrusted input) must describe the machine its manifest
+/// names; checked in the staging directory, before the image is installed.
+fn check_engine(
+    dir: &std::path::Path,
+    m: &forkd_store::Manifest,
+    reference: &Reference,
+) -> Result<()> {
+    forkd_engine::spec::check_image_dir(dir, m).map_err(|source| HubError::BadEngine {
+        reference: reference.to_string(),
+        source,
+    })?;
+    Ok(())
 }

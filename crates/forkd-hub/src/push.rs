@@ -33,13 +33,22 @@ pub struct PushOutcome {
 
 struct Job {
     file: Arc<std::fs::File>,
+    /// Index of the file in the manifest's order (for the whole-file hash).
+    file_idx: usize,
     name: String,
     offset: u64,
     len: u64,
 }
 
-/// Read + compress one chunk; `None` for an all-zero chunk (a hole in the hub).
-fn encode(job: &Job, level: i32) -> Result<Option<(String, Bytes)>> {
+/// What one chunk became: its raw bytes (for the whole-file hash) and, unless it is all
+/// zeros (a hole in the hub), its compressed blob.
+type Encoded = (Bytes, Option<(String, Bytes)>);
+
+/// A chunk pushed: its file's name and, unless it is a hole, the chunk and the bytes uploaded.
+type Uploaded = (String, Option<(Chunk, u64)>);
+
+/// Read + compress one chunk.
+fn encode(job: &Job, level: i32) -> Result<Encoded> {
     let mut buf = vec![0u8; job.len as usize];
     job.file
         .read_exact_at(&mut buf, job.offset)
@@ -48,11 +57,14 @@ fn encode(job: &Job, level: i32) -> Result<Option<(String, Bytes)>> {
             job.name, job.offset
         )))?;
     if forkd_store::sparse::is_zero(&buf) {
-        return Ok(None);
+        return Ok((Bytes::new(), None));
     }
     let stored = zstd::bulk::compress(&buf, level)
         .map_err(HubError::io(format!("cannot compress {}", job.name)))?;
-    Ok(Some((layout::sha256_digest(&stored), Bytes::from(stored))))
+    Ok((
+        Bytes::from(buf),
+        Some((layout::sha256_digest(&stored), Bytes::from(stored))),
+    ))
 }
 
 pub async fn push(
@@ -74,17 +86,28 @@ pub async fn push(
         fs_err::read_to_string(&mpath).map_err(HubError::io("cannot read the local manifest"))?;
 
     let mut jobs = Vec::new();
-    for (name, entry) in &snapshot.manifest.files {
+    for (file_idx, (name, entry)) in snapshot.manifest.files.iter().enumerate() {
         let path = snapshot.path(name);
-        let file = Arc::new(
-            std::fs::File::open(&path)
-                .map_err(HubError::io(format!("cannot open {}", path.display())))?,
-        );
+        let file = forkd_store::open_nofollow(&path)
+            .map_err(HubError::io(format!("cannot open {}", path.display())))?;
+        let size = file
+            .metadata()
+            .map_err(HubError::io(format!("cannot open {}", path.display())))?
+            .len();
+        if size != entry.size {
+            return Err(HubError::Corrupt {
+                what: format!("{} of the local image `{}`", name, snapshot.tag),
+                expected: format!("{} bytes (its manifest)", entry.size),
+                actual: format!("{size} bytes"),
+            });
+        }
+        let file = Arc::new(file);
         let mut offset = 0;
         while offset < entry.size {
             let len = CHUNK_SIZE.min(entry.size - offset);
             jobs.push(Job {
                 file: file.clone(),
+                file_idx,
                 name: name.clone(),
                 offset,
                 len,
@@ -93,19 +116,26 @@ pub async fn push(
         }
     }
     progress.start("pushing", snapshot.manifest.total_size());
+    // Each file's sha256 is computed from the very bytes that are compressed and uploaded (in
+    // offset order, on a thread of its own, holes as zeros), and checked against the manifest
+    // before the manifest and the tag are written: a corrupt image never becomes visible.
+    let sizes: Vec<u64> = snapshot.manifest.files.values().map(|f| f.size).collect();
+    let (tx, rx) = tokio::sync::mpsc::channel::<(usize, u64, Bytes)>(opts.jobs.max(1) * 2);
+    let hasher = std::thread::spawn(move || crate::hasher::run(sizes, rx));
     let level = opts.zstd_level;
-    let results: Vec<(String, Option<(Chunk, u64)>)> = futures::stream::iter(jobs)
+    let results: Result<Vec<Uploaded>> = futures::stream::iter(jobs)
         .map(|job| {
             let hub = hub.clone();
             async move {
                 let name = job.name.clone();
-                let (offset, len) = (job.offset, job.len);
-                let enc = tokio::task::spawn_blocking(move || encode(&job, level))
+                let (file_idx, offset, len) = (job.file_idx, job.offset, job.len);
+                let (raw, enc) = tokio::task::spawn_blocking(move || encode(&job, level))
                     .await
                     .map_err(|e| HubError::Invalid(format!("compression task failed: {e}")))??;
                 progress.advance(len);
+                let raw = (file_idx, offset, raw);
                 let Some((digest, data)) = enc else {
-                    return Ok((name, None));
+                    return Ok((name, None, raw));
                 };
                 let key = layout::blob_key(&digest);
                 let what = || format!("cannot upload {key}");
@@ -128,13 +158,41 @@ pub async fn push(
                     digest,
                     stored_size,
                 };
-                Ok::<_, HubError>((name, Some((chunk, uploaded))))
+                Ok::<_, HubError>((name, Some((chunk, uploaded)), raw))
             }
         })
         .buffered(opts.jobs.max(1))
+        .and_then(|(name, chunk, raw)| {
+            let tx = tx.clone();
+            async move {
+                if !raw.2.is_empty() {
+                    tx.send(raw)
+                        .await
+                        .map_err(|_| HubError::Invalid("hasher stopped".into()))?;
+                }
+                Ok((name, chunk))
+            }
+        })
         .try_collect()
-        .await?;
+        .await;
+    drop(tx);
+    let hashes = hasher
+        .join()
+        .map_err(|_| HubError::Invalid("hasher thread panicked".into()))?;
     progress.finish();
+    let results = results?;
+    for ((name, entry), actual) in snapshot.manifest.files.iter().zip(hashes) {
+        if actual != entry.sha256 {
+            return Err(HubError::Corrupt {
+                what: format!(
+                    "{name} of the local image `{}` (`forkd verify {}` checks every file; nothing was published)",
+                    snapshot.tag, snapshot.tag
+                ),
+                expected: format!("sha256 {} (its manifest)", entry.sha256),
+                actual: format!("sha256 {actual}"),
+            });
+        }
+    }
 
     let mut files: Vec<layout::FileEntry> = snapshot
         .manifest
@@ -183,7 +241,11 @@ pub async fn push(
 
     let image = reference.repository();
     let signature = match &opts.key {
-        Some(sk) => Some(crate::sign::sign(sk, &body, &image, &digest)?),
+        Some(sk) => Some(crate::sign::sign(
+            sk,
+            &body,
+            &crate::sign::Subject::new(&image, version, &digest),
+        )?),
         None => None,
     };
     let stored_size = manifest.stored_size();

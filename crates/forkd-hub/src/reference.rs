@@ -26,7 +26,8 @@ pub struct ReferenceError {
 
 pub const DEFAULT_VERSION: &str = "latest";
 
-fn is_name(s: &str) -> bool {
+/// OWNER or NAME: `[a-z0-9][a-z0-9._-]{0,127}`.
+pub fn is_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 128

@@ -5,9 +5,9 @@ use crate::error::{HubError, Result};
 use crate::layout::{self, ImageManifest, TagFile};
 use crate::reference::{Reference, Target, digest_hex};
 use crate::remote::{DOCUMENT_ATTEMPTS, check_layout, get_retry, parse_json, transport_err};
+use crate::sign::{Expected, TrustedKey, Verified};
 use crate::transport::{Transport, TransportError};
 use forkd_store::Manifest;
-use minisign::PublicKey;
 
 /// Largest raw chunk a client accepts (bounds memory per request).
 pub const MAX_CHUNK: u64 = 64 << 20;
@@ -18,12 +18,14 @@ pub struct Resolved {
     pub manifest: Manifest,
     /// `None` when verified; the reason when accepted unsigned/unverified with --insecure.
     pub unverified: Option<String>,
+    /// The signature that verified: key id, signed subject, warnings for the user.
+    pub verified: Option<Verified>,
 }
 
 pub async fn resolve(
     hub: &dyn Transport,
     reference: &Reference,
-    trusted: &[PublicKey],
+    trusted: &[TrustedKey],
     insecure: bool,
 ) -> Result<Resolved> {
     check_layout(hub, false).await?;
@@ -96,22 +98,27 @@ pub async fn resolve(
             actual,
         });
     }
-    let unverified = match crate::sign::verify(
-        tag.signature.as_deref(),
-        &body,
-        &tag.image,
-        &tag.digest,
-        trusted,
-    ) {
-        Ok(()) => None,
-        Err(e) if insecure => Some(e.to_string()),
-        Err(source) => {
-            return Err(HubError::Signature {
-                reference: reference.to_string(),
-                source,
-            });
-        }
+    let image_name = reference.repository();
+    let expected = Expected {
+        image: &image_name,
+        owner: &reference.owner,
+        version: match &reference.target {
+            Target::Version(v) => Some(v.as_str()),
+            Target::Digest(_) => None,
+        },
+        digest: &tag.digest,
     };
+    let (verified, unverified) =
+        match crate::sign::verify(tag.signature.as_deref(), &body, &expected, trusted) {
+            Ok(v) => (Some(v), None),
+            Err(e) if insecure => (None, Some(e.to_string())),
+            Err(source) => {
+                return Err(HubError::Signature {
+                    reference: reference.to_string(),
+                    source,
+                });
+            }
+        };
     let image: ImageManifest = parse_json(hub, &mkey, &body)?;
     let manifest = validate(&image).map_err(|msg| HubError::BadDocument {
         what: format!("image manifest {}", tag.digest),
@@ -123,6 +130,7 @@ pub async fn resolve(
         image,
         manifest,
         unverified,
+        verified,
     })
 }
 

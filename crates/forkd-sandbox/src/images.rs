@@ -61,7 +61,11 @@ pub fn pull(
     let err = |e: forkd_hub::HubError| pull_err(reference)(e);
     let mut trusted = forkd_hub::sign::trusted_keys(home).map_err(|e| err(e.into()))?;
     for k in &cfg.trust {
-        trusted.push(forkd_hub::sign::parse_public_key(k).map_err(|e| err(e.into()))?);
+        // A key given with the request is trusted for the owner being pulled only.
+        trusted.push(forkd_hub::sign::TrustedKey {
+            key: forkd_hub::sign::parse_public_key(k).map_err(|e| err(e.into()))?,
+            scope: forkd_hub::sign::Scope::Owner(reference.owner.clone()),
+        });
     }
     let transport = forkd_hub::transport::open_or_default(
         home,
@@ -74,6 +78,7 @@ pub fn pull(
         jobs: 8,
         trusted,
         insecure: cfg.insecure,
+        force: false,
         skip_compat_check: false,
         attempts: 4,
         deadline: Some(forkd_hub::pull::DEFAULT_DEADLINE),

@@ -126,3 +126,12 @@ pub fn write_private(path: &Path, data: impl AsRef<[u8]>) -> Result<(), PathErro
     make_private(&f, path)?;
     f.write_all(data.as_ref()).at("cannot write", path)
 }
+
+/// Open an existing file for reading, refusing a symbolic link in its last component.
+pub fn open_nofollow(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+}

@@ -41,6 +41,7 @@ pub mod home;
 pub mod lock;
 mod lookup;
 pub mod manifest;
+pub mod origin;
 pub mod pack;
 pub mod sparse;
 mod staging;
@@ -49,14 +50,16 @@ pub mod synth;
 mod tag;
 
 pub use fsutil::{
-    DIR_MODE, FILE_MODE, PathError, make_private, private_dir, private_options, write_private,
+    DIR_MODE, FILE_MODE, PathError, make_private, open_nofollow, private_dir, private_options,
+    write_private,
 };
 pub use home::{Home, default_home};
 pub use lock::FileLock;
 pub use lookup::{ImageName, LookupError};
 pub use manifest::{EngineInfo, FileEntry, Manifest, ManifestError};
+pub use origin::Origin;
 pub use staging::Staging;
-pub use store::{ImageInfo, Overwrite, Snapshot, Store, StoreError};
+pub use store::{FileCheck, ImageInfo, Overwrite, Snapshot, Store, StoreError};
 pub use tag::{Tag, TagError};
 
 /// The version of forkd this library belongs to (written into new manifests).

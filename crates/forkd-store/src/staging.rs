@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::fsutil::{DIR_MODE, IoContext, make_private, sync_dir, unique_name, write_private};
 use crate::lock::FileLock;
 use crate::manifest::{MANIFEST_NAME, Manifest};
+use crate::origin::{ORIGIN_NAME, Origin};
 use crate::store::{Overwrite, Snapshot, Store, StoreError, lock_path_of};
 use crate::tag::Tag;
 use std::os::unix::fs::DirBuilderExt;
@@ -46,10 +47,35 @@ impl Staging {
     /// sizes; write manifest.toml; make every file 0600 (whatever wrote it and whatever the
     /// umask); fsync everything; and atomically install it as `tag`.
     pub fn commit(
+        self,
+        tag: &Tag,
+        manifest: &Manifest,
+        overwrite: Overwrite,
+    ) -> Result<Snapshot, StoreError> {
+        self.install(tag, manifest, overwrite, None)
+    }
+
+    /// [`Staging::commit`] for a pulled image: `origin.json` is written beside it. With
+    /// [`Overwrite::No`] an existing `tag` is replaced only when it was pulled from the same
+    /// owner (a newer version of what was pulled before); anything else (another owner's image,
+    /// an image made on this host) is [`StoreError::OtherOwner`]. [`Overwrite::Yes`] (`--force`)
+    /// replaces it whatever it is. The check is made under the store lock.
+    pub fn commit_pulled(
+        self,
+        tag: &Tag,
+        manifest: &Manifest,
+        origin: &Origin,
+        overwrite: Overwrite,
+    ) -> Result<Snapshot, StoreError> {
+        self.install(tag, manifest, overwrite, Some(origin))
+    }
+
+    fn install(
         mut self,
         tag: &Tag,
         manifest: &Manifest,
         overwrite: Overwrite,
+        origin: Option<&Origin>,
     ) -> Result<Snapshot, StoreError> {
         let text = manifest.to_toml().map_err(|source| StoreError::Manifest {
             tag: tag.to_string(),
@@ -58,11 +84,17 @@ impl Staging {
         self.check_contents(manifest)?;
         let mpath = self.dir.join(MANIFEST_NAME);
         write_private(&mpath, text)?;
+        if let Some(origin) = origin {
+            let opath = self.dir.join(ORIGIN_NAME);
+            let body = serde_json::to_vec_pretty(origin).expect("serialisable");
+            write_private(&opath, body)?;
+        }
         for name in manifest
             .files
             .keys()
             .map(String::as_str)
             .chain([MANIFEST_NAME])
+            .chain(origin.map(|_| ORIGIN_NAME))
         {
             let p = self.dir.join(name);
             let f = fs::File::open(&p).at("cannot open", &p)?;
@@ -80,8 +112,26 @@ impl Staging {
         let target = images.join(tag.as_str());
         let old = {
             let _lock = self.store.lock()?;
+            let exists = fs::symlink_metadata(&target).is_ok();
+            if let (true, Some(new), Overwrite::No) = (exists, origin, overwrite) {
+                let existing = match Origin::load(&target) {
+                    Ok(Some(o)) if o.owner == new.owner => None,
+                    Ok(Some(o)) => Some(o.describe()),
+                    Ok(None) => Some("this host (it was not pulled)".to_string()),
+                    Err(e) => Some(format!("an unknown place ({e})")),
+                };
+                if let Some(existing) = existing {
+                    return Err(StoreError::OtherOwner {
+                        tag: tag.clone(),
+                        existing,
+                        owner: new.owner.clone(),
+                    });
+                }
+            }
             let old = match fs::symlink_metadata(&target) {
-                Ok(_) if overwrite == Overwrite::No => return Err(StoreError::Exists(tag.clone())),
+                Ok(_) if overwrite == Overwrite::No && origin.is_none() => {
+                    return Err(StoreError::Exists(tag.clone()));
+                }
                 Ok(_) => Some(self.store.move_aside(&target)?),
                 Err(_) => None,
             };
@@ -130,7 +180,7 @@ impl Staging {
         for e in fs::read_dir(&self.dir).at("cannot read", &self.dir)? {
             let e = e.at("cannot read", &self.dir)?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if name != MANIFEST_NAME && !manifest.files.contains_key(&name) {
+            if name != MANIFEST_NAME && name != ORIGIN_NAME && !manifest.files.contains_key(&name) {
                 return Err(StoreError::Staging(format!(
                     "{name} is in the staging directory but not listed in the manifest"
                 )));

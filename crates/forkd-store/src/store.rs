@@ -31,6 +31,16 @@ pub enum StoreError {
     NotFound(Tag),
     #[error("an image tagged `{0}` already exists; pass --force to overwrite it")]
     Exists(Tag),
+    #[error(
+        "the local image `{tag}` came from {existing}, not from {owner}; pass --force to replace it (or --tag to pull it under another name)"
+    )]
+    OtherOwner {
+        tag: Tag,
+        /// `acme/tiny:1 from HUB`, or what else it is.
+        existing: String,
+        /// The owner of the image that would replace it.
+        owner: String,
+    },
     #[error("image `{tag}` has a bad manifest")]
     Manifest {
         tag: String,
@@ -65,6 +75,20 @@ impl Snapshot {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+}
+
+/// One file of an image checked against its manifest by [`Store::verify`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileCheck {
+    pub name: String,
+    /// Size and sha256 match the manifest.
+    pub ok: bool,
+    pub expected_size: u64,
+    pub expected_sha256: String,
+    /// What is on disk (`None` when it could not be read: see `error`).
+    pub size: Option<u64>,
+    pub sha256: Option<String>,
+    pub error: Option<String>,
 }
 
 /// An installed image with its sizes, as listed by [`Store::list`].
@@ -298,6 +322,42 @@ impl Store {
             dir,
             manifest,
         })
+    }
+
+    /// Where the image `tag` came from (`origin.json`), if it was pulled.
+    pub fn origin(&self, tag: &Tag) -> Result<Option<crate::Origin>, StoreError> {
+        let dir = self.images_dir().join(tag.as_str());
+        crate::Origin::load(&dir).map_err(|reason| StoreError::BadLayout {
+            path: dir.join(crate::origin::ORIGIN_NAME),
+            reason,
+        })
+    }
+
+    /// Re-hash every file of the image `tag` (holes read as zeros) and compare it with its
+    /// manifest.
+    pub fn verify(&self, tag: &Tag) -> Result<Vec<FileCheck>, StoreError> {
+        let snap = self.get(tag)?;
+        let mut out = Vec::new();
+        for (name, entry) in &snap.manifest.files {
+            let path = snap.path(name);
+            let actual = crate::fsutil::open_nofollow(&path)
+                .and_then(|f| crate::sparse::hash_file(&f))
+                .map_err(|e| e.to_string());
+            let (size, sha256, error) = match actual {
+                Ok((size, sha)) => (Some(size), Some(sha), None),
+                Err(e) => (None, None, Some(e)),
+            };
+            out.push(FileCheck {
+                name: name.clone(),
+                ok: size == Some(entry.size) && sha256.as_deref() == Some(entry.sha256.as_str()),
+                expected_size: entry.size,
+                expected_sha256: entry.sha256.clone(),
+                size,
+                sha256,
+                error,
+            });
+        }
+        Ok(out)
     }
 
     /// Remove the image `tag` (atomically: it disappears at once, then is deleted).

@@ -71,6 +71,9 @@ pub enum Cmd {
         /// Accept an unsigned or wrongly signed image
         #[arg(long)]
         insecure: bool,
+        /// Replace a local tag that came from another owner (or was made on this host)
+        #[arg(long)]
+        force: bool,
         /// Don't check that this host can run the snapshot
         #[arg(long)]
         skip_compat_check: bool,
@@ -128,6 +131,24 @@ pub enum KeyCmd {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
+    /// Trust a publisher's public key for the images of one owner
+    #[command(
+        long_about = "Trust a publisher's public key for the images of one OWNER: `forkd pull \
+                      OWNER/NAME` then accepts images signed with it, and images of any other owner \
+                      signed with it are refused. The entry is added to $FORKD_HOME/trusted-keys as \
+                      `OWNER KEY`. A bare `KEY` line there (from before keys were scoped) still \
+                      verifies every owner, with a warning on each pull.",
+        after_help = "Examples:\n  forkd key trust acme RWQf6LRCGA9i53mlYecO4IzT51TGPpvWucNSCh1CBM0QTaLn73Y7GFO3\n  forkd key trust acme ./acme.pub"
+    )]
+    Trust {
+        /// The owner (OWNER of OWNER/NAME) whose images the key may sign
+        owner: String,
+        /// A base64 minisign public key, or a .pub file
+        key: String,
+    },
+    /// List the trusted keys and the owners each may sign for
+    #[command(after_help = "Examples:\n  forkd key list")]
+    List,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -268,6 +289,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             hub,
             trust,
             insecure,
+            force,
             skip_compat_check,
             jobs,
             timeout,
@@ -276,7 +298,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             let store = ctx.store()?;
             let reference = Reference::parse(&reference)?;
             let tag = Tag::parse(tag.as_deref().unwrap_or(&reference.name))?;
-            let trusted = trusted_keys(&store, &trust)?;
+            let trusted = trusted_keys(&store, &trust, &reference.owner)?;
             let transport = open_hub(&hub, &store)?;
             let shown = transport.describe();
             let opts = forkd_hub::pull::PullOptions {
@@ -284,6 +306,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
                 jobs,
                 trusted,
                 insecure,
+                force,
                 skip_compat_check,
                 attempts: std::env::var("FORKD_HUB_ATTEMPTS")
                     .ok()
@@ -388,6 +411,47 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Key(KeyCmd::Trust { owner, key }) => {
+            let home = ctx.store()?.home().clone();
+            let pk = forkd_hub::sign::parse_public_key(&key).context("bad public key")?;
+            let path = home.trusted_keys();
+            let added = forkd_hub::sign::trust(&path, &owner, &pk)?;
+            let id = forkd_hub::sign::TrustedKey {
+                key: pk,
+                scope: forkd_hub::sign::Scope::Owner(owner.clone()),
+            }
+            .key_id();
+            if added {
+                println!(
+                    "trusting key {id} for images of {owner} ({})",
+                    path.display()
+                );
+            } else {
+                println!("key {id} was already trusted for images of {owner}");
+            }
+            Ok(())
+        }
+        Cmd::Key(KeyCmd::List) => {
+            let home = ctx.store()?.home().clone();
+            let keys = forkd_hub::sign::trusted_keys(&home)?;
+            if keys.is_empty() {
+                println!(
+                    "no trusted keys; `forkd key trust OWNER KEY` adds one ({})",
+                    home.trusted_keys().display()
+                );
+            }
+            for k in keys {
+                let scope = match &k.scope {
+                    forkd_hub::sign::Scope::Owner(o) => format!("owner {o}"),
+                    forkd_hub::sign::Scope::Own => "any owner (this host's own key)".into(),
+                    forkd_hub::sign::Scope::Legacy => {
+                        "ANY OWNER (bare line; scope it with `forkd key trust OWNER KEY`)".into()
+                    }
+                };
+                println!("{}  {}  {scope}", k.key_id(), k.key.to_base64());
+            }
+            Ok(())
+        }
         Cmd::Hub(HubCmd::Serve {
             listen,
             root,
@@ -446,14 +510,20 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
     }
 }
 
-/// Trusted keys: --trust, then those of the store (trusted-keys, and its own from `forkd key
-/// generate`).
-fn trusted_keys(store: &Store, given: &[String]) -> Result<Vec<minisign::PublicKey>> {
+/// Trusted keys: --trust (for the owner being pulled), then those of the store (trusted-keys,
+/// and its own from `forkd key generate`).
+fn trusted_keys(
+    store: &Store,
+    given: &[String],
+    owner: &str,
+) -> Result<Vec<forkd_hub::sign::TrustedKey>> {
     let mut keys = Vec::new();
     for k in given {
-        keys.push(
-            forkd_hub::sign::parse_public_key(k).with_context(|| "bad --trust key".to_string())?,
-        );
+        keys.push(forkd_hub::sign::TrustedKey {
+            key: forkd_hub::sign::parse_public_key(k)
+                .with_context(|| "bad --trust key".to_string())?,
+            scope: forkd_hub::sign::Scope::Owner(owner.to_string()),
+        });
     }
     keys.extend(forkd_hub::sign::trusted_keys(store.home())?);
     Ok(keys)
@@ -473,8 +543,18 @@ fn with_hint(e: HubError, hub: &str, default_hub: bool) -> anyhow::Error {
             Some(NO_HUB_HINT.to_string())
         }
         HubError::Signature { .. } => Some(
-            "trust the publisher's key with --trust KEY or add it to $FORKD_HOME/trusted-keys; \
-             --insecure skips the check (not recommended)"
+            "trust the publisher's key for this owner with `forkd key trust OWNER KEY` (or --trust \
+             KEY for one pull); --insecure skips the check (not recommended)"
+                .to_string(),
+        ),
+        HubError::Store(forkd_store::StoreError::OtherOwner { .. }) => Some(
+            "`forkd inspect TAG` shows where the local image came from; --force replaces it, \
+             --tag NEW pulls beside it"
+                .to_string(),
+        ),
+        HubError::BadEngine { .. } => Some(
+            "the publisher's snapshot is inconsistent; it cannot be forked safely. Ask them to \
+             push it again"
                 .to_string(),
         ),
         HubError::NotFound { .. } => Some(format!(

@@ -1,4 +1,4 @@
-//! Local store commands: images, rmi, inspect, pack, unpack.
+//! Local store commands: images, rmi, inspect, verify, pack, unpack.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -49,6 +49,21 @@ pub enum Cmd {
         #[arg(value_name = "IMAGE")]
         tag: ImageName,
         /// Print JSON instead of TOML
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every file of a local image and compare it with its manifest
+    #[command(
+        long_about = "Re-hash every file of a local image (holes read as zeros) and compare its \
+                      size and sha256 with the image's manifest. Exits 1 when any file differs \
+                      or cannot be read.",
+        after_help = "Examples:\n  forkd verify python-numpy\n  forkd verify python-numpy --json | jq '.files[] | select(.ok | not)'"
+    )]
+    Verify {
+        /// TAG or NAME:VERSION
+        #[arg(value_name = "IMAGE")]
+        tag: ImageName,
+        /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
     },
@@ -115,6 +130,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
         }
         Cmd::Rmi { tags, force } => rmi(ctx, &tags, force),
         Cmd::Inspect { tag, json } => inspect(ctx, &tag, json),
+        Cmd::Verify { tag, json } => verify(ctx, &tag, json),
         Cmd::Pack {
             tag,
             output,
@@ -284,12 +300,81 @@ fn inspect(ctx: &Ctx, tag: &ImageName, json: bool) -> anyhow::Result<()> {
         .find(tag)
         .context(Hint("`forkd images` lists the local tags".into()))
         .with_context(|| format!("cannot inspect {tag}"))?;
+    let origin = store.origin(&snap.tag)?;
     if json {
         let mut v = serde_json::to_value(&snap.manifest)?;
         v["dir"] = serde_json::json!(snap.dir);
+        if let Some(o) = origin {
+            v["origin"] = serde_json::to_value(o)?;
+        }
         out(&format!("{}\n", serde_json::to_string_pretty(&v)?))
     } else {
-        out(&snap.manifest.to_toml()?)
+        let mut text = snap.manifest.to_toml()?;
+        if let Some(o) = origin {
+            // A TOML comment, so the output still parses as the manifest.
+            text.push_str(&format!(
+                "\n# pulled {} from {} ({}), {}, at {}\n",
+                o.reference,
+                o.hub,
+                o.digest,
+                match &o.key_id {
+                    Some(k) => format!("signature verified (key {k})"),
+                    None => "NOT VERIFIED (--insecure)".into(),
+                },
+                o.pulled_at
+            ));
+        }
+        out(&text)
+    }
+}
+
+fn verify(ctx: &Ctx, tag: &ImageName, json: bool) -> anyhow::Result<()> {
+    let store = ctx.store()?;
+    let files = store
+        .find(tag)
+        .map_err(anyhow::Error::new)
+        .and_then(|snap| Ok(store.verify(&snap.tag)?))
+        .context(Hint("`forkd images` lists the local tags".into()))
+        .with_context(|| format!("cannot verify {tag}"))?;
+    let bad: Vec<&str> = files
+        .iter()
+        .filter(|f| !f.ok)
+        .map(|f| f.name.as_str())
+        .collect();
+    if json {
+        let v = serde_json::json!({ "tag": tag.to_string(), "ok": bad.is_empty(), "files": files });
+        out(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
+    } else {
+        let mut text = String::new();
+        for f in &files {
+            let what = match (&f.error, f.ok) {
+                (Some(e), _) => format!("UNREADABLE  {e}"),
+                (None, true) => format!("ok          sha256 {}", f.expected_sha256),
+                (None, false) => format!(
+                    "MISMATCH    {} bytes, sha256 {} (manifest: {} bytes, sha256 {})",
+                    f.size.unwrap_or(0),
+                    f.sha256.as_deref().unwrap_or("?"),
+                    f.expected_size,
+                    f.expected_sha256
+                ),
+            };
+            text.push_str(&format!("{:<16} {what}\n", f.name));
+        }
+        out(&text)?;
+    }
+    if bad.is_empty() {
+        if !ctx.quiet && !json {
+            eprintln!("{tag}: all {} files match its manifest", files.len());
+        }
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(
+            "{tag} does not match its manifest: {}",
+            bad.join(", ")
+        ))
+        .context(Hint(format!(
+            "the image is damaged: remove it with `forkd rmi {tag}` and pull or build it again"
+        )))
     }
 }
 
@@ -377,6 +462,7 @@ fn unpack_cmd(ctx: &Ctx, file: &Path, tag: Option<Tag>, force: bool) -> anyhow::
     let opts = UnpackOptions {
         tag,
         overwrite: if force { Overwrite::Yes } else { Overwrite::No },
+        check: Some(forkd_engine::spec::check_staged),
         ..Default::default()
     };
     let bar = Bar::new(ctx, "unpacking");

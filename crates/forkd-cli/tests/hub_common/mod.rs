@@ -94,14 +94,15 @@ pub fn make_snapshot_with(home: &Path, tag: &str, mem_mib: u64, seed: u64, machi
         .unwrap();
 }
 
-/// sha256 of every file of an installed tag (data files, not manifest.toml).
+/// sha256 of every file of an installed tag (data files, not manifest.toml or the provenance
+/// a pull writes beside them).
 pub fn tag_hashes(home: &Path, tag: &str) -> BTreeMap<String, String> {
     let dir = home.join("images").join(tag);
     let mut out = BTreeMap::new();
     for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let e = e.unwrap();
         let name = e.file_name().into_string().unwrap();
-        if name != "manifest.toml" {
+        if name != "manifest.toml" && name != "origin.json" {
             out.insert(name, sha256_file(&e.path()));
         }
     }

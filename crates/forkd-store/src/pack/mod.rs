@@ -11,7 +11,7 @@ mod write;
 
 use std::io;
 
-pub use read::{UnpackOptions, unpack, unpack_from_reader};
+pub use read::{ImageCheck, UnpackOptions, unpack, unpack_from_reader};
 pub use write::{PackOptions, PackStats, pack, pack_to_writer};
 
 use crate::fsutil::PathError;

@@ -27,7 +27,13 @@ pub struct UnpackOptions {
     pub overwrite: Overwrite,
     /// Refuse packs whose files add up to more than this many logical bytes.
     pub max_total_size: u64,
+    /// A check of the unpacked files before they are installed (the engine checks its
+    /// `engine.json` against the manifest); its error refuses the pack.
+    pub check: Option<ImageCheck>,
 }
+
+/// Checks an image directory against its manifest before it is installed; `Err(why)` refuses.
+pub type ImageCheck = fn(&Path, &Manifest) -> Result<(), String>;
 
 impl Default for UnpackOptions {
     fn default() -> Self {
@@ -35,6 +41,7 @@ impl Default for UnpackOptions {
             tag: None,
             overwrite: Overwrite::No,
             max_total_size: MAX_TOTAL_SIZE,
+            check: None,
         }
     }
 }
@@ -166,6 +173,9 @@ pub fn unpack_from_reader<R: Read>(
         )));
     }
     tar.trailer()?;
+    if let Some(check) = opts.check {
+        check(staging.dir(), &manifest).map_err(invalid)?;
+    }
     Ok(staging.commit(&tag, &manifest, opts.overwrite)?)
 }
 
