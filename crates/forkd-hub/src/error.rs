@@ -45,12 +45,8 @@ pub enum HubError {
     },
     #[error(transparent)]
     Sign(#[from] SignError),
-    #[error("{reference} has a bad engine.json; nothing was installed")]
-    BadEngine {
-        reference: String,
-        #[source]
-        source: forkd_engine::EngineError,
-    },
+    #[error("{reference} has a bad engine.json; nothing was installed: {reason}")]
+    BadEngine { reference: String, reason: String },
     #[error("this host cannot run {reference}: {reason}")]
     Incompatible { reference: String, reason: String },
     #[error(transparent)]

@@ -28,6 +28,10 @@ pub struct PullOptions {
     pub attempts: u32,
     /// The whole pull (resolve, download, install) gives up after this long; `None`: never.
     pub deadline: Option<std::time::Duration>,
+    /// The engine's check of the image's `engine.json` (untrusted input) against its manifest,
+    /// made in staging before anything is installed (`forkd_engine::spec::check_staged`). The
+    /// hub does not know the engine's format; the caller hands in its check, as for unpack.
+    pub check: forkd_store::pack::ImageCheck,
 }
 
 #[derive(Debug, Clone)]
@@ -179,7 +183,7 @@ async fn pull_unbounded(
                 });
             }
         }
-        check_engine(staging.dir(), &r.manifest, reference)?;
+        check_engine(opts.check, staging.dir(), &r.manifest, reference)?;
         let tag = opts.tag.clone();
         tokio::task::block_in_place(|| {
             staging.commit_pulled(&tag, &r.manifest, &origin, overwrite)
@@ -198,7 +202,7 @@ async fn pull_unbounded(
     outcome.cached_bytes = fetched.resumed;
     tracing::debug!("fetched and verified in {:?}", t0.elapsed());
 
-    if let Err(e) = check_engine(partial.path(), &r.manifest, reference) {
+    if let Err(e) = check_engine(opts.check, partial.path(), &r.manifest, reference) {
         partial.remove();
         return Err(e);
     }
@@ -237,13 +241,14 @@ fn check_owner(store: &Store, tag: &Tag, new: &Origin) -> Result<()> {
 /// The snapshot's `engine.json` (untrusted input) must describe the machine its manifest
 /// names; checked in the staging directory, before the image is installed.
 fn check_engine(
+    check: forkd_store::pack::ImageCheck,
     dir: &std::path::Path,
     m: &forkd_store::Manifest,
     reference: &Reference,
 ) -> Result<()> {
-    forkd_engine::spec::check_image_dir(dir, m).map_err(|source| HubError::BadEngine {
+    check(dir, m).map_err(|reason| HubError::BadEngine {
         reference: reference.to_string(),
-        source,
+        reason,
     })?;
     Ok(())
 }

@@ -82,6 +82,7 @@ pub fn pull(
         skip_compat_check: false,
         attempts: 4,
         deadline: Some(forkd_hub::pull::DEFAULT_DEADLINE),
+        check: forkd_engine::spec::check_staged,
     };
     let silent = forkd_hub::progress::Silent;
     let progress = progress.unwrap_or(&silent);

@@ -313,6 +313,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(4),
                 deadline: (timeout > 0).then(|| std::time::Duration::from_secs(timeout)),
+                check: forkd_engine::spec::check_staged,
             };
             let progress = crate::commands::hub_progress::Bars::new(ctx);
             let started = std::time::Instant::now();
