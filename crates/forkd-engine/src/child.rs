@@ -447,6 +447,15 @@ fn advance(report: &mut ChildReport, to: ChildState) {
     report.state = to;
 }
 
+/// `Err(Interrupted)` once `i` is set: checked between a child's steps.
+fn stop_if_set(i: &Interrupt) -> Result<()> {
+    if i.is_set() {
+        Err(EngineError::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
 fn life(
     plan: &ChildPlan<'_>,
     hostname: &str,
@@ -455,13 +464,7 @@ fn life(
     report: &mut ChildReport,
     start: Instant,
 ) -> Result<()> {
-    let check = |i: &Interrupt| {
-        if i.is_set() {
-            Err(EngineError::Interrupted)
-        } else {
-            Ok(())
-        }
-    };
+    let check = stop_if_set;
     check(plan.interrupt)?;
     let starting = plan.start_gate.enter();
     check(plan.interrupt)?;
@@ -606,13 +609,7 @@ fn serve(
     waits: &Interrupt,
     starting: crate::gate::StartSlot<'_>,
 ) -> Result<()> {
-    let check = |i: &Interrupt| {
-        if i.is_set() {
-            Err(EngineError::Interrupted)
-        } else {
-            Ok(())
-        }
-    };
+    let check = stop_if_set;
     let agent_sock = guard.agent_sock.clone();
     let (mut agent, _hello) = {
         let g = &mut *guard;
