@@ -25,7 +25,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 say "tests"
-cargo test --workspace --locked
+# --no-fail-fast: one failing test binary must not hide the others' results.
+cargo test --workspace --locked --no-fail-fast
 
 say "Python SDK and MCP server, against a real daemon"
 FORKD_BIN="$PWD/target/debug/forkd" bash scripts/sdk-test.sh

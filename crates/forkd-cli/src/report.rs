@@ -1,6 +1,7 @@
 //! How errors and logs reach the user: `error:` / `Caused by:` / `hint:`.
 
 use std::fmt::Write as _;
+use std::io::IsTerminal as _;
 
 pub fn init_tracing(verbose: u8, quiet: bool) {
     use tracing_subscriber::EnvFilter;
@@ -14,6 +15,8 @@ pub fn init_tracing(verbose: u8, quiet: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: piped logs stay plain text (and carry no escape bytes).
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_target(false)
         .without_time()
         .init();
