@@ -66,7 +66,18 @@ for _ in $(seq 1 100); do
     sleep 0.2
 done
 [ -n "$node" ] || { cat "$dir/garage.log" >&2; die "garage did not answer"; }
-g layout assign -z dc1 -c 1G "${node%%@*}" >/dev/null
+# `node id` reads the key from disk and can answer before the RPC port listens; the layout
+# commands need RPC, so wait for it (a fresh install on a loaded machine was refused here).
+for _ in $(seq 1 150); do
+    busy "$rpc" && break
+    kill -0 "$pid" 2>/dev/null || { cat "$dir/garage.log" >&2; die "garage exited at start"; }
+    sleep 0.2
+done
+for i in $(seq 1 20); do
+    g layout assign -z dc1 -c 1G "${node%%@*}" >/dev/null 2>&1 && break
+    [ "$i" = 20 ] && { cat "$dir/garage.log" >&2; die "garage refused the layout"; }
+    sleep 0.5
+done
 g layout apply --version 1 >/dev/null
 g bucket create hub >/dev/null
 keyinfo="$(g key create hubkey)"
