@@ -85,6 +85,32 @@ pub enum EngineError {
     },
     #[error("no running child {0} (see `forkd ps`)")]
     NoSuchChild(String),
+    #[error("child {0} is paused: resume it first (forkd resume {0}, or sb.resume())")]
+    ChildPaused(String),
+    #[error(
+        "child {0} is busy: a command is running in it or another snapshot of it is being taken; \
+         retry when it is done"
+    )]
+    ChildBusy(String),
+    #[error(
+        "image {image} needs its parent {parent} ({digest}), which is not in the local store; \
+         pull the branch again from its hub (its parents come with it), or install the parent"
+    )]
+    ParentMissing {
+        image: String,
+        parent: String,
+        digest: String,
+    },
+    #[error("branch chain: {0}")]
+    Chain(String),
+    #[error(transparent)]
+    Store(Box<forkd_store::StoreError>),
+}
+
+impl From<forkd_store::StoreError> for EngineError {
+    fn from(e: forkd_store::StoreError) -> EngineError {
+        EngineError::Store(Box::new(e))
+    }
 }
 
 impl From<AgentError> for EngineError {

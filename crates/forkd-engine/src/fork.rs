@@ -35,6 +35,8 @@ pub struct ForkOptions {
     pub interrupt: Interrupt,
     /// Called from child threads as each child finishes (for progress bars).
     pub on_child: Option<OnChild>,
+    /// A branch's chain ([`crate::branch::layers`]); `None` for an image without a parent.
+    pub layers: Option<crate::branch::Layers>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -56,13 +58,34 @@ pub struct ForkReport {
 }
 
 /// The cheap checks that make a broken snapshot fail before any VM starts.
-pub fn preflight(dir: &Path, qemu: &Qemu) -> Result<VmSpec> {
+pub fn preflight(
+    dir: &Path,
+    qemu: &Qemu,
+    layers: Option<&crate::branch::Layers>,
+) -> Result<VmSpec> {
     let spec = VmSpec::load(dir)?;
-    for f in [&spec.kernel, &spec.rootfs, &spec.memory, &spec.vmstate]
+    if spec.parent.is_some() != layers.is_some() {
+        return Err(EngineError::Chain(format!(
+            "{}: {}",
+            dir.display(),
+            if layers.is_some() {
+                "layers given for an image without a parent"
+            } else {
+                "a branch forks only with its chain (forkd_engine::branch::layers)"
+            }
+        )));
+    }
+    let outside = layers
+        .map(|l| vec![l.kernel.clone(), l.memory.clone()])
         .into_iter()
-        .chain(spec.initrd.as_ref())
+        .flatten()
+        .chain(layers.iter().flat_map(|l| l.disks.clone()));
+    for p in spec
+        .own_files()
+        .into_iter()
+        .map(|f| dir.join(f))
+        .chain(outside)
     {
-        let p = dir.join(f);
         if !p.is_file() {
             return Err(EngineError::MissingFile(p));
         }
@@ -166,7 +189,8 @@ fn fork_children(
     keep: bool,
 ) -> Result<(ForkReport, Vec<Option<VmGuard>>)> {
     let start = Instant::now();
-    let spec = preflight(dir, qemu)?;
+    let layers = opts.layers.as_ref();
+    let spec = preflight(dir, qemu, layers)?;
     let estimate_mib = crate::memory::check_capacity(&spec, opts.n)?;
     let accel = resolve_accel(opts.accel)?;
     let confine = crate::confine::Confine::for_host(qemu);
@@ -186,7 +210,8 @@ fn fork_children(
     let stub_dir = StubDir(stub_dir);
     let stub_path = stub_dir.0.join("vmlinuz-stub");
     let stub = stub_path.as_path();
-    crate::spec::write_stub_kernel(&dir.join(&spec.kernel), stub)?;
+    let kernel = layers.map_or_else(|| dir.join(&spec.kernel), |l| l.kernel.clone());
+    crate::spec::write_stub_kernel(&kernel, stub)?;
     crate::util::disable_thp_for_children();
     let start_gate = StartGate::new(max_starting());
     let plan = ChildPlan {
@@ -235,6 +260,7 @@ fn fork_children(
                                 .then(|| guard.run_dir.join("no-such-memory.bin")),
                             kernel_override: Some(stub.to_path_buf()),
                             confine: Some(confine),
+                            layers,
                         }
                         .args();
                         let mut out = run_child(plan, i, id, guard, args);

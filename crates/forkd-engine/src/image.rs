@@ -135,20 +135,31 @@ pub fn manifest_for(
     dir: &Path,
     extra: &[(&str, &str)],
 ) -> Result<Manifest, ImageError> {
+    manifest_of(name, version, &out.spec, &out.files, dir, extra)
+}
+
+fn manifest_of(
+    name: &str,
+    version: &str,
+    spec: &VmSpec,
+    files: &[(String, &'static str)],
+    dir: &Path,
+    extra: &[(&str, &str)],
+) -> Result<Manifest, ImageError> {
     let mut m = Manifest::new(
         name,
         version,
-        out.spec.mem_mib,
+        spec.mem_mib,
         EngineInfo {
             name: "qemu".into(),
-            version: out.spec.qemu_version.clone(),
-            machine_type: out.spec.machine.clone(),
-            cpu_model: out.spec.cpu.clone(),
-            accel_hint: Some(out.spec.accel.clone()),
+            version: spec.qemu_version.clone(),
+            machine_type: spec.machine.clone(),
+            cpu_model: spec.cpu.clone(),
+            accel_hint: Some(spec.accel.clone()),
         },
     );
     m.description = "forkd parent snapshot".into();
-    let engine_files = out.files.iter().map(|(f, role)| (f.as_str(), *role));
+    let engine_files = files.iter().map(|(f, role)| (f.as_str(), *role));
     for (file, role) in engine_files.chain(extra.iter().copied()) {
         let path = dir.join(file);
         let f = std::fs::File::open(&path).map_err(|source| ImageError::Io {
@@ -172,6 +183,79 @@ pub fn manifest_for(
         );
     }
     Ok(m)
+}
+
+/// A branch installed by [`branch_into_store`].
+#[derive(Debug, Clone)]
+pub struct Branched {
+    pub snapshot: Snapshot,
+    /// The image the child was forked from.
+    pub parent: Tag,
+    pub output: crate::branch::BranchOutput,
+}
+
+/// Save the running kept child `child` as the image `tag`, a branch of the image it was forked
+/// from (version "1"). The child runs on. The store is unchanged unless all of it succeeds.
+pub fn branch_into_store(
+    store: &Store,
+    child: &crate::run::KeptChild,
+    tag: &Tag,
+    qemu: &Qemu,
+    overwrite: Overwrite,
+) -> Result<Branched, ImageError> {
+    check_tag_free(store, tag, overwrite)?;
+    let gone = || {
+        EngineError::Chain(format!(
+            "the image {} that child {} was forked from is no longer installed as it was; \
+             a branch records its parent, so it cannot be made",
+            child.tag, child.id
+        ))
+    };
+    let parent_tag = Tag::parse(&child.tag).map_err(|_| gone())?;
+    let parent = match store.get(&parent_tag) {
+        Ok(s) if s.dir == child.snapshot_dir => s,
+        Ok(_) | Err(StoreError::NotFound(_)) => return Err(gone().into()),
+        Err(e) => return Err(e.into()),
+    };
+    let spec = check_consistent(&parent)?;
+    let layers = crate::branch::layers(store, &parent)?;
+    let memory = layers
+        .as_ref()
+        .map_or_else(|| parent.dir.join(&spec.memory), |l| l.memory.clone());
+    let staging = store.stage()?;
+    let src = crate::branch::BranchSource {
+        child,
+        image: &parent,
+        spec: &spec,
+        memory: &memory,
+    };
+    let output = crate::branch::take(&src, &qemu.img_path(), staging.dir())
+        .map_err(ImageError::Snapshot)?;
+    let mut manifest = manifest_of(
+        tag.as_str(),
+        "1",
+        &output.spec,
+        &output.files,
+        staging.dir(),
+        &[],
+    )?;
+    manifest.set_parent(
+        &format!("{}:{}", parent.tag, parent.manifest.version),
+        &parent.manifest,
+    );
+    manifest.description = format!("forkd branch of {}, from child {}", parent.tag, child.id);
+    manifest.base_image = parent.manifest.base_image.clone();
+    manifest.labels = parent.manifest.labels.clone();
+    let snapshot = staging.commit(tag, &manifest, overwrite)?;
+    // Build its memory now, so that its first fork starts as fast as any.
+    if let Err(e) = crate::branch::layers(store, &snapshot) {
+        tracing::warn!("branch {tag} saved, but its memory could not be built yet: {e}");
+    }
+    Ok(Branched {
+        snapshot,
+        parent: parent.tag,
+        output,
+    })
 }
 
 /// The machine of an installed snapshot, once its manifest and `engine.json` agree on it.

@@ -10,9 +10,11 @@
 //! - [`fork`]: restore N copy-on-write children concurrently; [`child`] is one child's life.
 //! - [`run`]: children kept running (`--keep`), tracked under `$FORKD_HOME/run/`.
 //! - [`confine`]: how a child's QEMU is confined; [`cgroup`]: its cgroup.
+//! - [`branch`]: a running child saved as an image of its changes; forking through chains.
 //! - [`doctor`]: what this host has and lacks.
 
 pub mod agent;
+pub mod branch;
 pub mod cgroup;
 pub mod child;
 pub mod confine;
@@ -20,9 +22,11 @@ pub mod doctor;
 pub mod error;
 pub mod fork;
 mod gate;
+mod guestmem;
 pub mod image;
 mod memory;
 pub mod mux;
+pub mod qcow2;
 pub mod qemu;
 mod qmp;
 mod reaper;

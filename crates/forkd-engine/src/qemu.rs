@@ -20,6 +20,16 @@ pub struct Qemu {
 }
 
 impl Qemu {
+    /// `qemu-img` next to this QEMU, else the one on PATH.
+    pub fn img_path(&self) -> std::path::PathBuf {
+        let sibling = self.bin.with_file_name("qemu-img");
+        if sibling.is_file() {
+            sibling
+        } else {
+            std::path::PathBuf::from("qemu-img")
+        }
+    }
+
     pub fn version_string(&self) -> String {
         let (a, b, c) = self.version;
         format!("{a}.{b}.{c}")

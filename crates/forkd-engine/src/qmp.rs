@@ -73,15 +73,28 @@ impl Qmp {
 
     /// Run one command; returns its `return` value or the QMP error as [`EngineError::Qmp`].
     pub fn execute(&mut self, cmd: &str, args: Option<Value>) -> Result<Value> {
+        self.execute_passing(cmd, args, None)
+    }
+
+    /// [`Qmp::execute`], handing QEMU the descriptor `fd` with the command (`SCM_RIGHTS`), as
+    /// `getfd` and `add-fd` expect: a sandboxed QEMU opens no path of ours itself.
+    pub fn execute_passing(
+        &mut self,
+        cmd: &str,
+        args: Option<Value>,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<Value> {
         let mut msg = json!({ "execute": cmd });
         if let Some(a) = args {
             msg["arguments"] = a;
         }
         let mut bytes = serde_json::to_vec(&msg).map_err(|e| EngineError::Qmp(e.to_string()))?;
         bytes.push(b'\n');
-        self.writer
-            .write_all(&bytes)
-            .map_err(|e| EngineError::Qmp(format!("write {cmd}: {e}")))?;
+        let sent = match fd {
+            None => self.writer.write_all(&bytes),
+            Some(fd) => send_with_fd(&self.writer, &bytes, fd),
+        };
+        sent.map_err(|e| EngineError::Qmp(format!("write {cmd}: {e}")))?;
         loop {
             let v = self.read_msg()?;
             if let Some(r) = v.get("return") {
@@ -147,6 +160,28 @@ impl Qmp {
             .unwrap_or("")
             .to_string())
     }
+}
+
+/// Write all of `bytes` to `sock`, the first part carrying `fd` as ancillary data.
+fn send_with_fd(
+    mut sock: &UnixStream,
+    bytes: &[u8],
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+    let fds = [fd];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(std::io::Error::other("no room for the descriptor"));
+    }
+    let n = sendmsg(
+        sock,
+        &[std::io::IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
+    sock.write_all(&bytes[n..])
 }
 
 #[cfg(test)]

@@ -330,6 +330,8 @@ pub fn exec(run_root: &Path, id: &str, req: ExecRequest) -> Result<ExecReply> {
             "child {id} is not running (forkd kill {id} to clean up)"
         )));
     }
+    // Held while the command runs: a snapshot of the child waits for no one, it refuses.
+    let _busy = forkd_store::FileLock::shared(&child.run_dir.join(crate::branch::BUSY_LOCK))?;
     let (mut conn, _) =
         AgentConn::wait_ready(&child.agent_sock(), Duration::from_secs(30), &mut || {
             child.running()

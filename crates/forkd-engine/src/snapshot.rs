@@ -46,7 +46,7 @@ pub struct SnapshotOutput {
     pub warmup_output: Option<String>,
 }
 
-fn copy_in(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> Result<()> {
     if !src.is_file() {
         return Err(EngineError::MissingFile(src.to_path_buf()));
     }
@@ -82,11 +82,11 @@ pub fn take(
         ));
     }
     let accel = resolve_accel(opts.accel)?;
-    copy_in(&opts.kernel, &out.join(KERNEL_FILE))?;
+    copy_sparse(&opts.kernel, &out.join(KERNEL_FILE))?;
     if let Some(i) = &opts.initrd {
-        copy_in(i, &out.join(INITRD_FILE))?;
+        copy_sparse(i, &out.join(INITRD_FILE))?;
     }
-    copy_in(&opts.rootfs, &out.join(ROOTFS_FILE))?;
+    copy_sparse(&opts.rootfs, &out.join(ROOTFS_FILE))?;
     let mem = out.join(MEMORY_FILE);
     let f = forkd_store::private_options()
         .write(true)
@@ -117,6 +117,7 @@ pub fn take(
         memory: MEMORY_FILE.to_string(),
         vmstate: VMSTATE_FILE.to_string(),
         warm: opts.warm.is_some(),
+        parent: None,
     };
 
     let mut guard = VmGuard::create(run_dir)?;
@@ -133,6 +134,7 @@ pub fn take(
         memory_override: None,
         kernel_override: None,
         confine: None,
+        layers: None,
     }
     .args();
     tracing::debug!("parent: {} {}", qemu.bin.display(), args.join(" "));

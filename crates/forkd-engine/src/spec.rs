@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 pub const SPEC_FILE: &str = "engine.json";
 pub const SPEC_FORMAT: u32 = 1;
+/// The engine format of a branch (a snapshot of a running child, see [`SpecParent`]).
+pub const BRANCH_SPEC_FORMAT: u32 = 2;
 pub const LAYOUT: &str = "forkd-pc-v1";
 
 pub const KERNEL_FILE: &str = "vmlinuz";
@@ -79,6 +81,21 @@ pub struct VmSpec {
     /// Whether the parent started a warm worker (children can `run` code in it).
     #[serde(default)]
     pub warm: bool,
+    /// Set in a branch (format 2) only: the image it was made from. Then `memory` holds only
+    /// the pages listed in `parent.pages`, `rootfs` is a qcow2 of the changes over the parent's
+    /// disk, `vmstate` holds device state only, and `kernel` is the root image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<SpecParent>,
+}
+
+/// What a branch adds to `engine.json`: see docs/ENGINE.md, "Branches".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpecParent {
+    /// The parent's manifest digest (`forkd_store::Manifest::digest`).
+    pub digest: String,
+    /// The page bitmap: bit `i` (byte `i / 8`, bit `i % 8`) set when guest page `i` (4 KiB)
+    /// is the branch's own, in `memory`; the other pages are the parent's.
+    pub pages: String,
 }
 
 impl VmSpec {
@@ -122,11 +139,28 @@ impl VmSpec {
     /// Parse and check untrusted `engine.json` text; the error says which field is wrong.
     pub fn parse(text: &str) -> Result<VmSpec, String> {
         let spec: VmSpec = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        if spec.format != SPEC_FORMAT {
-            return Err(format!(
-                "engine format {} is not supported (this forkd reads {SPEC_FORMAT})",
-                spec.format
-            ));
+        match (spec.format, &spec.parent) {
+            (SPEC_FORMAT, None) => {}
+            (BRANCH_SPEC_FORMAT, Some(p)) => {
+                if !forkd_store::manifest::is_digest(&p.digest) {
+                    return Err(format!("parent digest {:?} is not sha256:<64 hex>", p.digest));
+                }
+                if !forkd_store::manifest::valid_file_name(&p.pages) || p.pages == SPEC_FILE {
+                    return Err(format!("bad file name {:?}", p.pages));
+                }
+            }
+            (SPEC_FORMAT | BRANCH_SPEC_FORMAT, _) => {
+                return Err(format!(
+                    "engine format {} {} a parent",
+                    spec.format,
+                    if spec.parent.is_some() { "cannot have" } else { "needs" }
+                ));
+            }
+            (f, _) => {
+                return Err(format!(
+                    "engine format {f} is not supported (this forkd reads {SPEC_FORMAT} and {BRANCH_SPEC_FORMAT})"
+                ));
+            }
         }
         if spec.layout != LAYOUT {
             return Err(format!(
@@ -156,6 +190,9 @@ impl VmSpec {
                 spec.qemu_version, spec.accel
             ));
         }
+        if spec.parent.is_some() && spec.initrd.is_some() {
+            return Err("a branch has no initrd of its own".into());
+        }
         for f in [&spec.kernel, &spec.rootfs, &spec.memory, &spec.vmstate]
             .into_iter()
             .chain(spec.initrd.as_ref())
@@ -183,13 +220,18 @@ impl VmSpec {
                 self.machine, self.cpu, m.engine.machine_type, m.engine.cpu_model
             ));
         }
-        for f in [&self.kernel, &self.rootfs, &self.memory, &self.vmstate]
-            .into_iter()
-            .chain(self.initrd.as_ref())
-        {
+        for f in self.own_files() {
             if !m.files.contains_key(f) {
                 return bad(format!("it names {f}, which the manifest does not list"));
             }
+        }
+        let digest = self.parent.as_ref().map(|p| p.digest.as_str());
+        if m.parent_digest.as_deref() != digest {
+            return bad(format!(
+                "its parent is {} but the manifest's is {}",
+                digest.unwrap_or("none"),
+                m.parent_digest.as_deref().unwrap_or("none")
+            ));
         }
         let mem = m.files[&self.memory].size;
         if mem != self.mem_bytes()? {
@@ -199,6 +241,17 @@ impl VmSpec {
             ));
         }
         Ok(())
+    }
+
+    /// The files this image holds itself: a branch uses its root's kernel.
+    pub fn own_files(&self) -> Vec<&String> {
+        let mut v = vec![&self.rootfs, &self.memory, &self.vmstate];
+        match &self.parent {
+            Some(p) => v.push(&p.pages),
+            None => v.push(&self.kernel),
+        }
+        v.extend(self.initrd.as_ref());
+        v
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -247,6 +300,8 @@ pub struct Launch<'a> {
     pub kernel_override: Option<PathBuf>,
     /// How a child's QEMU is confined (`None`: not at all; parents are never confined).
     pub confine: Option<&'a crate::confine::Confine>,
+    /// A branch's chain, resolved in the store (`None` for an image without a parent).
+    pub layers: Option<&'a crate::branch::Layers>,
 }
 
 /// Children never run the boot path, but QEMU only creates the same option-ROM RAM block
@@ -299,6 +354,7 @@ impl Launch<'_> {
         let mem = self
             .memory_override
             .clone()
+            .or_else(|| self.layers.map(|l| l.memory.clone()))
             .unwrap_or_else(|| self.dir.join(&spec.memory));
         let accel = match self.accel {
             Accel::Kvm => "kvm".to_string(),
@@ -339,6 +395,7 @@ impl Launch<'_> {
             s(&self
                 .kernel_override
                 .clone()
+                .or_else(|| self.layers.map(|l| l.kernel.clone()))
                 .unwrap_or_else(|| self.dir.join(&spec.kernel))),
             "-append".into(),
             spec.cmdline.clone(),
@@ -353,7 +410,22 @@ impl Launch<'_> {
             Role::Child => a.extend(["-serial".into(), "null".into()]),
         }
         let rootfs = opt(&self.dir.join(&spec.rootfs));
-        let drive = if parent {
+        let drive = if let Some(l) = self.layers.filter(|_| !parent) {
+            // The branch's qcow2 on top, then each parent's, down to the root's raw disk. The
+            // chain is given here in full, so no backing file name in a qcow2 header (untrusted
+            // input) is ever opened.
+            let mut d = format!("if=none,id=root,file={rootfs},format=qcow2");
+            let mut prefix = String::new();
+            for (i, disk) in l.disks.iter().rev().enumerate() {
+                prefix.push_str("backing.");
+                let driver = if i + 1 == l.disks.len() { "raw" } else { "qcow2" };
+                d.push_str(&format!(
+                    ",{prefix}driver={driver},{prefix}file.filename={}",
+                    opt(disk)
+                ));
+            }
+            d + ",cache=unsafe,snapshot=on"
+        } else if parent {
             format!("if=none,id=root,file={rootfs},format=raw,cache=writeback,discard=ignore")
         } else {
             // A private, throwaway qcow2 overlay (in $TMPDIR) over the read-only base.
@@ -381,6 +453,11 @@ impl Launch<'_> {
         ]);
         if !parent {
             a.extend(["-incoming".into(), "defer".into()]);
+            if spec.parent.is_some() {
+                // A branch's vmstate is device state only (QMP xen-save-devices-state), which
+                // has no configuration section.
+                a.extend(["-global".into(), "migration.send-configuration=off".into()]);
+            }
             if let Some(c) = self.confine {
                 a.extend(c.args());
             }

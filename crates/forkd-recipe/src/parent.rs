@@ -262,6 +262,7 @@ fn smoke(
             ready_timeout: Duration::from_secs(300),
             interrupt: Interrupt::install(),
             on_child: None,
+            layers: None,
         };
         let report = forkd_engine::fork::fork(dir, qemu, &opts).map_err(|source| {
             ParentError::SmokeFork {

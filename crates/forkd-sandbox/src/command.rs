@@ -105,16 +105,23 @@ pub struct Running {
     finished: bool,
     /// Events still to hand out (an old agent's output, replayed from its final reply).
     queued: std::collections::VecDeque<OutputEvent>,
+    /// The sandbox's busy lock, held shared while the command runs (a snapshot refuses).
+    _busy: Option<forkd_store::FileLock>,
 }
 
 impl Running {
-    pub(crate) fn new(agent: AgentClient, stream: ExecStream) -> Running {
+    pub(crate) fn new(
+        agent: AgentClient,
+        stream: ExecStream,
+        busy: Option<forkd_store::FileLock>,
+    ) -> Running {
         Running {
             agent,
             stream,
             pid: None,
             finished: false,
             queued: Default::default(),
+            _busy: busy,
         }
     }
 

@@ -20,6 +20,8 @@ pub enum SandboxError {
     Paused(String),
     #[error("sandbox {0} has stopped")]
     Stopped(String),
+    #[error("sandbox {0} is busy: a command runs in it, or another snapshot of it is being taken")]
+    Busy(String),
     #[error("{0}")]
     Capacity(Box<Capacity>),
     #[error("the guest refused: {message}")]
@@ -78,7 +80,18 @@ impl SandboxError {
             NoSuchSandbox(_) | NoSuchCommand { .. } | NoSuchImage(_) => ErrorKind::NotFound,
             Store(forkd_store::StoreError::NotFound(_)) => ErrorKind::NotFound,
             BadRequest { .. } => ErrorKind::BadRequest,
-            Paused(_) | Stopped(_) | OldAgent { .. } => ErrorKind::Conflict,
+            Paused(_) | Stopped(_) | Busy(_) | OldAgent { .. } => ErrorKind::Conflict,
+            Image(e) if matches!(**e, forkd_engine::image::ImageError::Store(forkd_store::StoreError::Exists(_))) => {
+                ErrorKind::Conflict
+            }
+            Image(e)
+                if matches!(
+                    **e,
+                    forkd_engine::image::ImageError::Engine(EngineError::ParentMissing { .. })
+                ) =>
+            {
+                ErrorKind::NotFound
+            }
             Capacity(_) => ErrorKind::Capacity,
             Guest { .. } => ErrorKind::Guest,
             Timeout(_) | StillRunning(_) => ErrorKind::Timeout,
@@ -116,6 +129,7 @@ impl SandboxError {
                  or build it (`forkd build recipes/{t}`); `forkd images list` shows what is local"
             ),
             Paused(id) => format!("resume it first: POST /v1/sandboxes/{id}/resume"),
+            Busy(_) => "wait for its commands to finish (or kill them), then retry".into(),
             OldAgent { image, .. } => format!(
                 "rebuild the image with this forkd (`forkd build recipes/{image}`, or `forkd build-tiny` for tiny) \
                  or pull a newer version"

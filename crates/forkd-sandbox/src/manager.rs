@@ -233,6 +233,8 @@ impl Manager {
             ready_timeout: self.inner.ready_timeout,
             interrupt: Interrupt::never(),
             on_child,
+            layers: forkd_engine::branch::layers(&self.inner.store, &snap)
+                .map_err(|e| SandboxError::Image(Box::new(e.into())))?,
         };
         let (report, guards) = forkd_engine::fork::fork_owned(&snap.dir, &qemu, &opts)?;
         let created = now_unix();
@@ -286,6 +288,22 @@ impl Manager {
         let sb = Arc::new(Sandbox::new(rec, meta, vm, false));
         self.table_mut().insert(sb.id().to_string(), sb.clone());
         Ok(sb)
+    }
+
+    /// Save the running sandbox `id` as the image `tag` (see [`Sandbox::snapshot`]).
+    pub fn snapshot(
+        &self,
+        id: &str,
+        tag: &str,
+        overwrite: forkd_store::Overwrite,
+    ) -> Result<forkd_engine::image::Branched> {
+        let tag = Tag::parse(tag).map_err(|e| SandboxError::BadRequest {
+            field: "tag",
+            reason: e.to_string(),
+        })?;
+        let sb = self.get(id)?;
+        let qemu = Qemu::locate(self.inner.qemu_path.as_deref())?;
+        sb.snapshot(&self.inner.store, &qemu, &tag, overwrite)
     }
 
     /// Every sandbox whose labels include all of `labels`, sorted by id.

@@ -8,6 +8,7 @@
 use crate::command::{BackgroundCommand, CommandRequest};
 use crate::error::{Result, SandboxError};
 use forkd_agent::{FileEntry, RunReply, feature};
+use forkd_engine::EngineError;
 use forkd_engine::child::VmGuard;
 use forkd_engine::mux::AgentClient;
 use forkd_engine::run::KeptChild;
@@ -312,8 +313,44 @@ impl Sandbox {
                 feature: feature::EXEC_STREAM,
             });
         }
+        let busy = self.busy()?;
         let stream = agent.exec_stream(x)?;
-        Ok(crate::command::Running::new(agent, stream))
+        Ok(crate::command::Running::new(agent, stream, Some(busy)))
+    }
+
+    /// The busy lock, shared: held by work in the guest, so that a snapshot refuses meanwhile.
+    fn busy(&self) -> Result<forkd_store::FileLock> {
+        let p = self.record.run_dir.join(forkd_engine::branch::BUSY_LOCK);
+        forkd_store::FileLock::shared(&p).map_err(|e| SandboxError::Io {
+            what: "cannot lock",
+            path: e.path,
+            source: e.source,
+        })
+    }
+
+    /// Save this sandbox, running, as the image `tag`: a branch of the image it was forked
+    /// from, holding only what changed (see `forkd_engine::branch`). The sandbox runs on.
+    pub fn snapshot(
+        &self,
+        store: &forkd_store::Store,
+        qemu: &forkd_engine::qemu::Qemu,
+        tag: &forkd_store::Tag,
+        overwrite: forkd_store::Overwrite,
+    ) -> Result<forkd_engine::image::Branched> {
+        use forkd_engine::image::ImageError;
+        let _one_at_a_time = lock(&self.control); // no pause or resume meanwhile
+        self.ensure_running()?;
+        if lock(&self.commands).values().any(|c| c.status().running) {
+            return Err(SandboxError::Busy(self.id().to_string()));
+        }
+        forkd_engine::image::branch_into_store(store, &self.record, tag, qemu, overwrite).map_err(
+            |e| match e {
+                ImageError::Snapshot(EngineError::ChildBusy(id)) => SandboxError::Busy(id),
+                ImageError::Snapshot(EngineError::ChildPaused(id)) => SandboxError::Paused(id),
+                ImageError::Snapshot(EngineError::NoSuchChild(id)) => SandboxError::Stopped(id),
+                e => SandboxError::Image(Box::new(e)),
+            },
+        )
     }
 
     /// Start a command that keeps running whatever the caller does.
@@ -364,6 +401,7 @@ impl Sandbox {
     /// Code for the warm worker.
     pub fn run_code(&self, code: &str, timeout: Option<Duration>) -> Result<RunReply> {
         let t = timeout.unwrap_or(CALL_TIMEOUT);
+        let _busy = self.busy()?;
         Ok(self.agent()?.run(code, t)?)
     }
 

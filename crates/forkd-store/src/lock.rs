@@ -30,6 +30,17 @@ impl FileLock {
         })
     }
 
+    /// Take a shared lock on `path` (created if missing), waiting while someone holds it
+    /// exclusively. Many holders may share it; [`FileLock::try_exclusive`] fails while any does.
+    pub fn shared(path: &Path) -> Result<FileLock, PathError> {
+        let file = open_or_create(path)?;
+        file.lock_shared().at("cannot lock", path)?;
+        Ok(FileLock {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
     /// Take the exclusive lock on `path` (created if missing) without waiting: `Ok(None)` when
     /// another process holds it.
     pub fn try_exclusive(path: &Path) -> Result<Option<FileLock>, PathError> {

@@ -8,8 +8,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// The newest manifest / pack format this forkd understands.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest manifest / pack format this forkd understands: 2 adds a parent (a branch).
+pub const FORMAT_VERSION: u32 = 2;
+/// The format of an image without a parent. It is still written as 1, so that a forkd that
+/// knows only version 1 reads every image it could use.
+pub const PLAIN_FORMAT_VERSION: u32 = 1;
+/// The format of an image with a parent (a branch, docs/PACK-FORMAT.md section 6).
+pub const BRANCH_FORMAT_VERSION: u32 = 2;
 /// The name of the manifest inside an image directory and as the first pack entry.
 pub const MANIFEST_NAME: &str = "manifest.toml";
 /// Ceiling for one file and for the sum of all files (1 TiB).
@@ -40,9 +45,14 @@ pub struct Manifest {
     pub created_at: jiff::Timestamp,
     /// The forkd version that made the snapshot.
     pub forkd_version: String,
-    /// Reserved for diff snapshots; must be absent or empty in format version 1.
+    /// The parent of a branch, as `NAME:VERSION` where it was made (informative: the parent
+    /// is found by `parent_digest`). Absent or empty in format version 1, required in 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_tag: Option<String>,
+    /// The parent's [`Manifest::digest`] (`sha256:<64 hex>`): which image this one changes.
+    /// Format version 2 only, and required there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_digest: Option<String>,
     pub engine: EngineInfo,
     /// Free-form metadata (licences, recipe, source URL, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -107,6 +117,15 @@ pub fn valid_file_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// `sha256:` and 64 lowercase hex digits.
+pub fn is_digest(s: &str) -> bool {
+    s.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 fn check_text(field: &str, value: &str, required: bool, max: usize) -> Result<(), ManifestError> {
@@ -182,10 +201,25 @@ impl Manifest {
                 MAX_TOTAL_SIZE >> 20
             ));
         }
-        if self.parent_tag.as_deref().is_some_and(|p| !p.is_empty()) {
+        let has_parent = self.parent_tag.as_deref().is_some_and(|p| !p.is_empty())
+            || self.parent_digest.is_some();
+        if self.format_version < BRANCH_FORMAT_VERSION && has_parent {
             return invalid(
                 "`parent_tag` is reserved for diff snapshots and must be empty in format version 1",
             );
+        }
+        if self.format_version >= BRANCH_FORMAT_VERSION {
+            let tag = self.parent_tag.as_deref().unwrap_or("");
+            check_text("parent_tag", tag, true, 256)?;
+            match self.parent_digest.as_deref() {
+                Some(d) if is_digest(d) => {}
+                Some(d) => {
+                    return invalid(format!(
+                        "`parent_digest` must be sha256:<64 lowercase hex>, got {d:?}"
+                    ));
+                }
+                None => return invalid("format version 2 needs `parent_digest`"),
+            }
         }
         if self.labels.len() > 256 {
             return invalid("more than 256 labels");
@@ -241,6 +275,32 @@ impl Manifest {
         toml::to_string(self).map_err(|e| ManifestError::Invalid(e.to_string()))
     }
 
+    /// The image's identity: `sha256:` of the list of its files (`NAME SIZE SHA256` lines in
+    /// name order, after a `forkd-image/1` line). Only content counts, not the name, version,
+    /// dates or labels: the same files installed under any tag have the same digest, which is
+    /// how a branch finds its parent (docs/PACK-FORMAT.md section 6).
+    pub fn digest(&self) -> String {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(b"forkd-image/1\n");
+        for (name, f) in &self.files {
+            h.update(format!("{name} {} {}\n", f.size, f.sha256).as_bytes());
+        }
+        format!("sha256:{}", hex::encode(h.finalize()))
+    }
+
+    /// Whether this image is a branch (it names a parent).
+    pub fn is_branch(&self) -> bool {
+        self.parent_digest.is_some()
+    }
+
+    /// Make this manifest a branch of `parent` (known locally as `parent_tag`).
+    pub fn set_parent(&mut self, parent_tag: &str, parent: &Manifest) {
+        self.format_version = BRANCH_FORMAT_VERSION;
+        self.parent_tag = Some(parent_tag.to_string());
+        self.parent_digest = Some(parent.digest());
+    }
+
     /// Sum of the logical sizes of all listed files.
     pub fn total_size(&self) -> u64 {
         self.files.values().map(|f| f.size).sum()
@@ -249,7 +309,7 @@ impl Manifest {
     /// A manifest with the current forkd version, `created_at` = now and no files yet.
     pub fn new(name: &str, version: &str, memory_mib: u64, engine: EngineInfo) -> Manifest {
         Manifest {
-            format_version: FORMAT_VERSION,
+            format_version: PLAIN_FORMAT_VERSION,
             name: name.to_string(),
             version: version.to_string(),
             description: String::new(),
@@ -260,6 +320,7 @@ impl Manifest {
                 .unwrap_or_else(|_| jiff::Timestamp::now()),
             forkd_version: crate::FORKD_VERSION.to_string(),
             parent_tag: None,
+            parent_digest: None,
             engine,
             labels: BTreeMap::new(),
             files: BTreeMap::new(),

@@ -49,6 +49,14 @@ pub enum StoreError {
     },
     #[error("cannot install: {0}")]
     Staging(String),
+    #[error(
+        "`{tag}` is the parent of {}: {} cannot fork without it", children.len(), children.join(", ")
+    )]
+    HasChildren {
+        tag: Tag,
+        /// The tags of the branches made from it (directly).
+        children: Vec<String>,
+    },
     #[error(transparent)]
     NoHome(#[from] NoHome),
 }
@@ -324,6 +332,49 @@ impl Store {
         })
     }
 
+    /// The installed image whose [`Manifest::digest`] is `digest` (the first by tag when the
+    /// same content is installed under several tags), if any.
+    pub fn find_by_digest(&self, digest: &str) -> Result<Option<Snapshot>, StoreError> {
+        Ok(self.images()?.into_iter().find(|s| s.manifest.digest() == digest))
+    }
+
+    /// The tags of the images that name `tag` as their parent (branches made from it).
+    pub fn children_of(&self, tag: &Tag) -> Result<Vec<Tag>, StoreError> {
+        let digest = self.get(tag)?.manifest.digest();
+        // Another tag with the same content would serve the branches as well.
+        let twins = self
+            .images()?
+            .into_iter()
+            .filter(|s| s.tag != *tag && s.manifest.digest() == digest)
+            .count();
+        if twins > 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .images()?
+            .into_iter()
+            .filter(|s| s.manifest.parent_digest.as_deref() == Some(digest.as_str()))
+            .map(|s| s.tag)
+            .collect())
+    }
+
+    /// Every image that parses, sorted by tag (no sizes: see [`Store::list`]).
+    fn images(&self) -> Result<Vec<Snapshot>, StoreError> {
+        let dir = self.images_dir();
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).at("cannot read", &dir)? {
+            let entry = entry.at("cannot read", &dir)?;
+            let Some(tag) = entry.file_name().to_str().and_then(|n| Tag::parse(n).ok()) else {
+                continue;
+            };
+            if let Ok(s) = self.get(&tag) {
+                out.push(s);
+            }
+        }
+        out.sort_by(|a, b| a.tag.cmp(&b.tag));
+        Ok(out)
+    }
+
     /// Where the image `tag` came from (`origin.json`), if it was pulled.
     pub fn origin(&self, tag: &Tag) -> Result<Option<crate::Origin>, StoreError> {
         let dir = self.images_dir().join(tag.as_str());
@@ -360,13 +411,34 @@ impl Store {
         Ok(out)
     }
 
-    /// Remove the image `tag` (atomically: it disappears at once, then is deleted).
+    /// Remove the image `tag` (atomically: it disappears at once, then is deleted). An image
+    /// that branches were made from is refused ([`StoreError::HasChildren`]): see
+    /// [`Store::remove_even_parent`].
     pub fn remove(&self, tag: &Tag) -> Result<(), StoreError> {
+        self.remove_inner(tag, false)
+    }
+
+    /// [`Store::remove`], also when branches need the image (they will not fork until it is
+    /// installed again: `rmi --force`).
+    pub fn remove_even_parent(&self, tag: &Tag) -> Result<(), StoreError> {
+        self.remove_inner(tag, true)
+    }
+
+    fn remove_inner(&self, tag: &Tag, even_parent: bool) -> Result<(), StoreError> {
         let dir = self.images_dir().join(tag.as_str());
         let aside = {
             let _lock = self.lock()?;
             if !dir.join(MANIFEST_NAME).exists() {
                 return Err(StoreError::NotFound(tag.clone()));
+            }
+            if !even_parent {
+                let children = self.children_of(tag)?;
+                if !children.is_empty() {
+                    return Err(StoreError::HasChildren {
+                        tag: tag.clone(),
+                        children: children.iter().map(|t| t.to_string()).collect(),
+                    });
+                }
             }
             let aside = self.move_aside(&dir)?;
             sync_dir(&self.images_dir())?;

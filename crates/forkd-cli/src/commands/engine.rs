@@ -329,6 +329,7 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
             Box::new(move |_: &forkd_engine::child::ChildReport| pb.inc(1))
                 as forkd_engine::fork::OnChild
         }),
+        layers: forkd_engine::branch::layers(&store, &snap)?,
     };
     let result = forkd_engine::fork::fork(&snap.dir, &qemu, &opts);
     if let Some(pb) = &progress {

@@ -136,6 +136,7 @@ pub fn fork_options(n: usize, shell: Option<&str>, run_root: &Path) -> ForkOptio
         ready_timeout: Duration::from_secs(120),
         interrupt: Interrupt::never(),
         on_child: None,
+        layers: None,
     }
 }
 
