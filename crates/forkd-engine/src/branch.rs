@@ -149,10 +149,25 @@ fn cache_path(store: &Store, digest: &str) -> PathBuf {
         .join("memory.bin")
 }
 
-/// Remove what [`materialise`] built for `snap` (after `rmi`); it is rebuilt when needed.
-pub fn forget(store: &Store, snap: &Snapshot) {
-    if let Some(dir) = cache_path(store, &snap.manifest.digest()).parent() {
-        let _ = std::fs::remove_dir_all(dir);
+/// Remove the memory [`materialise`] built for branches that are no longer installed (after
+/// `rmi`, or a branch replaced by `--force`). Built memory of installed branches stays.
+pub fn sweep_cache(store: &Store) {
+    let root = store.home().cache_dir().join("memory");
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return;
+    };
+    let installed: HashSet<String> = store
+        .list()
+        .unwrap_or_default()
+        .iter()
+        .map(|i| i.manifest.digest())
+        .collect();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !installed.contains(&format!("sha256:{name}")) {
+            // A directory we made (no link is followed by remove_dir_all).
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 
@@ -337,7 +352,7 @@ pub fn take(src: &BranchSource<'_>, qemu_img: &Path, out: &Path) -> Result<Branc
         .create_new(true)
         .open(&state_path)
         .at("cannot create", &state_path)?;
-    let disk_src = overlay_of(&mut qmp, &child.run_dir)?;
+    let disk_src = overlay_of(child.pid, &child.run_dir)?;
     let disk_path = out.join(DISK_FILE);
 
     // The pause: nothing in here may wait on the guest.
@@ -418,25 +433,30 @@ pub fn take(src: &BranchSource<'_>, qemu_img: &Path, out: &Path) -> Result<Branc
     })
 }
 
-/// The child's disk overlay (QEMU's `snapshot=on` temporary qcow2): QEMU names it, so the name
-/// is checked to be a plain file directly in the child's run directory before it is read.
-fn overlay_of(qmp: &mut Qmp, run_dir: &Path) -> Result<PathBuf> {
-    let blocks = qmp.execute("query-block", None)?;
-    let file = blocks
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|b| b["device"] == "root")
-        .and_then(|b| b["inserted"]["image"]["filename"].as_str())
-        .ok_or_else(|| EngineError::Qmp("query-block: no disk overlay for `root`".into()))?;
-    let path = PathBuf::from(file);
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    if path.parent() != Some(run_dir) || name.is_empty() || name.starts_with('.') {
-        return Err(EngineError::Qmp(format!(
-            "the child's disk overlay {file:?} is not in its run directory"
-        )));
+/// The child's disk overlay: the temporary qcow2 QEMU made for `snapshot=on` in the child's
+/// run directory (`vl.XXXXXX`) and unlinked at once. It is reached through QEMU's own open
+/// descriptor (`/proc/PID/fd/N`), taken only when that descriptor is a regular file that was
+/// created directly in the run directory.
+fn overlay_of(pid: u32, run_dir: &Path) -> Result<PathBuf> {
+    let fds = PathBuf::from(format!("/proc/{pid}/fd"));
+    let want = format!("{}/vl.", run_dir.display());
+    for entry in std::fs::read_dir(&fds).at("cannot read", &fds)?.flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let t = target.to_string_lossy();
+        let name = t.trim_end_matches(" (deleted)");
+        if name.starts_with(&want)
+            && !name[want.len()..].contains('/')
+            && std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file())
+        {
+            return Ok(entry.path());
+        }
     }
-    Ok(path)
+    Err(EngineError::Qmp(format!(
+        "QEMU (pid {pid}) has no disk overlay open in {}",
+        run_dir.display()
+    )))
 }
 
 /// QMP `xen-save-devices-state` into `file`: every device's state and no RAM, written by
@@ -457,9 +477,9 @@ fn save_devices(qmp: &mut Qmp, file: &File) -> Result<()> {
     saved.map(|_| ())
 }
 
-/// Copy `src` (opened without following a link) to a new private file `dst`.
+/// Copy `src` (QEMU's descriptor of the overlay, see [`overlay_of`]) to a new private file.
 fn copy_file(src: &Path, dst: &Path) -> Result<()> {
-    let mut from = forkd_store::open_nofollow(src).at("cannot open", src)?;
+    let mut from = File::open(src).at("cannot open", src)?;
     let mut to = forkd_store::private_options()
         .write(true)
         .create_new(true)

@@ -247,6 +247,7 @@ pub fn branch_into_store(
     manifest.base_image = parent.manifest.base_image.clone();
     manifest.labels = parent.manifest.labels.clone();
     let snapshot = staging.commit(tag, &manifest, overwrite)?;
+    crate::branch::sweep_cache(store); // the memory of a branch this one replaced
     // Build its memory now, so that its first fork starts as fast as any.
     if let Err(e) = crate::branch::layers(store, &snapshot) {
         tracing::warn!("branch {tag} saved, but its memory could not be built yet: {e}");

@@ -51,6 +51,51 @@ pub struct PullRequest {
     pub insecure: bool,
 }
 
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The new image's tag (`[a-z0-9][a-z0-9._-]*`).
+    pub tag: String,
+    /// Replace an existing image with that tag.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A branch: a running sandbox saved as an image that holds only what changed.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Branch {
+    /// The new image's tag; create sandboxes from it as from any image.
+    pub tag: String,
+    /// The image the sandbox was forked from (the branch's parent).
+    pub parent: String,
+    /// The branch's content digest (`sha256:…`).
+    pub digest: String,
+    /// How long the sandbox was paused while its state was read.
+    pub pause_ms: u64,
+    /// Guest memory pages the sandbox had written, and of those the pages that differ from
+    /// the parent's (what the branch stores).
+    pub dirty_pages: u64,
+    pub own_pages: u64,
+    /// Bytes of disk changes.
+    pub disk_bytes: u64,
+    pub total_ms: u64,
+}
+
+impl From<forkd_engine::image::Branched> for Branch {
+    fn from(b: forkd_engine::image::Branched) -> Self {
+        Branch {
+            tag: b.snapshot.tag.to_string(),
+            parent: b.parent.to_string(),
+            digest: b.snapshot.manifest.digest(),
+            pause_ms: b.output.pause_ms,
+            dirty_pages: b.output.dirty_pages,
+            own_pages: b.output.own_pages,
+            disk_bytes: b.output.disk_bytes,
+            total_ms: b.output.total_ms,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Sandbox {
     pub id: String,

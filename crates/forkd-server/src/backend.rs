@@ -136,6 +136,27 @@ impl Backend {
         }
     }
 
+    /// Save the running sandbox `id` as the image `tag`, a branch (it runs on).
+    pub fn snapshot(
+        &self,
+        id: &str,
+        tag: &str,
+        overwrite: forkd_store::Overwrite,
+    ) -> Result<api::Branch> {
+        match self {
+            Backend::Daemon(c) => {
+                let body = json!({ "tag": tag, "force": overwrite == forkd_store::Overwrite::Yes });
+                let v: Value = c.json(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/snapshot", q(id)),
+                    Some(&body),
+                )?;
+                Ok(serde_json::from_value(v).map_err(|e| ClientError::Decode(e.to_string()))?)
+            }
+            Backend::Local(m) => Ok(m.snapshot(id, tag, overwrite)?.into()),
+        }
+    }
+
     /// Run a command, handing each output event to `on_event` as it comes.
     pub fn exec(
         &self,

@@ -107,6 +107,7 @@ pub enum ServeError {
         routes::delete_sandbox,
         routes::pause,
         routes::resume,
+        routes::snapshot_sandbox,
         routes::run_command,
         routes::list_commands,
         routes::get_command,
@@ -158,6 +159,7 @@ fn router(st: Arc<AppState>) -> Router {
         )
         .route("/v1/sandboxes/{id}/pause", post(routes::pause))
         .route("/v1/sandboxes/{id}/resume", post(routes::resume))
+        .route("/v1/sandboxes/{id}/snapshot", post(routes::snapshot_sandbox))
         .route(
             "/v1/sandboxes/{id}/commands",
             post(routes::run_command).get(routes::list_commands),

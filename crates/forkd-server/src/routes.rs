@@ -382,6 +382,24 @@ pub async fn resume(State(st): S, Path(id): Path<String>) -> ApiResult<axum::Jso
     Ok(axum::Json(sb.info().into()))
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshot", request_body = SnapshotRequest,
+    responses((status = 201, body = Branch), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "paused, busy, stopped, or the tag exists")))]
+pub async fn snapshot_sandbox(
+    State(st): S,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<SnapshotRequest>,
+) -> ApiResult<(StatusCode, axum::Json<Branch>)> {
+    let mgr = st.mgr.clone();
+    let overwrite = if body.force {
+        forkd_store::Overwrite::Yes
+    } else {
+        forkd_store::Overwrite::No
+    };
+    let b = blocking(move || mgr.snapshot(&id, &body.tag, overwrite)).await?;
+    Ok((StatusCode::CREATED, axum::Json(b.into())))
+}
+
 // --- commands -------------------------------------------------------------------------------
 
 fn command_request(b: CommandBody) -> ApiResult<CommandRequest> {

@@ -20,11 +20,18 @@ use output::print_report;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
-    /// Boot a parent VM, warm it up, and save it as a snapshot in the store
+    /// Boot a parent VM, warm it up, and save it as a snapshot in the store; or save a running
+    /// child as a branch (--from)
     #[command(after_help = "Examples:\n  \
         forkd snapshot --tag mine --kernel vmlinuz --initrd initrd.img --rootfs rootfs.ext4\n  \
         forkd snapshot --tag py --kernel K --initrd I --rootfs R --warm python --preload 'import numpy'\n  \
-        forkd snapshot --tag mine --kernel K --rootfs R --warmup 'echo ready > /run/x' --force")]
+        forkd snapshot --tag mine --kernel K --rootfs R --warmup 'echo ready > /run/x' --force\n  \
+        forkd snapshot --from tiny-3fa2c1-0 --tag tiny-step1     # branch a kept child (forkd ps)\n  \
+        forkd fork --tag tiny-step1 -n 5                          # its children start from its state\n\n\
+        With --from, the child is paused only while its state is read (tens of ms) and runs on. \
+        The branch stores only the memory pages and disk blocks that differ from the image the \
+        child was forked from, and needs that image (its parent) to fork: `forkd images list` \
+        shows the chain, and `forkd push`/`pull` move the parents with it.")]
     Snapshot(SnapshotArgs),
     /// Snapshot the tiny recipe (busybox + agent) built by recipes/tiny/build.sh
     #[command(after_help = "Examples:\n  \
@@ -55,12 +62,15 @@ pub enum Cmd {
 pub struct SnapshotArgs {
     #[arg(long)]
     tag: String,
-    #[arg(long, value_name = "FILE")]
-    kernel: PathBuf,
+    /// Save this running child (an id from `forkd ps`) as a branch instead of booting a parent
+    #[arg(long, value_name = "CHILD_ID", conflicts_with_all = ["kernel", "initrd", "rootfs", "warmup", "warm", "preload", "cmdline"])]
+    from: Option<String>,
+    #[arg(long, value_name = "FILE", required_unless_present = "from")]
+    kernel: Option<PathBuf>,
     #[arg(long, value_name = "FILE")]
     initrd: Option<PathBuf>,
-    #[arg(long, value_name = "FILE")]
-    rootfs: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "from")]
+    rootfs: Option<PathBuf>,
     #[arg(long, default_value_t = 256)]
     mem_mib: u64,
     #[arg(long, default_value_t = 1)]
@@ -80,6 +90,9 @@ pub struct SnapshotArgs {
     /// Replace an existing tag
     #[arg(long)]
     force: bool,
+    /// With --from: print what was saved as JSON
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     vm: VmArgs,
 }
@@ -148,16 +161,20 @@ fn locate_qemu(vm: &VmArgs) -> anyhow::Result<Qemu> {
 
 pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
     match cmd {
+        Cmd::Snapshot(a) if a.from.is_some() => branch(ctx, a),
         Cmd::Snapshot(a) => {
             let warm = a.warm.as_ref().map(|k| forkd_agent::WarmRequest {
                 kind: Some(k.clone()),
                 argv: None,
                 preload: a.preload.clone(),
             });
+            let (Some(kernel), Some(rootfs)) = (a.kernel, a.rootfs) else {
+                bail!("--kernel and --rootfs are needed (or --from CHILD_ID)");
+            };
             let opts = SnapshotOptions {
-                kernel: a.kernel,
+                kernel,
                 initrd: a.initrd,
-                rootfs: a.rootfs,
+                rootfs,
                 mem_mib: a.mem_mib,
                 vcpus: a.vcpus,
                 cmdline: a.cmdline,
@@ -225,6 +242,36 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `snapshot --from CHILD`: a branch of a running child, through the daemon when one runs.
+fn branch(ctx: &Ctx, a: SnapshotArgs) -> anyhow::Result<()> {
+    let id = a.from.as_deref().unwrap_or_default();
+    let overwrite = if a.force {
+        Overwrite::Yes
+    } else {
+        Overwrite::No
+    };
+    let backend = super::sandbox::backend_with(ctx, Some(&a.vm))?;
+    let saved = backend
+        .snapshot(id, &a.tag, overwrite)
+        .map_err(super::sandbox::with_hint)
+        .with_context(|| format!("cannot snapshot child {id}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&saved)?);
+    } else if !ctx.quiet {
+        eprintln!(
+            "branch {} saved from {id} (a branch of {}): paused {} ms, {} changed pages ({}), \
+             disk changes {}",
+            saved.tag,
+            saved.parent,
+            saved.pause_ms,
+            saved.own_pages,
+            crate::report::human_bytes(saved.own_pages * 4096),
+            crate::report::human_bytes(saved.disk_bytes),
+        );
+    }
+    Ok(())
 }
 
 fn snapshot(

@@ -139,12 +139,17 @@ pub(super) fn manager(
 
 /// The daemon if one answers, else the library directly.
 pub(super) fn backend(ctx: &Ctx) -> anyhow::Result<Backend> {
+    backend_with(ctx, None)
+}
+
+/// [`backend`], with the QEMU and accelerator of `vm` for the library.
+pub(super) fn backend_with(
+    ctx: &Ctx,
+    vm: Option<&super::vm::VmArgs>,
+) -> anyhow::Result<Backend> {
     let store = ctx.store()?;
     let socket = store.home().socket();
-    Ok(Backend::open(
-        manager(ctx, Ownership::Visitor, None)?,
-        &socket,
-    ))
+    Ok(Backend::open(manager(ctx, Ownership::Visitor, vm)?, &socket))
 }
 
 pub(super) fn with_hint(e: BackendError) -> anyhow::Error {

@@ -273,6 +273,7 @@ fn rmi(ctx: &Ctx, names: &[ImageName], force: bool) -> anyhow::Result<()> {
         let t = &t;
         match store.remove(t) {
             Ok(()) => {
+                forkd_engine::branch::sweep_cache(&store);
                 if !ctx.quiet {
                     println!("removed {t}");
                 }

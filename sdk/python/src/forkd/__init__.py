@@ -38,6 +38,7 @@ from .errors import (
     Unauthorized,
 )
 from .models import (
+    BranchInfo,
     CommandOutput,
     CommandResult,
     CommandStatus,
@@ -69,6 +70,7 @@ __all__ = [
     "FileEntry",
     "WriteInfo",
     "SandboxInfo",
+    "BranchInfo",
     "ImageInfo",
     "Health",
     "ForkdError",

@@ -14,6 +14,7 @@ import codecs
 import json
 import math
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
@@ -45,6 +46,7 @@ from .models import (
     FileEntry,
     Health,
     ImageInfo,
+    BranchInfo,
     SandboxInfo,
     WriteInfo,
 )
@@ -545,6 +547,23 @@ def op_pause(sid: str) -> Op[SandboxInfo]:
 
 def op_resume(sid: str) -> Op[SandboxInfo]:
     return _json(Request("POST", f"{_sb(sid)}/resume"))
+
+
+def op_snapshot(sid: str, tag: str, force: bool = False) -> Op[BranchInfo]:
+    return _json(
+        Request(
+            "POST",
+            f"{_sb(sid)}/snapshot",
+            json={"tag": tag, "force": force},
+            read_timeout=600.0,
+        )
+    )
+
+
+def branch_tag(image: str) -> str:
+    """A fresh tag for a branch of a sandbox of ``image`` (``OWNER/NAME:V`` → ``NAME-br-…``)."""
+    name = image.rsplit("/", 1)[-1].split(":", 1)[0].split("@", 1)[0] or "sandbox"
+    return f"{name[:80]}-br-{secrets.token_hex(4)}"
 
 
 def command_body(

@@ -32,6 +32,7 @@ from ._core import DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_TIMEOUT_S, Op, Request, Re
 from .client import STALE_CONNECTION, http_timeout, transport_error
 from .errors import ForkdError, ForkError
 from .models import (
+    BranchInfo,
     CommandOutput,
     CommandResult,
     CommandStatus,
@@ -374,6 +375,25 @@ class AsyncSandbox(core.SandboxView):
     async def resume(self) -> AsyncSandbox:
         self.info = await self.client._run(core.op_resume(self.id))
         return self
+
+    async def snapshot(self, tag: str | None = None, *, force: bool = False) -> BranchInfo:
+        """See :meth:`forkd.Sandbox.snapshot`."""
+        return await self.client._run(
+            core.op_snapshot(self.id, tag or core.branch_tag(self.image), force)
+        )
+
+    async def branch(
+        self,
+        count: int = 1,
+        *,
+        tag: str | None = None,
+        env: Mapping[str, str] | None = None,
+        ttl_s: float | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[AsyncSandbox]:
+        """See :meth:`forkd.Sandbox.branch`."""
+        b = await self.snapshot(tag)
+        return await self.client.fork(b["tag"], count, env=env, ttl_s=ttl_s, labels=labels)
 
     async def kill(self) -> bool:
         try:

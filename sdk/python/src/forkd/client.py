@@ -18,6 +18,7 @@ from . import _core as core
 from ._core import DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_TIMEOUT_S, Op, Request, Response, T, Target
 from .errors import DaemonUnavailable, ForkdError, ForkError, ProtocolError, TimeoutError_
 from .models import (
+    BranchInfo,
     CommandOutput,
     CommandResult,
     CommandStatus,
@@ -358,6 +359,30 @@ class Sandbox(core.SandboxView):
     def resume(self) -> Sandbox:
         self.info = self.client._run(core.op_resume(self.id))
         return self
+
+    def snapshot(self, tag: str | None = None, *, force: bool = False) -> BranchInfo:
+        """Save this sandbox, running, as the image ``tag`` (a fresh name if ``None``): a branch
+        that stores only what changed since the image it was forked from. The sandbox is paused
+        only while its state is read and runs on. Fork the returned ``tag`` like any image.
+        ``Conflict`` if it is paused, busy (a command runs) or the tag exists (unless ``force``).
+        """
+        return self.client._run(core.op_snapshot(self.id, tag or core.branch_tag(self.image), force))
+
+    def branch(
+        self,
+        count: int = 1,
+        *,
+        tag: str | None = None,
+        env: Mapping[str, str] | None = None,
+        ttl_s: float | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[Sandbox]:
+        """:meth:`snapshot` then fork ``count`` children of it: each starts from this sandbox's
+        state now (memory, processes, files), and they are independent of it and of each other.
+        The branch image stays in the store (``tag``, or the generated one in each child's
+        ``image``)."""
+        b = self.snapshot(tag)
+        return self.client.fork(b["tag"], count, env=env, ttl_s=ttl_s, labels=labels)
 
     def kill(self) -> bool:
         """Kill the sandbox (its QEMU, sockets and overlay go). False if it was already gone."""

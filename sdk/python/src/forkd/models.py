@@ -13,6 +13,7 @@ from typing import Any, Mapping, TypedDict
 
 __all__ = [
     "SandboxInfo",
+    "BranchInfo",
     "ImageInfo",
     "Health",
     "CommandStatus",
@@ -38,6 +39,19 @@ class SandboxInfo(TypedDict, total=False):
     memory_mib: int
     restored_ms: int
     ready_ms: int
+
+
+class BranchInfo(TypedDict, total=False):
+    """A running sandbox saved as an image (``POST /v1/sandboxes/{id}/snapshot``)."""
+
+    tag: str  # the new image: fork it like any other
+    parent: str  # the image the sandbox was forked from
+    digest: str
+    pause_ms: int  # how long the sandbox was paused
+    dirty_pages: int
+    own_pages: int  # 4 KiB pages that differ from the parent's: what the branch stores
+    disk_bytes: int
+    total_ms: int
 
 
 class ImageInfo(TypedDict, total=False):

@@ -170,6 +170,25 @@ def build_server(url: str | None = None, token: str | None = None, home: str | N
 
     @server.tool()
     @_forkd_errors
+    async def branch_sandbox(sandbox_id: str, count: int = 1) -> str:
+        """Branch a running sandbox: save its current state (memory, processes, files) as a new
+        image and fork `count` new sandboxes from it. Each starts exactly where the source is
+        now; the source keeps running, and none sees the others' later changes. Returns the
+        branch image and the new sandboxes' ids."""
+        src = await client().get(sandbox_id)
+        b = await src.snapshot()
+        try:
+            sbs = await client().fork(b["tag"], count)
+        except ForkError as e:
+            sbs = e.sandboxes
+        return json.dumps(
+            {"image": b["tag"], "pause_ms": b.get("pause_ms"),
+             "sandboxes": [_summary(s.info) for s in sbs]},
+            indent=1,
+        )
+
+    @server.tool()
+    @_forkd_errors
     async def kill_sandbox(sandbox_id: str) -> str:
         """Kill a sandbox; its VM, disk and processes are gone."""
         gone = await client().kill(sandbox_id)
