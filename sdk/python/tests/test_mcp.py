@@ -48,6 +48,7 @@ async def test_mcp_stdio_session(daemon: Daemon, client: forkd.Client) -> None:
                 "write_file",
                 "list_sandboxes",
                 "kill_sandbox",
+                "branch_sandbox",
             }
             created = json.loads(
                 _text(await session.call_tool("create_sandbox", {"image": "tiny"}))
@@ -92,6 +93,20 @@ async def test_mcp_stdio_session(daemon: Daemon, client: forkd.Client) -> None:
                     )
                 )
                 assert code.strip() == "42"
+
+                # branch: two new sandboxes that start from this one's state
+                await session.call_tool("run_code", {"sandbox_id": sid, "code": "MCP_V=branched"})
+                br = json.loads(
+                    _text(await session.call_tool("branch_sandbox", {"sandbox_id": sid, "count": 2}))
+                )
+                kids = [s["id"] for s in br["sandboxes"]]
+                assert len(kids) == 2 and br["image"] and sid not in kids
+                for kid in kids:
+                    got = _text(
+                        await session.call_tool("run_code", {"sandbox_id": kid, "code": "echo $MCP_V"})
+                    )
+                    assert got.strip() == "branched"
+                    await session.call_tool("kill_sandbox", {"sandbox_id": kid})
 
                 bad = await session.call_tool(
                     "run_command", {"sandbox_id": "tiny-nope-0", "cmd": "true"}
