@@ -28,7 +28,16 @@ fn branch(home: &Path, id: &str, tag: &str) -> serde_json::Value {
 fn fork_exec(home: &Path, tag: &str, n: usize, script: &str) -> serde_json::Value {
     let out = ok_in(
         home,
-        &["fork", "--tag", tag, "-n", &n.to_string(), "--exec", script, "--json"],
+        &[
+            "fork",
+            "--tag",
+            tag,
+            "-n",
+            &n.to_string(),
+            "--exec",
+            script,
+            "--json",
+        ],
     );
     json(&out)
 }
@@ -68,7 +77,10 @@ fn a_running_child_is_branched_and_its_grandchildren_see_its_state() {
     let md5 = sh(h, &src, "cat /root/blob.md5");
     let b = branch(h, &src, "tiny-b");
     assert!(b["pause_ms"].as_u64().unwrap() < 5000, "{b}");
-    assert!(b["own_pages"].as_u64().unwrap() >= 1024, "4 MiB of new data: {b}");
+    assert!(
+        b["own_pages"].as_u64().unwrap() >= 1024,
+        "4 MiB of new data: {b}"
+    );
     // The source goes on running, unchanged.
     assert_eq!(sh(h, &src, "md5sum /run/blob"), md5);
 
@@ -86,7 +98,10 @@ fn a_running_child_is_branched_and_its_grandchildren_see_its_state() {
     // Writes in a grandchild are visible neither to its siblings nor to the source.
     let r = fork_exec(h, "tiny-b", 2, "cat /root/own.txt 2>&1 || echo none");
     for out in stdouts(&r) {
-        assert!(out.contains("none") || out.contains("No such file"), "{out}");
+        assert!(
+            out.contains("none") || out.contains("No such file"),
+            "{out}"
+        );
     }
     assert!(sh(h, &src, "cat /root/own.txt 2>&1 || echo none").contains("none"));
 
@@ -231,11 +246,7 @@ fn chains_are_checked_before_any_child_starts() {
     copy_dir(&h.join("images/tiny-b"), &o2.join("images/tiny-b"));
     let o = forkd_in(o2, &["fork", "--tag", "tiny-b", "-n", "1"]);
     assert!(!o.status.success());
-    assert!(
-        text(&o).contains("needs its parent tiny:1"),
-        "{}",
-        text(&o)
-    );
+    assert!(text(&o).contains("needs its parent tiny:1"), "{}", text(&o));
 
     // A cycle in hostile manifests: cyc-a names cyc-b as its parent (consistently, in its
     // manifest and engine.json), and cyc-b's manifest names cyc-a.
@@ -318,7 +329,11 @@ fn a_disk_full_mid_snapshot_leaves_no_half_image_and_the_child_runs_on() {
     let h = home.path();
     build_tiny_in(h);
     let id = keep_one(h, "tiny");
-    sh(h, &id, "dd if=/dev/urandom of=/run/blob bs=1M count=8 2>/dev/null; echo ok");
+    sh(
+        h,
+        &id,
+        "dd if=/dev/urandom of=/run/blob bs=1M count=8 2>/dev/null; echo ok",
+    );
     let before = images(h);
     // The store's staging area (tmp/) on a 2 MiB file system: the 8 MiB of changes do not fit.
     let tmp = h.join("tmp");

@@ -185,10 +185,13 @@ fn materialise(store: &Store, chain: &[Snapshot], specs: &[VmSpec]) -> Result<Pa
         return Ok(out);
     }
     let base = materialise(store, &chain[1..], &specs[1..])?;
-    forkd_store::private_dir(&dir.parent().expect("memory/"))?;
+    forkd_store::private_dir(dir.parent().expect("memory/"))?;
     forkd_store::private_dir(&dir)?;
     let _lock = forkd_store::FileLock::exclusive(&dir.join(".lock"), |_| {
-        tracing::info!("waiting for another forkd to build the memory of {}", snap.tag)
+        tracing::info!(
+            "waiting for another forkd to build the memory of {}",
+            snap.tag
+        )
     })?;
     if out.is_file() {
         return Ok(out);
@@ -200,7 +203,7 @@ fn materialise(store: &Store, chain: &[Snapshot], specs: &[VmSpec]) -> Result<Pa
     let bytes = spec.mem_bytes()?;
     let pages = read_bitmap(&snap.dir.join(&parent.pages), bytes / PAGE)?;
     let diff = forkd_store::open_nofollow(&snap.dir.join(&spec.memory))
-        .at("cannot open", &snap.dir.join(&spec.memory))?;
+        .at("cannot open", snap.dir.join(&spec.memory))?;
     let dst = forkd_store::private_options()
         .write(true)
         .open(&tmp)

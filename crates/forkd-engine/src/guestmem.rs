@@ -110,7 +110,9 @@ impl Mapping {
         let mut at = 0usize;
         for (first, n) in crate::branch::page_runs(pages) {
             if (first + n) * PAGE > self.len {
-                return Err(EngineError::Corrupt("page past the end of guest RAM".into()));
+                return Err(EngineError::Corrupt(
+                    "page past the end of guest RAM".into(),
+                ));
             }
             let len = (n * PAGE) as usize;
             f.read_exact_at(&mut out[at..at + len], self.start + first * PAGE)

@@ -229,8 +229,8 @@ pub fn branch_into_store(
         spec: &spec,
         memory: &memory,
     };
-    let output = crate::branch::take(&src, &qemu.img_path(), staging.dir())
-        .map_err(ImageError::Snapshot)?;
+    let output =
+        crate::branch::take(&src, &qemu.img_path(), staging.dir()).map_err(ImageError::Snapshot)?;
     let mut manifest = manifest_of(
         tag.as_str(),
         "1",

@@ -143,7 +143,10 @@ impl VmSpec {
             (SPEC_FORMAT, None) => {}
             (BRANCH_SPEC_FORMAT, Some(p)) => {
                 if !forkd_store::manifest::is_digest(&p.digest) {
-                    return Err(format!("parent digest {:?} is not sha256:<64 hex>", p.digest));
+                    return Err(format!(
+                        "parent digest {:?} is not sha256:<64 hex>",
+                        p.digest
+                    ));
                 }
                 if !forkd_store::manifest::valid_file_name(&p.pages) || p.pages == SPEC_FILE {
                     return Err(format!("bad file name {:?}", p.pages));
@@ -153,7 +156,11 @@ impl VmSpec {
                 return Err(format!(
                     "engine format {} {} a parent",
                     spec.format,
-                    if spec.parent.is_some() { "cannot have" } else { "needs" }
+                    if spec.parent.is_some() {
+                        "cannot have"
+                    } else {
+                        "needs"
+                    }
                 ));
             }
             (f, _) => {
@@ -418,7 +425,11 @@ impl Launch<'_> {
             let mut prefix = String::new();
             for (i, disk) in l.disks.iter().rev().enumerate() {
                 prefix.push_str("backing.");
-                let driver = if i + 1 == l.disks.len() { "raw" } else { "qcow2" };
+                let driver = if i + 1 == l.disks.len() {
+                    "raw"
+                } else {
+                    "qcow2"
+                };
                 d.push_str(&format!(
                     ",{prefix}driver={driver},{prefix}file.filename={}",
                     opt(disk)

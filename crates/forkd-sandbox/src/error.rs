@@ -81,7 +81,12 @@ impl SandboxError {
             Store(forkd_store::StoreError::NotFound(_)) => ErrorKind::NotFound,
             BadRequest { .. } => ErrorKind::BadRequest,
             Paused(_) | Stopped(_) | Busy(_) | OldAgent { .. } => ErrorKind::Conflict,
-            Image(e) if matches!(**e, forkd_engine::image::ImageError::Store(forkd_store::StoreError::Exists(_))) => {
+            Image(e)
+                if matches!(
+                    **e,
+                    forkd_engine::image::ImageError::Store(forkd_store::StoreError::Exists(_))
+                ) =>
+            {
                 ErrorKind::Conflict
             }
             Image(e)

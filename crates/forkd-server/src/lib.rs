@@ -159,7 +159,10 @@ fn router(st: Arc<AppState>) -> Router {
         )
         .route("/v1/sandboxes/{id}/pause", post(routes::pause))
         .route("/v1/sandboxes/{id}/resume", post(routes::resume))
-        .route("/v1/sandboxes/{id}/snapshot", post(routes::snapshot_sandbox))
+        .route(
+            "/v1/sandboxes/{id}/snapshot",
+            post(routes::snapshot_sandbox),
+        )
         .route(
             "/v1/sandboxes/{id}/commands",
             post(routes::run_command).get(routes::list_commands),

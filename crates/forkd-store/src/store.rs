@@ -335,7 +335,10 @@ impl Store {
     /// The installed image whose [`Manifest::digest`] is `digest` (the first by tag when the
     /// same content is installed under several tags), if any.
     pub fn find_by_digest(&self, digest: &str) -> Result<Option<Snapshot>, StoreError> {
-        Ok(self.images()?.into_iter().find(|s| s.manifest.digest() == digest))
+        Ok(self
+            .images()?
+            .into_iter()
+            .find(|s| s.manifest.digest() == digest))
     }
 
     /// The tags of the images that name `tag` as their parent (branches made from it).

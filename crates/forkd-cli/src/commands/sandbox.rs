@@ -143,13 +143,13 @@ pub(super) fn backend(ctx: &Ctx) -> anyhow::Result<Backend> {
 }
 
 /// [`backend`], with the QEMU and accelerator of `vm` for the library.
-pub(super) fn backend_with(
-    ctx: &Ctx,
-    vm: Option<&super::vm::VmArgs>,
-) -> anyhow::Result<Backend> {
+pub(super) fn backend_with(ctx: &Ctx, vm: Option<&super::vm::VmArgs>) -> anyhow::Result<Backend> {
     let store = ctx.store()?;
     let socket = store.home().socket();
-    Ok(Backend::open(manager(ctx, Ownership::Visitor, vm)?, &socket))
+    Ok(Backend::open(
+        manager(ctx, Ownership::Visitor, vm)?,
+        &socket,
+    ))
 }
 
 pub(super) fn with_hint(e: BackendError) -> anyhow::Error {
