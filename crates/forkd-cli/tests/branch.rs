@@ -367,3 +367,51 @@ fn a_disk_full_mid_snapshot_leaves_no_half_image_and_the_child_runs_on() {
     assert!(sh(h, &id, "echo alive").contains("alive"));
     kill_all_in(h);
 }
+
+#[test]
+fn a_chain_is_pushed_and_pulled_into_a_fresh_store_and_forked_there() {
+    let publisher = new_home();
+    let p = publisher.path();
+    build_tiny_in(p);
+    ok_in(p, &["-q", "key", "generate"]);
+    let id = keep_one(p, "tiny");
+    sh(
+        p,
+        &id,
+        "echo level1 > /root/l1.txt; dd if=/dev/urandom of=/run/r bs=1M count=2 2>/dev/null; \
+         md5sum /run/r > /root/r.md5",
+    );
+    branch(p, &id, "tiny-b1");
+    kill_all_in(p);
+    let id = keep_one(p, "tiny-b1");
+    sh(p, &id, "echo level2 > /root/l2.txt");
+    branch(p, &id, "tiny-b2");
+    kill_all_in(p);
+
+    let hub = new_home();
+    let url = format!("file://{}", hub.path().display());
+    ok_in(p, &["-q", "push", "tiny-b2", "acme/tiny-b2:1", "--hub", &url]);
+
+    let user = new_home();
+    let u = user.path();
+    let key = p.join("keys/forkd.pub");
+    ok_in(
+        u,
+        &["pull", "acme/tiny-b2:1", "--hub", &url, "--trust", key.to_str().unwrap()],
+    );
+    let got = images(u);
+    assert!(got.len() >= 3, "the parents did not come with the branch: {got:?}");
+    assert!(got.contains(&"tiny-b2".to_string()), "{got:?}");
+    let r = fork_exec(
+        u,
+        "tiny-b2",
+        2,
+        "cat /root/l1.txt /root/l2.txt; md5sum -c /root/r.md5",
+    );
+    for out in stdouts(&r) {
+        assert_eq!(out, "level1\nlevel2\n/run/r: OK\n");
+    }
+    for t in &got {
+        ok_in(u, &["verify", t]);
+    }
+}

@@ -1000,15 +1000,12 @@ fn children_of_a_fork_killed_mid_way_are_swept_by_the_next_forkd() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // kill -9: nothing in forkd runs to stop its children.
+    // kill -9: nothing in forkd runs to stop its children. Its reaper (a watcher process that
+    // sees forkd's end) kills the QEMUs it knew of; one caught between its spawn and being
+    // registered would outlive it.
     fork.kill().unwrap();
     fork.wait().unwrap();
-    assert_eq!(
-        qemu_pids_in(home.path()).len(),
-        3,
-        "the children should have outlived it"
-    );
-    // The next forkd that looks at the run directory finds them: their owner is dead.
+    // The next forkd that looks at the run directory finds whatever is left: its owner is dead.
     let o = forkd(home.path(), &["ps", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let t = Instant::now();
