@@ -109,6 +109,36 @@ pub struct ImageManifest {
     /// The snapshot's manifest.toml, verbatim.
     pub manifest_toml: String,
     pub files: Vec<FileEntry>,
+    /// A branch's parent on the hub (manifest.toml format version 2 only): where a pull finds
+    /// the image the branch was made from, by its digest pin. Absent for plain images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+}
+
+/// Where a branch's parent is on the hub (docs/HUB-LAYOUT.md section 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// `OWNER/NAME` of the parent.
+    pub image: String,
+    /// The VERSION it was pushed as (informative: pulls follow `digest`).
+    pub version: String,
+    /// The parent's image manifest digest; read from `tags/OWNER/NAME/_digests/<hex>.json`.
+    pub digest: String,
+}
+
+impl ParentRef {
+    /// The digest-pinned reference a pull follows (`OWNER/NAME@sha256:HEX`), checked.
+    pub fn reference(&self) -> Result<Reference, String> {
+        let r = Reference::parse(&format!("{}@{}", self.image, self.digest))
+            .map_err(|e| format!("its parent reference is not valid: {e}"))?;
+        if !crate::reference::is_version(&self.version) {
+            return Err(format!(
+                "its parent's version {:?} is not a valid VERSION",
+                self.version
+            ));
+        }
+        Ok(r)
+    }
 }
 
 impl ImageManifest {
