@@ -596,3 +596,76 @@ fn pack_of_a_branch_is_refused_and_unpack_needs_the_parent() {
     ok(&forkd(&w.c, &["unpack", branch_pack.to_str().unwrap()]));
     assert_eq!(tag_hashes(&w.c, "tiny-b"), tag_hashes(&w.p, "tiny-b"));
 }
+
+/// A parent signed by a key trusted for another owner only is refused: each link is checked
+/// with the trust rules of its own OWNER (here a hostile hub moved the parent to `evil/`,
+/// same key, same content).
+#[test]
+fn each_parent_is_checked_with_its_own_owners_trust() {
+    let w = World::new();
+    w.push("tiny-b", "acme/tiny-b");
+    let root = w.root();
+    let (_, pim) = image_manifest(&root, "acme", "tiny", "1");
+    let moved = w.publish_manifest("evil", "tiny", "1", &pim);
+    let (_, mut bim) = image_manifest(&root, "acme", "tiny-b", "latest");
+    bim["parent"] = serde_json::json!({"image": "evil/tiny", "version": "1", "digest": moved});
+    w.publish_manifest("acme", "tiny-b", "latest", &bim);
+    let err = w.pull_refused("acme/tiny-b", "signature check failed for evil/tiny@");
+    assert!(!w.c.join("images/tiny").exists(), "{err}");
+}
+
+/// Over `forkd hub serve`: a parent already on the hub without its digest pin (e.g. the pin
+/// was lost) gets the pin written by the push of its branch, through the server's checks, and
+/// the chain pulls from the server.
+#[test]
+fn chain_through_hub_serve() {
+    let w = World::new();
+    let root = tempfile::tempdir().unwrap();
+    let server = HubServer::start(root.path(), "tok3n");
+    let tf = server.token_file.to_str().unwrap();
+    let push = |tag: &str, reference: &str| -> serde_json::Value {
+        let out = ok(&forkd(
+            &w.p,
+            &[
+                "push",
+                tag,
+                reference,
+                "--hub",
+                &server.url,
+                "--token-file",
+                tf,
+                "--json",
+            ],
+        ));
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let parent = push("tiny", "acme/tiny:1");
+    let pin = root.path().join(layout::digest_tag_key(
+        "acme",
+        "tiny",
+        parent["digest"].as_str().unwrap(),
+    ));
+    std::fs::remove_file(&pin).unwrap();
+    let out = push("tiny-b", "acme/tiny-b");
+    assert_eq!(out["parents"][0]["pushed"], false, "{out}");
+    assert!(pin.is_file(), "the pin was not written again");
+    let v: serde_json::Value = serde_json::from_str(
+        ok(&forkd(
+            &w.c,
+            &[
+                "pull",
+                "acme/tiny-b",
+                "--hub",
+                &server.url,
+                "--trust",
+                &w.key,
+                "--json",
+            ],
+        ))
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(v["parents"][0]["tag"], "tiny", "{v}");
+    assert_eq!(tag_hashes(&w.c, "tiny-b"), tag_hashes(&w.p, "tiny-b"));
+    assert_eq!(tag_hashes(&w.c, "tiny"), tag_hashes(&w.p, "tiny"));
+}

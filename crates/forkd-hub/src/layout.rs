@@ -388,4 +388,54 @@ mod tests {
             assert_eq!(LayoutKey::parse(bad), None, "{bad}");
         }
     }
+
+    fn image_manifest_json(parent: Option<&str>) -> String {
+        let parent = parent
+            .map(|p| format!(",\n  \"parent\": {p}"))
+            .unwrap_or_default();
+        format!(
+            r#"{{"layout": 1, "media_type": "{MEDIA_TYPE}",
+  "chunking": {{"algorithm": "fixed", "size": 4194304}}, "compression": "zstd",
+  "manifest_toml": "", "files": []{parent}}}"#
+        )
+    }
+
+    #[test]
+    fn parent_is_optional_and_omitted_when_absent() {
+        let old: ImageManifest = serde_json::from_str(&image_manifest_json(None)).unwrap();
+        assert_eq!(old.parent, None);
+        let text = serde_json::to_string(&old).unwrap();
+        assert!(!text.contains("parent"), "{text}");
+
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let p = format!(r#"{{"image": "acme/tiny", "version": "1", "digest": "{d}"}}"#);
+        let im: ImageManifest = serde_json::from_str(&image_manifest_json(Some(&p))).unwrap();
+        let parent = im.parent.clone().unwrap();
+        assert_eq!(parent.image, "acme/tiny");
+        let r = parent.reference().unwrap();
+        assert_eq!(r.to_string(), format!("acme/tiny@{d}"));
+        let again: ImageManifest =
+            serde_json::from_str(&serde_json::to_string(&im).unwrap()).unwrap();
+        assert_eq!(again.parent, im.parent);
+    }
+
+    #[test]
+    fn bad_parent_references_are_refused() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        for (image, version, digest) in [
+            ("acme", "1", d.as_str()),
+            ("acme/tiny/x", "1", d.as_str()),
+            ("Acme/tiny", "1", d.as_str()),
+            ("acme/tiny", "_x", d.as_str()),
+            ("acme/tiny", "1", "sha256:abc"),
+            ("acme/tiny:2", "1", d.as_str()),
+        ] {
+            let p = ParentRef {
+                image: image.into(),
+                version: version.into(),
+                digest: digest.into(),
+            };
+            assert!(p.reference().is_err(), "{p:?}");
+        }
+    }
 }
