@@ -63,6 +63,52 @@ pub enum HubError {
     Invalid(String),
     #[error("the pull did not finish within its deadline of {after:?}")]
     Deadline { after: std::time::Duration },
+    /// A push of a branch whose parent is not installed here.
+    #[error(
+        "`{tag}` is a branch of {parent_tag} ({digest}), which is not in the local store: a branch cannot be pushed without its parent"
+    )]
+    ParentNotLocal {
+        tag: String,
+        parent_tag: String,
+        digest: String,
+    },
+    /// A branch's chain of parents cannot be pulled (or pushed) as it is.
+    #[error("{reference}: {problem}")]
+    Chain {
+        reference: String,
+        problem: ChainProblem,
+    },
+}
+
+/// What is wrong with a chain of parents.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ChainProblem {
+    #[error(
+        "it is a branch of {parent_tag} ({digest}), which is not in the local store, and the hub names no parent for it"
+    )]
+    NoParent { parent_tag: String, digest: String },
+    #[error(
+        "its parent {parent} ({parent_tag}, {digest}) is neither in the local store nor on the hub"
+    )]
+    ParentNotOnHub {
+        parent: String,
+        parent_tag: String,
+        digest: String,
+    },
+    #[error(
+        "parent digest mismatch: the hub's {parent} holds the image {actual}, but the branch was made from {expected}; refusing it"
+    )]
+    DigestMismatch {
+        parent: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("its chain of parents loops back to {at} (a cycle); refusing it")]
+    Cycle { at: String },
+    #[error("its chain of parents is longer than {max} images; refusing it")]
+    TooDeep { max: usize },
+    #[error("the local tag `{tag}` holds its parent, which the branch would replace")]
+    ReplacesParent { tag: String },
 }
 
 impl HubError {

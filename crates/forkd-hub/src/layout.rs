@@ -109,6 +109,36 @@ pub struct ImageManifest {
     /// The snapshot's manifest.toml, verbatim.
     pub manifest_toml: String,
     pub files: Vec<FileEntry>,
+    /// A branch's parent on the hub (manifest.toml format version 2 only): where a pull finds
+    /// the image the branch was made from, by its digest pin. Absent for plain images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+}
+
+/// Where a branch's parent is on the hub (docs/HUB-LAYOUT.md section 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// `OWNER/NAME` of the parent.
+    pub image: String,
+    /// The VERSION it was pushed as (informative: pulls follow `digest`).
+    pub version: String,
+    /// The parent's image manifest digest; read from `tags/OWNER/NAME/_digests/<hex>.json`.
+    pub digest: String,
+}
+
+impl ParentRef {
+    /// The digest-pinned reference a pull follows (`OWNER/NAME@sha256:HEX`), checked.
+    pub fn reference(&self) -> Result<Reference, String> {
+        let r = Reference::parse(&format!("{}@{}", self.image, self.digest))
+            .map_err(|e| format!("its parent reference is not valid: {e}"))?;
+        if !crate::reference::is_version(&self.version) {
+            return Err(format!(
+                "its parent's version {:?} is not a valid VERSION",
+                self.version
+            ));
+        }
+        Ok(r)
+    }
 }
 
 impl ImageManifest {
@@ -356,6 +386,56 @@ mod tests {
             ".uploads/x",
         ] {
             assert_eq!(LayoutKey::parse(bad), None, "{bad}");
+        }
+    }
+
+    fn image_manifest_json(parent: Option<&str>) -> String {
+        let parent = parent
+            .map(|p| format!(",\n  \"parent\": {p}"))
+            .unwrap_or_default();
+        format!(
+            r#"{{"layout": 1, "media_type": "{MEDIA_TYPE}",
+  "chunking": {{"algorithm": "fixed", "size": 4194304}}, "compression": "zstd",
+  "manifest_toml": "", "files": []{parent}}}"#
+        )
+    }
+
+    #[test]
+    fn parent_is_optional_and_omitted_when_absent() {
+        let old: ImageManifest = serde_json::from_str(&image_manifest_json(None)).unwrap();
+        assert_eq!(old.parent, None);
+        let text = serde_json::to_string(&old).unwrap();
+        assert!(!text.contains("parent"), "{text}");
+
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let p = format!(r#"{{"image": "acme/tiny", "version": "1", "digest": "{d}"}}"#);
+        let im: ImageManifest = serde_json::from_str(&image_manifest_json(Some(&p))).unwrap();
+        let parent = im.parent.clone().unwrap();
+        assert_eq!(parent.image, "acme/tiny");
+        let r = parent.reference().unwrap();
+        assert_eq!(r.to_string(), format!("acme/tiny@{d}"));
+        let again: ImageManifest =
+            serde_json::from_str(&serde_json::to_string(&im).unwrap()).unwrap();
+        assert_eq!(again.parent, im.parent);
+    }
+
+    #[test]
+    fn bad_parent_references_are_refused() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        for (image, version, digest) in [
+            ("acme", "1", d.as_str()),
+            ("acme/tiny/x", "1", d.as_str()),
+            ("Acme/tiny", "1", d.as_str()),
+            ("acme/tiny", "_x", d.as_str()),
+            ("acme/tiny", "1", "sha256:abc"),
+            ("acme/tiny:2", "1", d.as_str()),
+        ] {
+            let p = ParentRef {
+                image: image.into(),
+                version: version.into(),
+                digest: digest.into(),
+            };
+            assert!(p.reference().is_err(), "{p:?}");
         }
     }
 }

@@ -4,12 +4,15 @@
 //! verified (and, for a resumed pull, every file's sha256 matched).
 
 use crate::cache::Cache;
-use crate::error::{HubError, Result};
+use crate::error::{ChainProblem, HubError, Result};
 use crate::progress::Progress;
+use crate::push::MAX_CHAIN;
 use crate::reference::Reference;
+use crate::resolve::Resolved;
 use crate::sign::TrustedKey;
 use crate::transport::Transport;
-use forkd_store::{Origin, Overwrite, Store, Tag};
+use forkd_store::{Origin, Overwrite, Store, StoreError, Tag};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 /// How long a pull may take in all unless told otherwise: long enough for tens of GiB on a slow
@@ -43,6 +46,23 @@ pub struct PullOutcome {
     pub cached_bytes: u64,
     pub apparent_size: u64,
     pub unverified: Option<String>,
+    /// For a branch: the parents this pull installed, the root first.
+    pub parents: Vec<PulledParent>,
+}
+
+/// A parent installed by the pull of a branch.
+#[derive(Debug, Clone)]
+pub struct PulledParent {
+    /// The digest-pinned reference it was pulled by (`OWNER/NAME@sha256:HEX`).
+    pub reference: String,
+    /// Its image manifest digest on the hub.
+    pub digest: String,
+    /// Its content digest ([`forkd_store::Manifest::digest`]), the branch's `parent_digest`.
+    pub content_digest: String,
+    pub tag: Tag,
+    pub downloaded_bytes: u64,
+    pub cached_bytes: u64,
+    pub unverified: Option<String>,
 }
 
 /// [`pull_unbounded`] within `opts.deadline`. A pull stopped by the deadline keeps what it
@@ -70,8 +90,101 @@ async fn pull_unbounded(
     opts: &PullOptions,
     progress: &dyn Progress,
 ) -> Result<PullOutcome> {
-    let t0 = std::time::Instant::now();
     let r = crate::resolve::resolve(hub.as_ref(), reference, &opts.trusted, opts.insecure).await?;
+    warn_unverified(&r, reference, progress);
+    let origin = origin_of(hub.as_ref(), reference, &r, None);
+    // Refuse early (before any download) to replace another owner's tag; the store checks
+    // again under its lock when it installs.
+    if !opts.force {
+        check_owner(store, &opts.tag, &origin)?;
+    }
+    if !opts.skip_compat_check {
+        compat(&r, reference)?;
+    }
+    // A branch: every parent it needs, resolved and verified before anything is installed.
+    let chain = resolve_chain(hub.as_ref(), store, reference, &r, opts, progress).await?;
+    if let Some(d) = &r.manifest.parent_digest
+        && matches!(store.get(&opts.tag), Ok(s) if &s.manifest.digest() == d)
+    {
+        return Err(HubError::Chain {
+            reference: reference.to_string(),
+            problem: ChainProblem::ReplacesParent {
+                tag: opts.tag.to_string(),
+            },
+        });
+    }
+    if !opts.skip_compat_check {
+        for (pref, pr, _) in &chain {
+            compat(pr, pref)?;
+        }
+    }
+    let mut parents = Vec::new();
+    for (pref, pr, version) in chain.iter().rev() {
+        let content = pr.manifest.digest();
+        if store.find_by_digest(&content)?.is_some() {
+            continue; // installed meanwhile
+        }
+        let tag = parent_tag(store, pref, &content, &opts.tag)?;
+        progress.message(&format!("pulling the parent {pref} as `{tag}`"));
+        let porigin = origin_of(hub.as_ref(), pref, pr, Some(version));
+        let out = install(
+            hub.clone(),
+            store,
+            pref,
+            pr,
+            &tag,
+            &porigin,
+            Overwrite::No,
+            opts,
+            progress,
+        )
+        .await?;
+        let installed = store.get(&tag)?.manifest.digest();
+        if installed != content {
+            return Err(HubError::Chain {
+                reference: reference.to_string(),
+                problem: ChainProblem::DigestMismatch {
+                    parent: pref.to_string(),
+                    expected: content,
+                    actual: installed,
+                },
+            });
+        }
+        parents.push(PulledParent {
+            reference: pref.to_string(),
+            digest: pr.digest.clone(),
+            content_digest: content,
+            tag,
+            downloaded_bytes: out.downloaded_bytes,
+            cached_bytes: out.cached_bytes,
+            unverified: pr.unverified.clone(),
+        });
+    }
+    if let Some(d) = &r.manifest.parent_digest
+        && store.find_by_digest(d)?.is_none()
+    {
+        return Err(HubError::Chain {
+            reference: reference.to_string(),
+            problem: ChainProblem::NoParent {
+                parent_tag: r.manifest.parent_tag.clone().unwrap_or_default(),
+                digest: d.clone(),
+            },
+        });
+    }
+    let overwrite = if opts.force {
+        Overwrite::Yes
+    } else {
+        Overwrite::No
+    };
+    let mut outcome = install(
+        hub, store, reference, &r, &opts.tag, &origin, overwrite, opts, progress,
+    )
+    .await?;
+    outcome.parents = parents;
+    Ok(outcome)
+}
+
+fn warn_unverified(r: &Resolved, reference: &Reference, progress: &dyn Progress) {
     if let Some(why) = &r.unverified {
         progress.message(&format!(
             "warning: accepting {reference} without a valid signature (--insecure): {why}"
@@ -80,7 +193,23 @@ async fn pull_unbounded(
     for w in r.verified.iter().flat_map(|v| &v.warnings) {
         progress.message(&format!("warning: {w}"));
     }
-    let origin = Origin {
+}
+
+fn compat(r: &Resolved, reference: &Reference) -> Result<()> {
+    crate::compat::check(&r.manifest).map_err(|reason| HubError::Incompatible {
+        reference: reference.to_string(),
+        reason,
+    })
+}
+
+/// Where an image pulled as `reference` came from.
+fn origin_of(
+    hub: &dyn Transport,
+    reference: &Reference,
+    r: &Resolved,
+    version: Option<&str>,
+) -> Origin {
+    Origin {
         hub: hub.describe(),
         reference: reference.to_string(),
         owner: reference.owner.clone(),
@@ -91,48 +220,149 @@ async fn pull_unbounded(
             .and_then(|v| v.subject.version.clone())
             .or(match &reference.target {
                 crate::reference::Target::Version(v) => Some(v.clone()),
-                crate::reference::Target::Digest(_) => None,
+                crate::reference::Target::Digest(_) => version.map(str::to_string),
             }),
         digest: r.digest.clone(),
         verified: r.verified.is_some(),
         key_id: r.verified.as_ref().map(|v| v.key_id.clone()),
         signed_at: r.verified.as_ref().and_then(|v| v.subject.time.clone()),
         pulled_at: jiff::Timestamp::now(),
-    };
-    let overwrite = if opts.force {
-        Overwrite::Yes
-    } else {
-        Overwrite::No
-    };
-    // Refuse early (before any download) to replace another owner's tag; the store checks
-    // again under its lock when it installs.
-    if !opts.force {
-        check_owner(store, &opts.tag, &origin)?;
     }
-    if !opts.skip_compat_check {
-        crate::compat::check(&r.manifest).map_err(|reason| HubError::Incompatible {
-            reference: reference.to_string(),
-            reason,
-        })?;
+}
+
+/// The parents `r` needs that the store lacks, nearest first: each followed by its digest pin
+/// (`parent` of the image manifest), resolved and signature-checked like any image, its
+/// content digest checked against the `parent_digest` of the image that names it. The chain
+/// stops at the first parent the store already holds. Cycles and chains longer than
+/// [`MAX_CHAIN`] are refused.
+async fn resolve_chain(
+    hub: &dyn Transport,
+    store: &Store,
+    reference: &Reference,
+    r: &Resolved,
+    opts: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<(Reference, Resolved, String)>> {
+    let chain_err = |problem| HubError::Chain {
+        reference: reference.to_string(),
+        problem,
+    };
+    let mut out: Vec<(Reference, Resolved, String)> = Vec::new();
+    let mut seen_hub = HashSet::from([r.digest.clone()]);
+    let mut seen_content = HashSet::from([r.manifest.digest()]);
+    loop {
+        let (manifest, image) = match out.last() {
+            Some((_, p, _)) => (&p.manifest, &p.image),
+            None => (&r.manifest, &r.image),
+        };
+        let Some(want) = manifest.parent_digest.clone() else {
+            break;
+        };
+        let parent_tag = manifest.parent_tag.clone().unwrap_or_default();
+        if seen_content.contains(&want) {
+            return Err(chain_err(ChainProblem::Cycle { at: want }));
+        }
+        if store.find_by_digest(&want)?.is_some() {
+            break;
+        }
+        if out.len() >= MAX_CHAIN {
+            return Err(chain_err(ChainProblem::TooDeep { max: MAX_CHAIN }));
+        }
+        let Some(pref) = image.parent.clone() else {
+            return Err(chain_err(ChainProblem::NoParent {
+                parent_tag,
+                digest: want,
+            }));
+        };
+        let bad = |msg: String| HubError::BadDocument {
+            what: format!("the image manifest of {reference}'s chain"),
+            hub: hub.describe(),
+            msg,
+        };
+        let parent_ref = pref.reference().map_err(bad)?;
+        if !seen_hub.insert(pref.digest.clone()) {
+            return Err(chain_err(ChainProblem::Cycle { at: pref.digest }));
+        }
+        let pr = match crate::resolve::resolve(hub, &parent_ref, &opts.trusted, opts.insecure).await
+        {
+            Err(HubError::NotFound { .. }) => {
+                return Err(chain_err(ChainProblem::ParentNotOnHub {
+                    parent: parent_ref.to_string(),
+                    parent_tag,
+                    digest: want,
+                }));
+            }
+            r => r?,
+        };
+        warn_unverified(&pr, &parent_ref, progress);
+        let actual = pr.manifest.digest();
+        if actual != want {
+            return Err(chain_err(ChainProblem::DigestMismatch {
+                parent: parent_ref.to_string(),
+                expected: want,
+                actual,
+            }));
+        }
+        seen_content.insert(actual);
+        out.push((parent_ref, pr, pref.version));
     }
+    Ok(out)
+}
+
+/// The local tag for a parent pulled as `pref`: its NAME, or `NAME-<12 hex of its content
+/// digest>` when NAME holds another image (a parent never replaces a local tag).
+fn parent_tag(store: &Store, pref: &Reference, content: &str, avoid: &Tag) -> Result<Tag> {
+    let free = |t: &Tag| t != avoid && matches!(store.get(t), Err(StoreError::NotFound(_)));
+    let base = Tag::parse(&pref.name).map_err(|e| HubError::Invalid(e.to_string()))?;
+    if free(&base) {
+        return Ok(base);
+    }
+    let hex12 = &content["sha256:".len()..][..12];
+    let keep = pref.name.len().min(128 - 13);
+    let alt = Tag::parse(&format!("{}-{hex12}", &pref.name[..keep]))
+        .map_err(|e| HubError::Invalid(e.to_string()))?;
+    if free(&alt) {
+        return Ok(alt);
+    }
+    Err(HubError::Invalid(format!(
+        "cannot install the parent {pref}: the local tags `{base}` and `{alt}` hold other images \
+         (a parent never replaces a local tag); remove or rename one and pull again"
+    )))
+}
+
+/// Install the resolved image `r` (pulled as `reference`) as `tag`: nothing to do when the tag
+/// already holds it, a copy when another local tag has the same content, else a download.
+#[allow(clippy::too_many_arguments)]
+async fn install(
+    hub: Arc<dyn Transport>,
+    store: &Store,
+    reference: &Reference,
+    r: &Resolved,
+    tag: &Tag,
+    origin: &Origin,
+    overwrite: Overwrite,
+    opts: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<PullOutcome> {
+    let t0 = std::time::Instant::now();
     let mut outcome = PullOutcome {
         digest: r.digest.clone(),
-        tag: opts.tag.clone(),
+        tag: tag.clone(),
         up_to_date: false,
         downloaded_bytes: 0,
         cached_bytes: 0,
         apparent_size: r.image.apparent_size(),
         unverified: r.unverified.clone(),
+        parents: Vec::new(),
     };
     let up_to_date = |store: &Store| {
-        matches!(store.get(&opts.tag), Ok(s) if s.manifest == r.manifest)
-            && matches!(store.origin(&opts.tag), Ok(Some(o)) if o.owner == origin.owner && o.digest == origin.digest)
+        matches!(store.get(tag), Ok(s) if s.manifest == r.manifest)
+            && matches!(store.origin(tag), Ok(Some(o)) if o.owner == origin.owner && o.digest == origin.digest)
     };
     if up_to_date(store) {
         outcome.up_to_date = true;
         return Ok(outcome);
     }
-
     let cache = Cache::new(store.home());
     let lock_digest = r.digest.clone();
     let cache2 = cache.clone();
@@ -160,7 +390,7 @@ async fn pull_unbounded(
     if let Some(src) = store
         .list()?
         .into_iter()
-        .find(|i| i.manifest == r.manifest && i.tag != opts.tag)
+        .find(|i| i.manifest == r.manifest && i.tag != *tag)
     {
         progress.message(&format!(
             "copying from the local image `{}` (same content)",
@@ -184,10 +414,7 @@ async fn pull_unbounded(
             }
         }
         check_engine(opts.check, staging.dir(), &r.manifest, reference)?;
-        let tag = opts.tag.clone();
-        tokio::task::block_in_place(|| {
-            staging.commit_pulled(&tag, &r.manifest, &origin, overwrite)
-        })?;
+        tokio::task::block_in_place(|| staging.commit_pulled(tag, &r.manifest, origin, overwrite))?;
         outcome.cached_bytes = r.image.stored_size();
         return Ok(outcome);
     }
@@ -211,8 +438,7 @@ async fn pull_unbounded(
     for f in &r.image.files {
         partial.move_out(&f.name, &staging.dir().join(&f.name))?;
     }
-    let tag = opts.tag.clone();
-    tokio::task::block_in_place(|| staging.commit_pulled(&tag, &r.manifest, &origin, overwrite))?;
+    tokio::task::block_in_place(|| staging.commit_pulled(tag, &r.manifest, origin, overwrite))?;
     partial.remove();
     tracing::debug!("installed in {:?}", t0.elapsed());
     drop(lock);

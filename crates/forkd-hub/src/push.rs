@@ -3,12 +3,13 @@
 //! image manifest, then the tag files, then the catalogue entry. Blobs always land before the
 //! tag that names them, so a reader never sees a tag whose blobs are missing.
 
+use crate::error::ChainProblem;
 use crate::error::{HubError, Result};
-use crate::layout::{self, CHUNK_SIZE, Chunk, Chunking, ImageManifest, TagFile};
+use crate::layout::{self, CHUNK_SIZE, Chunk, Chunking, ImageManifest, ParentRef, TagFile};
 use crate::progress::Progress;
 use crate::reference::{Reference, Target};
-use crate::remote::{check_layout, fetch_catalog, transport_err};
-use crate::transport::Transport;
+use crate::remote::{DOCUMENT_ATTEMPTS, check_layout, fetch_catalog, get_retry, transport_err};
+use crate::transport::{Transport, TransportError};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use minisign::SecretKey;
@@ -29,7 +30,26 @@ pub struct PushOutcome {
     pub uploaded_bytes: u64,
     pub reused_bytes: u64,
     pub signed: bool,
+    /// For a branch: its parents, the root first, pushed or found on the hub before it.
+    pub parents: Vec<PushedParent>,
 }
+
+/// A parent of a pushed branch.
+#[derive(Debug, Clone)]
+pub struct PushedParent {
+    /// Its local tag.
+    pub tag: String,
+    /// `OWNER/NAME:VERSION` on the hub.
+    pub reference: String,
+    /// Its image manifest digest on the hub (the branch references it by this pin).
+    pub digest: String,
+    /// `false` when the hub already held it (nothing was uploaded for it).
+    pub pushed: bool,
+    pub uploaded_bytes: u64,
+}
+
+/// The longest chain of parents a push or a pull follows.
+pub const MAX_CHAIN: usize = 16;
 
 struct Job {
     file: Arc<std::fs::File>,
@@ -67,10 +87,278 @@ fn encode(job: &Job, level: i32) -> Result<Encoded> {
     ))
 }
 
+/// Push `snapshot` as `reference`. A branch's parents (found in `store` by their content
+/// digest) are pushed first under the same OWNER, each as NAME:VERSION of its own manifest,
+/// unless the hub already holds them; the branch's image manifest then names its parent's
+/// digest pin.
 pub async fn push(
+    hub: Arc<dyn Transport>,
+    store: &forkd_store::Store,
+    snapshot: &forkd_store::Snapshot,
+    reference: &Reference,
+    opts: &PushOptions,
+    progress: &dyn Progress,
+) -> Result<PushOutcome> {
+    if !matches!(reference.target, Target::Version(_)) {
+        return Err(HubError::Invalid(
+            "push needs OWNER/NAME[:VERSION], not a digest".into(),
+        ));
+    }
+    check_layout(hub.as_ref(), true).await?;
+    // The local chain, nearest parent first.
+    let mut chain: Vec<forkd_store::Snapshot> = Vec::new();
+    let mut seen = std::collections::HashSet::from([snapshot.manifest.digest()]);
+    let mut cur = snapshot.clone();
+    while let Some(d) = cur.manifest.parent_digest.clone() {
+        if chain.len() >= MAX_CHAIN {
+            return Err(HubError::Chain {
+                reference: format!("`{}`", snapshot.tag),
+                problem: ChainProblem::TooDeep { max: MAX_CHAIN },
+            });
+        }
+        if !seen.insert(d.clone()) {
+            return Err(HubError::Chain {
+                reference: format!("`{}`", snapshot.tag),
+                problem: ChainProblem::Cycle { at: d },
+            });
+        }
+        let Some(p) = store.find_by_digest(&d)? else {
+            return Err(HubError::ParentNotLocal {
+                tag: cur.tag.to_string(),
+                parent_tag: cur.manifest.parent_tag.clone().unwrap_or_default(),
+                digest: d,
+            });
+        };
+        chain.push(p.clone());
+        cur = p;
+    }
+    let mut parents = Vec::new();
+    let mut parent: Option<ParentRef> = None;
+    for p in chain.iter().rev() {
+        let (r, pushed) =
+            ensure_parent(&hub, p, &reference.owner, parent.take(), opts, progress).await?;
+        parents.push(pushed);
+        parent = Some(r);
+    }
+    let mut out = push_one(hub, snapshot, reference, parent, opts, progress).await?;
+    out.parents = parents;
+    Ok(out)
+}
+
+/// What a hub tag holds, compared with a local image about to be pushed there.
+enum Held {
+    Absent,
+    /// The same content, as this push would publish it: its tag file and digest.
+    Same {
+        digest: String,
+        tag_body: Bytes,
+    },
+    /// The same content, but not as this push would publish it (another parent reference, or
+    /// not signed by this key): pushing again replaces it with an equivalent image.
+    Stale,
+    Other,
+}
+
+/// Whether `OWNER/NAME:VERSION` on the hub holds `snap`'s content (with `parent`).
+async fn held(
+    hub: &dyn Transport,
+    owner: &str,
+    name: &str,
+    version: &str,
+    snap: &forkd_store::Snapshot,
+    parent: Option<&ParentRef>,
+    key: Option<&SecretKey>,
+) -> Result<Held> {
+    let key_path = layout::version_tag_key(owner, name, version);
+    let what = || format!("cannot read {key_path}");
+    let body = match get_retry(
+        hub,
+        &key_path,
+        layout::MAX_TAG_BYTES,
+        DOCUMENT_ATTEMPTS,
+        &crate::Silent,
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(TransportError::NotFound { .. }) => return Ok(Held::Absent),
+        Err(e) => return Err(transport_err(hub, what())(e)),
+    };
+    let Ok(tag) = serde_json::from_slice::<TagFile>(&body) else {
+        return Ok(Held::Other);
+    };
+    if crate::reference::digest_hex(&tag.digest).is_none() {
+        return Ok(Held::Other);
+    }
+    let mbody = match get_retry(
+        hub,
+        &layout::blob_key(&tag.digest),
+        layout::MAX_MANIFEST_BYTES,
+        DOCUMENT_ATTEMPTS,
+        &crate::Silent,
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(TransportError::NotFound { .. }) => return Ok(Held::Other),
+        Err(e) => return Err(transport_err(hub, what())(e)),
+    };
+    if layout::sha256_digest(&mbody) != tag.digest {
+        return Ok(Held::Other);
+    }
+    let Ok(im) = serde_json::from_slice::<ImageManifest>(&mbody) else {
+        return Ok(Held::Other);
+    };
+    let Ok(m) = forkd_store::Manifest::parse(&im.manifest_toml) else {
+        return Ok(Held::Other);
+    };
+    if m.digest() != snap.manifest.digest() {
+        return Ok(Held::Other);
+    }
+    if im.parent.as_ref() != parent || m.parent_digest != snap.manifest.parent_digest {
+        return Ok(Held::Stale);
+    }
+    if let Some(sk) = key {
+        let own = crate::sign::TrustedKey {
+            key: minisign::PublicKey::from_secret_key(sk)
+                .map_err(|e| HubError::Invalid(format!("bad signing key: {e}")))?,
+            scope: crate::sign::Scope::Own,
+        };
+        let image = format!("{owner}/{name}");
+        let expected = crate::sign::Expected {
+            image: &image,
+            owner,
+            version: Some(version),
+            digest: &tag.digest,
+        };
+        if crate::sign::verify(tag.signature.as_deref(), &mbody, &expected, &[own]).is_err() {
+            return Ok(Held::Stale);
+        }
+    }
+    Ok(Held::Same {
+        digest: tag.digest,
+        tag_body: body,
+    })
+}
+
+/// Make sure the hub holds the parent `snap` under OWNER (NAME:VERSION of its manifest, or
+/// VERSION-<12 hex of its content digest> when that tag holds another image) with its digest
+/// pin; push it when it does not.
+async fn ensure_parent(
+    hub: &Arc<dyn Transport>,
+    snap: &forkd_store::Snapshot,
+    owner: &str,
+    parent: Option<ParentRef>,
+    opts: &PushOptions,
+    progress: &dyn Progress,
+) -> Result<(ParentRef, PushedParent)> {
+    use crate::reference::{is_name, is_version};
+    let m = &snap.manifest;
+    let name = if is_name(&m.name) {
+        m.name.clone()
+    } else {
+        snap.tag.to_string()
+    };
+    let content = m.digest();
+    // `sha256:` then 64 hex digits: the first 12 name the content briefly.
+    let hex12 = &content["sha256:".len()..][..12];
+    let mut versions = Vec::new();
+    if is_version(&m.version) {
+        versions.push(m.version.clone());
+        let v = format!("{}-{hex12}", m.version);
+        if is_version(&v) {
+            versions.push(v);
+        }
+    }
+    if versions.len() < 2 {
+        versions.push(format!("c-{hex12}"));
+    }
+    let image = format!("{owner}/{name}");
+    for version in &versions {
+        let reference = Reference {
+            owner: owner.to_string(),
+            name: name.clone(),
+            target: Target::Version(version.clone()),
+        };
+        match held(
+            hub.as_ref(),
+            owner,
+            &name,
+            version,
+            snap,
+            parent.as_ref(),
+            opts.key.as_ref(),
+        )
+        .await?
+        {
+            Held::Same { digest, tag_body } => {
+                let pin = layout::digest_tag_key(owner, &name, &digest);
+                let present = hub
+                    .exists(&pin)
+                    .await
+                    .map_err(transport_err(hub.as_ref(), format!("cannot read {pin}")))?;
+                if !present {
+                    hub.put(&pin, tag_body).await.map_err(transport_err(
+                        hub.as_ref(),
+                        format!("cannot write the tag file {pin}"),
+                    ))?;
+                }
+                progress.message(&format!(
+                    "the parent `{}` is already on the hub as {reference}",
+                    snap.tag
+                ));
+                let r = ParentRef {
+                    image: image.clone(),
+                    version: version.clone(),
+                    digest: digest.clone(),
+                };
+                let p = PushedParent {
+                    tag: snap.tag.to_string(),
+                    reference: reference.to_string(),
+                    digest,
+                    pushed: false,
+                    uploaded_bytes: 0,
+                };
+                return Ok((r, p));
+            }
+            Held::Absent | Held::Stale => {
+                progress.message(&format!("pushing the parent `{}` as {reference}", snap.tag));
+                let out = push_one(hub.clone(), snap, &reference, parent, opts, progress).await?;
+                let r = ParentRef {
+                    image: image.clone(),
+                    version: version.clone(),
+                    digest: out.digest.clone(),
+                };
+                let p = PushedParent {
+                    tag: snap.tag.to_string(),
+                    reference: reference.to_string(),
+                    digest: out.digest,
+                    pushed: true,
+                    uploaded_bytes: out.uploaded_bytes,
+                };
+                return Ok((r, p));
+            }
+            Held::Other => progress.message(&format!(
+                "{reference} on the hub is another image; not replacing it with the parent `{}`",
+                snap.tag
+            )),
+        }
+    }
+    Err(HubError::Invalid(format!(
+        "cannot push the parent `{}`: {image}:{} on the hub hold other images; push it yourself \
+         under another version (`forkd push {} {image}:NEW`) and push the branch again",
+        snap.tag,
+        versions.join(" and :"),
+        snap.tag
+    )))
+}
+
+/// Push one image (a plain image, or a branch whose parent is `parent` on the hub).
+async fn push_one(
     hub: Arc<dyn Transport>,
     snapshot: &forkd_store::Snapshot,
     reference: &Reference,
+    parent: Option<ParentRef>,
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> Result<PushOutcome> {
@@ -79,6 +367,12 @@ pub async fn push(
             "push needs OWNER/NAME[:VERSION], not a digest".into(),
         ));
     };
+    if snapshot.manifest.is_branch() != parent.is_some() {
+        return Err(HubError::Invalid(format!(
+            "`{}`: a branch is pushed with its parent, and only a branch",
+            snapshot.tag
+        )));
+    }
     let hub_ref: &dyn Transport = hub.as_ref();
     check_layout(hub_ref, true).await?;
     let mpath = snapshot.dir.join("manifest.toml");
@@ -231,6 +525,7 @@ pub async fn push(
         compression: "zstd".into(),
         manifest_toml,
         files,
+        parent,
     };
     let body = serde_json::to_vec_pretty(&manifest).expect("serialisable");
     let digest = layout::sha256_digest(&body);
@@ -311,5 +606,6 @@ pub async fn push(
         uploaded_bytes,
         reused_bytes,
         signed: tag.signature.is_some(),
+        parents: Vec::new(),
     })
 }

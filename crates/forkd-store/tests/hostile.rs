@@ -262,12 +262,12 @@ fn manifest_not_toml() {
 fn format_version_too_new() {
     let text = String::from_utf8(manifest_text(&good_manifest()))
         .unwrap()
-        .replace("format_version = 1", "format_version = 2");
+        .replace("format_version = 1", "format_version = 3");
     let mut t = RawTar::new();
     t.file("manifest.toml", text.as_bytes());
     refused(
         &t.zst(),
-        "uses format version 2; this forkd understands up to 1 — upgrade forkd",
+        "uses format version 3; this forkd understands up to 2 — upgrade forkd",
     );
 }
 

@@ -40,8 +40,8 @@ fn rejects_bad_manifests() {
     let cases: Vec<(String, &str)> = vec![
         ("this is = = not toml".into(), "not valid TOML"),
         (
-            v.replace("format_version = 1", "format_version = 2"),
-            "format version 2; this forkd understands up to 1 — upgrade forkd",
+            v.replace("format_version = 1", "format_version = 3"),
+            "format version 3; this forkd understands up to 2 — upgrade forkd",
         ),
         (
             v.replace("format_version = 1", "format_version = 0"),

@@ -3,6 +3,7 @@
 use crate::ctx::Ctx;
 use crate::report::{Hint, Lines, escape_controls, human_bytes};
 use anyhow::{Context, Result};
+use forkd_hub::error::ChainProblem;
 use forkd_hub::sign::SignError;
 use forkd_hub::{HubError, HubOptions, Reference, Transport, TransportError};
 use forkd_store::{ImageName, Store, Tag};
@@ -258,7 +259,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             let progress = crate::commands::hub_progress::Bars::new(ctx);
             let out = runtime()?
                 .block_on(forkd_hub::push::push(
-                    transport, &snapshot, &reference, &opts, &progress,
+                    transport, &store, &snapshot, &reference, &opts, &progress,
                 ))
                 .map_err(|e| with_hint(e, &shown, hub.hub.is_none()))
                 .with_context(|| format!("cannot push `{tag}` to {shown}"))?;
@@ -269,9 +270,26 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
                         "reference": reference.to_string(), "digest": out.digest, "hub": shown,
                         "stored_size": out.stored_size, "uploaded_bytes": out.uploaded_bytes,
                         "reused_bytes": out.reused_bytes, "signed": out.signed,
+                        "parents": out.parents.iter().map(|p| serde_json::json!({
+                            "tag": p.tag, "reference": p.reference, "digest": p.digest,
+                            "pushed": p.pushed, "uploaded_bytes": p.uploaded_bytes,
+                        })).collect::<Vec<_>>(),
                     })
                 );
             } else {
+                for p in &out.parents {
+                    println!(
+                        "parent `{}`: {} ({}) {}",
+                        p.tag,
+                        p.reference,
+                        p.digest,
+                        if p.pushed {
+                            format!("pushed, {} uploaded", human_bytes(p.uploaded_bytes))
+                        } else {
+                            "already on the hub".to_string()
+                        }
+                    );
+                }
                 println!(
                     "pushed `{tag}` as {reference} ({}) to {shown}: {} stored, {} uploaded, {} already there{}",
                     out.digest,
@@ -332,9 +350,31 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
                         "hub": shown, "up_to_date": out.up_to_date, "downloaded_bytes": out.downloaded_bytes,
                         "cached_bytes": out.cached_bytes, "size": out.apparent_size, "verified": out.unverified.is_none(),
                         "seconds": secs,
+                        "parents": out.parents.iter().map(|p| serde_json::json!({
+                            "reference": p.reference, "digest": p.digest,
+                            "content_digest": p.content_digest, "tag": p.tag.as_str(),
+                            "downloaded_bytes": p.downloaded_bytes, "cached_bytes": p.cached_bytes,
+                            "verified": p.unverified.is_none(),
+                        })).collect::<Vec<_>>(),
                     })
                 );
-            } else if out.up_to_date {
+                return Ok(());
+            }
+            for p in &out.parents {
+                println!(
+                    "pulled the parent {} as `{}` ({} downloaded, {} from cache){}",
+                    p.reference,
+                    p.tag,
+                    human_bytes(p.downloaded_bytes),
+                    human_bytes(p.cached_bytes),
+                    if p.unverified.is_some() {
+                        " [NOT VERIFIED]"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if out.up_to_date {
                 println!(
                     "`{}` is up to date with {reference} ({})",
                     out.tag, out.digest
@@ -577,6 +617,27 @@ fn with_hint(e: HubError, hub: &str, default_hub: bool) -> anyhow::Error {
              it is broken or hostile"
                 .into(),
         ),
+        HubError::ParentNotLocal { .. } => Some(
+            "install the parent here first (`forkd pull` or `forkd unpack` it), or push from the \
+             host where the branch was made; `forkd images` shows each branch's parent"
+                .into(),
+        ),
+        HubError::Chain { problem, .. } => match problem {
+            ChainProblem::NoParent { .. } | ChainProblem::ParentNotOnHub { .. } => Some(
+                "install the parent first (`forkd pull` or `forkd unpack` it), or ask the \
+                 publisher to push the branch again: a push of a branch pushes its parents too"
+                    .into(),
+            ),
+            ChainProblem::DigestMismatch { .. } | ChainProblem::Cycle { .. } => Some(
+                "the hub's chain of parents does not hold together: it is broken or hostile. \
+                 Nothing of the branch was installed"
+                    .into(),
+            ),
+            ChainProblem::TooDeep { .. } => None,
+            ChainProblem::ReplacesParent { .. } => {
+                Some("pull the branch under another tag with --tag NEW".into())
+            }
+        },
         HubError::Deadline { .. } => Some(
             "raise --timeout (or FORKD_PULL_TIMEOUT); pulling again resumes from what was verified"
                 .into(),

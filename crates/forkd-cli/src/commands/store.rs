@@ -28,15 +28,18 @@ pub enum Cmd {
     /// Remove images from the local store
     #[command(
         after_help = "Examples:\n  forkd rmi python-numpy old-test\n  forkd rmi tiny:1\n  \
-        forkd rmi --force tiny        # even while kept children of it run\n\n\
+        forkd rmi --force tiny        # even while kept children of it run, or branches need it\n\n\
         An image that kept children (forkd ps) were forked from is not removed unless --force: \
-        they keep running either way, but nothing could fork it again."
+        they keep running either way, but nothing could fork it again. Nor is the parent of \
+        branches (forkd images shows them): with --force it goes, and its branches cannot fork \
+        until it is installed again."
     )]
     Rmi {
         /// Images to remove: TAG or NAME:VERSION (as `forkd images` shows them)
         #[arg(required = true, value_name = "IMAGE")]
         tags: Vec<ImageName>,
-        /// Remove it even though kept children forked from it are running
+        /// Remove it even though kept children forked from it are running, or branches made
+        /// from it need it
         #[arg(long)]
         force: bool,
     },
@@ -145,7 +148,8 @@ fn images(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
     let store = ctx.store()?;
     let list = store.list().context("cannot list images")?;
     if json {
-        let v: Vec<_> = list.iter().map(image_json).collect();
+        let by_digest = local_digests(&list);
+        let v: Vec<_> = list.iter().map(|i| image_json(i, &by_digest)).collect();
         return out(&format!("{}\n", serde_json::to_string_pretty(&v)?));
     }
     if list.is_empty() {
@@ -155,7 +159,8 @@ fn images(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let rows: Vec<[String; 6]> = list
+    let by_digest = local_digests(&list);
+    let rows: Vec<[String; 7]> = list
         .iter()
         .map(|i| {
             [
@@ -170,6 +175,7 @@ fn images(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
                 human_bytes(i.apparent_size),
                 human_bytes(i.disk_size),
                 i.manifest.created_at.strftime("%Y-%m-%d %H:%M").to_string(),
+                escape_controls(&parent_cell(i, &by_digest), Lines::Escape).into_owned(),
             ]
         })
         .collect();
@@ -180,6 +186,7 @@ fn images(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
         "APPARENT SIZE",
         "ON-DISK SIZE",
         "CREATED",
+        "PARENT",
     ];
     let mut w = head.map(str::len);
     for r in &rows {
@@ -187,25 +194,27 @@ fn images(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
             w[k] = w[k].max(c.len());
         }
     }
-    let line = |c: [&str; 6]| {
+    let line = |c: [&str; 7]| {
         format!(
-            "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:>w4$}  {}",
+            "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:>w4$}  {:<w5$}  {}",
             c[0],
             c[1],
             c[2],
             c[3],
             c[4],
             c[5],
+            c[6],
             w0 = w[0],
             w1 = w[1],
             w2 = w[2],
             w3 = w[3],
-            w4 = w[4]
+            w4 = w[4],
+            w5 = w[5]
         )
     };
     let mut text = format!("{}\n", line(head));
     for r in &rows {
-        text.push_str(line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]).trim_end());
+        text.push_str(line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]]).trim_end());
         text.push('\n');
     }
     out(&text)
@@ -220,8 +229,41 @@ fn out(text: &str) -> anyhow::Result<()> {
     }
 }
 
-fn image_json(i: &ImageInfo) -> serde_json::Value {
+/// Content digest -> the first local tag holding it.
+fn local_digests(list: &[ImageInfo]) -> std::collections::HashMap<String, Tag> {
+    let mut m = std::collections::HashMap::new();
+    for i in list {
+        m.entry(i.manifest.digest())
+            .or_insert_with(|| i.tag.clone());
+    }
+    m
+}
+
+/// A branch's parent as `forkd images` shows it: `← TAG` when it is installed, else what it
+/// was (`NAME:VERSION`) and that it is missing; empty for an image without a parent.
+fn parent_cell(i: &ImageInfo, local: &std::collections::HashMap<String, Tag>) -> String {
+    let Some(d) = &i.manifest.parent_digest else {
+        return String::new();
+    };
+    let made_from = i.manifest.parent_tag.as_deref().unwrap_or("?");
+    match local.get(d) {
+        Some(t) if t.as_str() == made_from => format!("\u{2190} {t}"),
+        Some(t) => format!("\u{2190} {t} ({made_from})"),
+        None => format!("\u{2190} {made_from} (MISSING: not installed)"),
+    }
+}
+
+fn image_json(i: &ImageInfo, local: &std::collections::HashMap<String, Tag>) -> serde_json::Value {
+    let parent = i.manifest.parent_digest.as_ref().map(|d| {
+        serde_json::json!({
+            "tag": i.manifest.parent_tag,
+            "digest": d,
+            "local_tag": local.get(d).map(|t| t.as_str()),
+        })
+    });
     serde_json::json!({
+        "parent": parent,
+        "digest": i.manifest.digest(),
         "tag": i.tag.as_str(),
         "name": i.manifest.name,
         "version": i.manifest.version,
@@ -271,7 +313,12 @@ fn rmi(ctx: &Ctx, names: &[ImageName], force: bool) -> anyhow::Result<()> {
             continue;
         }
         let t = &t;
-        match store.remove(t) {
+        let removed = if force {
+            store.remove_even_parent(t)
+        } else {
+            store.remove(t)
+        };
+        match removed {
             Ok(()) => {
                 forkd_engine::branch::sweep_cache(&store);
                 if !ctx.quiet {
@@ -279,9 +326,21 @@ fn rmi(ctx: &Ctx, names: &[ImageName], force: bool) -> anyhow::Result<()> {
                 }
             }
             Err(e) => {
-                crate::report::print_error(
-                    &anyhow::Error::new(e).context(format!("cannot remove {t}")),
-                );
+                let hint = match &e {
+                    forkd_store::StoreError::HasChildren { children, .. } => Some(format!(
+                        "remove the branches first (`forkd rmi {}`), or remove it anyway with \
+                         `forkd rmi --force {t}`: then {} cannot fork until `{t}` is installed \
+                         again (pulled or unpacked)",
+                        children.join(" "),
+                        children.join(", ")
+                    )),
+                    _ => None,
+                };
+                let mut err = anyhow::Error::new(e).context(format!("cannot remove {t}"));
+                if let Some(h) = hint {
+                    err = err.context(Hint(h));
+                }
+                crate::report::print_error(&err);
                 failed = Some(t.to_string());
             }
         }
@@ -429,6 +488,18 @@ fn pack_cmd(
         .context(Hint("`forkd images` lists the local tags".into()))
         .with_context(|| format!("cannot pack {name}"))?;
     let tag = &snap.tag;
+    if snap.manifest.is_branch() {
+        let parent = snap.manifest.parent_tag.as_deref().unwrap_or("its parent");
+        return Err(anyhow::anyhow!(
+            "`{tag}` is a branch of {parent}: a pack holds one whole image, and a branch holds \
+             only its changes"
+        ))
+        .context(Hint(format!(
+            "push the chain to a hub instead (`forkd push {tag} OWNER/NAME` pushes its parents \
+             too), or pack the parent (`forkd pack {parent}`)"
+        )))
+        .with_context(|| format!("cannot pack {tag}"));
+    }
     let out = output.unwrap_or_else(|| PathBuf::from(format!("{tag}{PACK_SUFFIX}")));
     let opts = PackOptions {
         level,
@@ -474,7 +545,22 @@ fn unpack_cmd(ctx: &Ctx, file: &Path, tag: Option<Tag>, force: bool) -> anyhow::
         pack::unpack(&store, file, &opts, &bar)
     };
     bar.done();
-    let snap = r.with_context(|| format!("cannot unpack {}", file.display()))?;
+    let snap = r
+        .map_err(|e| {
+            let hint = match &e {
+                pack::PackError::MissingParent { parent_tag, .. } => Some(format!(
+                    "install the parent ({parent_tag}) first: `forkd pull` it from the hub the \
+                     branch came from, or unpack its pack; then unpack this again"
+                )),
+                _ => None,
+            };
+            let err = anyhow::Error::new(e);
+            match hint {
+                Some(h) => err.context(Hint(h)),
+                None => err,
+            }
+        })
+        .with_context(|| format!("cannot unpack {}", file.display()))?;
     if !ctx.quiet {
         eprintln!(
             "unpacked {} as {} ({}) in {:.1}s",

@@ -51,6 +51,14 @@ pub enum PackError {
     },
     #[error("invalid pack: {0}")]
     Invalid(String),
+    #[error(
+        "`{tag}` is a branch of {parent}: a pack holds one whole image, and a branch holds only its changes, so forkd does not pack branches"
+    )]
+    Branch { tag: String, parent: String },
+    #[error(
+        "the pack holds a branch of {parent_tag} ({digest}), which is not in the local store: a branch cannot be installed without its parent"
+    )]
+    MissingParent { parent_tag: String, digest: String },
     #[error("{0}")]
     Image(String),
     #[error("invalid pack: it is truncated or corrupt ({0})")]

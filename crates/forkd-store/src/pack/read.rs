@@ -85,6 +85,14 @@ pub fn unpack_from_reader<R: Read>(
     if opts.overwrite == Overwrite::No && store.get(&tag).is_ok() {
         return Err(StoreError::Exists(tag).into());
     }
+    if let Some(digest) = &manifest.parent_digest
+        && store.find_by_digest(digest)?.is_none()
+    {
+        return Err(PackError::MissingParent {
+            parent_tag: manifest.parent_tag.clone().unwrap_or_default(),
+            digest: digest.clone(),
+        });
+    }
     progress.start(manifest.total_size());
     let staging = store.stage()?;
     let mut seen = BTreeSet::new();

@@ -54,6 +54,7 @@ pub fn pack(
     opts: &PackOptions,
     progress: &dyn Progress,
 ) -> Result<PackStats, PackError> {
+    refuse_branch(snapshot)?;
     let file_name = out
         .file_name()
         .ok_or_else(|| invalid(format!("{} is not a file path", out.display())))?;
@@ -93,6 +94,21 @@ pub fn pack(
     result
 }
 
+/// A pack holds one whole image: a branch (only its changes over a parent) is refused.
+fn refuse_branch(snapshot: &Snapshot) -> Result<(), PackError> {
+    if snapshot.manifest.is_branch() {
+        return Err(PackError::Branch {
+            tag: snapshot.tag.to_string(),
+            parent: snapshot
+                .manifest
+                .parent_tag
+                .clone()
+                .unwrap_or_else(|| "its parent".into()),
+        });
+    }
+    Ok(())
+}
+
 struct CountingWriter<W> {
     inner: W,
     count: u64,
@@ -118,6 +134,7 @@ pub fn pack_to_writer<W: Write>(
     opts: &PackOptions,
     progress: &dyn Progress,
 ) -> Result<(PackStats, W), PackError> {
+    refuse_branch(snapshot)?;
     pack_frames(snapshot, w, opts, &std::env::temp_dir(), progress)
 }
 
