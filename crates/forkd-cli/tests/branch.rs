@@ -390,17 +390,30 @@ fn a_chain_is_pushed_and_pulled_into_a_fresh_store_and_forked_there() {
 
     let hub = new_home();
     let url = format!("file://{}", hub.path().display());
-    ok_in(p, &["-q", "push", "tiny-b2", "acme/tiny-b2:1", "--hub", &url]);
+    ok_in(
+        p,
+        &["-q", "push", "tiny-b2", "acme/tiny-b2:1", "--hub", &url],
+    );
 
     let user = new_home();
     let u = user.path();
     let key = p.join("keys/forkd.pub");
     ok_in(
         u,
-        &["pull", "acme/tiny-b2:1", "--hub", &url, "--trust", key.to_str().unwrap()],
+        &[
+            "pull",
+            "acme/tiny-b2:1",
+            "--hub",
+            &url,
+            "--trust",
+            key.to_str().unwrap(),
+        ],
     );
     let got = images(u);
-    assert!(got.len() >= 3, "the parents did not come with the branch: {got:?}");
+    assert!(
+        got.len() >= 3,
+        "the parents did not come with the branch: {got:?}"
+    );
     assert!(got.contains(&"tiny-b2".to_string()), "{got:?}");
     let r = fork_exec(
         u,

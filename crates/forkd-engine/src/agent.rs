@@ -23,6 +23,11 @@ impl AgentConn {
         Ok(AgentConn { client })
     }
 
+    /// The multiplexing client underneath, for good.
+    pub fn into_client(self) -> AgentClient {
+        self.client
+    }
+
     /// The multiplexing client underneath (clone it to use the connection from other threads).
     pub fn client(&self) -> &AgentClient {
         &self.client

@@ -380,9 +380,16 @@ fn one_connection_to_a_kept_child_carries_concurrent_streams_and_files() {
     assert_eq!(c.list("/run/up").unwrap().entries.len(), 2);
     c.close();
     drop(c);
-    // Give the agent time to read the EOF (a reconnect before that goes unnoticed).
+    // Give the agent time to read the EOF (a reconnect before that goes unnoticed); a hello
+    // sent before it reopened its port is lost, so wait_ready asks again.
     std::thread::sleep(Duration::from_millis(1500));
-    let c = AgentClient::connect(&child.agent_sock()).unwrap();
+    let (conn, _) = forkd_engine::agent::AgentConn::wait_ready(
+        &child.agent_sock(),
+        Duration::from_secs(60),
+        &mut || true,
+    )
+    .unwrap();
+    let c = conn.into_client();
     let end = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let names: Vec<String> = c

@@ -107,6 +107,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How long connecting to a running sandbox's agent may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long one agent call may take when the caller gave no limit of its own.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -214,8 +217,15 @@ impl Sandbox {
         if let Some((c, f)) = lock(&self.agent).as_ref().filter(|(c, _)| !c.is_closed()) {
             return Ok((c.clone(), f.clone()));
         }
-        let c = AgentClient::connect(&self.record.agent_sock())?;
-        let features = c.hello()?.features;
+        // `wait_ready` asks `hello` again until it is answered: a request sent just after the
+        // previous connection closed can be lost while the agent reopens its port.
+        let (conn, hello) = forkd_engine::agent::AgentConn::wait_ready(
+            &self.record.agent_sock(),
+            CONNECT_TIMEOUT,
+            &mut || self.record.running(),
+        )?;
+        let c = conn.into_client();
+        let features = hello.features;
         let mut slot = lock(&self.agent);
         if self.state() == SandboxState::Stopped {
             c.close();
