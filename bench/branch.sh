@@ -41,6 +41,7 @@ image_into() { # IMAGE HOME: install IMAGE into the store HOME
     fi
     if ! "$FORKD" --home "$PUBLISHER_HOME" images list --json | grep -q "\"tag\": \"$img\""; then
         say "building $img into $PUBLISHER_HOME (one time)"
+        apt_install mmdebstrap e2fsprogs
         "$FORKD" --home "$PUBLISHER_HOME" build "recipes/$img" --tag "$img"
     fi
     "$FORKD" --home "$PUBLISHER_HOME" -q pack "$img" -o "$work/$img.forkd-snapshot.tar.zst"

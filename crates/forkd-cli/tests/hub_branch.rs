@@ -7,7 +7,7 @@
 
 mod hub_common;
 use forkd_hub::layout;
-use forkd_store::{EngineInfo, FileEntry, Manifest, Overwrite, Store, Tag};
+use forkd_store::{EngineInfo, Manifest, Store, Tag};
 use hub_common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileExt;
@@ -57,27 +57,18 @@ fn make_branch(home: &Path, tag: &str, parent: &str, seed: u64) -> Manifest {
     let mut m = Manifest::new(tag, "1", MEM_MIB, engine);
     let made_from = format!("{}:{}", parent.manifest.name, parent.manifest.version);
     m.set_parent(&made_from, &parent.manifest);
-    for name in [
-        "memory.diff",
-        "memory.pages",
-        "rootfs.qcow2",
-        "vmstate",
-        "engine.json",
-    ] {
-        let p = dir.join(name);
-        m.files.insert(
-            name.into(),
-            FileEntry {
-                size: std::fs::metadata(&p).unwrap().len(),
-                sha256: sha256_file(&p),
-                role: None,
-            },
-        );
-    }
-    staging
-        .commit(&Tag::parse(tag).unwrap(), &m, Overwrite::No)
-        .unwrap()
-        .manifest
+    commit_files(
+        staging,
+        tag,
+        m,
+        &[
+            "memory.diff",
+            "memory.pages",
+            "rootfs.qcow2",
+            "vmstate",
+            "engine.json",
+        ],
+    )
 }
 
 fn manifest_of(home: &Path, tag: &str) -> Manifest {

@@ -314,7 +314,7 @@ fn verify_finds_a_corrupt_file() {
 /// A snapshot with an engine.json (text given) beside a `mem_mib`-MiB memory.bin, installed
 /// in `home` as `tag` through the store's staging API, the manifest saying `mem_mib`.
 fn engine_snapshot(home: &Path, tag: &str, mem_mib: u64, engine_json: &str) {
-    use forkd_store::{EngineInfo, FileEntry, Manifest, Overwrite, Store, Tag};
+    use forkd_store::{EngineInfo, Manifest, Store};
     let store = Store::open(home).unwrap();
     let staging = store.stage().unwrap();
     let dir = staging.dir().to_path_buf();
@@ -332,27 +332,19 @@ fn engine_snapshot(home: &Path, tag: &str, mem_mib: u64, engine_json: &str) {
         cpu_model: "qemu64".into(),
         accel_hint: None,
     };
-    let mut m = Manifest::new(tag, "1", mem_mib, engine);
-    for name in [
-        "memory.bin",
-        "vmstate",
-        "rootfs.ext4",
-        "vmlinuz",
-        "engine.json",
-    ] {
-        let p = dir.join(name);
-        m.files.insert(
-            name.into(),
-            FileEntry {
-                size: std::fs::metadata(&p).unwrap().len(),
-                sha256: sha256_file(&p),
-                role: None,
-            },
-        );
-    }
-    staging
-        .commit(&Tag::parse(tag).unwrap(), &m, Overwrite::No)
-        .unwrap();
+    let m = Manifest::new(tag, "1", mem_mib, engine);
+    commit_files(
+        staging,
+        tag,
+        m,
+        &[
+            "memory.bin",
+            "vmstate",
+            "rootfs.ext4",
+            "vmlinuz",
+            "engine.json",
+        ],
+    );
 }
 
 fn engine_json(mem_mib: u64, cpu: &str) -> String {

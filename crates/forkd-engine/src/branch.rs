@@ -350,11 +350,7 @@ pub fn take(src: &BranchSource<'_>, qemu_img: &Path, out: &Path) -> Result<Branc
     let base = std::fs::metadata(src.memory).at("cannot read", src.memory)?;
     let map = crate::guestmem::find_mapping(child.pid, &base, bytes)?;
     let state_path = out.join(STATE_FILE);
-    let state = forkd_store::private_options()
-        .write(true)
-        .create_new(true)
-        .open(&state_path)
-        .at("cannot create", &state_path)?;
+    let state = create_new(&state_path)?;
     let disk_src = overlay_of(child.pid, &child.run_dir)?;
     let disk_path = out.join(DISK_FILE);
 
@@ -378,11 +374,7 @@ pub fn take(src: &BranchSource<'_>, qemu_img: &Path, out: &Path) -> Result<Branc
     // Keep the pages that differ from the parent's.
     let parent_mem = File::open(src.memory).at("cannot open", src.memory)?;
     let diff_path = out.join(DIFF_FILE);
-    let diff = forkd_store::private_options()
-        .write(true)
-        .create_new(true)
-        .open(&diff_path)
-        .at("cannot create", &diff_path)?;
+    let diff = create_new(&diff_path)?;
     diff.set_len(bytes).at("cannot size", &diff_path)?;
     let mut own = Vec::new();
     let mut theirs = vec![0u8; PAGE as usize];
@@ -480,14 +472,19 @@ fn save_devices(qmp: &mut Qmp, file: &File) -> Result<()> {
     saved.map(|_| ())
 }
 
+/// A new private file at `path` (never an existing one, nor through a link).
+fn create_new(path: &Path) -> Result<File> {
+    forkd_store::private_options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .at("cannot create", path)
+}
+
 /// Copy `src` (QEMU's descriptor of the overlay, see [`overlay_of`]) to a new private file.
 fn copy_file(src: &Path, dst: &Path) -> Result<()> {
     let mut from = File::open(src).at("cannot open", src)?;
-    let mut to = forkd_store::private_options()
-        .write(true)
-        .create_new(true)
-        .open(dst)
-        .at("cannot create", dst)?;
+    let mut to = create_new(dst)?;
     std::io::copy(&mut from, &mut to).at("cannot copy", src)?;
     to.flush().at("cannot write", dst)?;
     Ok(())

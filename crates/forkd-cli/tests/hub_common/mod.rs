@@ -78,10 +78,20 @@ pub fn make_snapshot_with(home: &Path, tag: &str, mem_mib: u64, seed: u64, machi
     };
     let mut m = Manifest::new(tag, "1", mem_mib, engine);
     m.description = format!("synthetic test snapshot {seed}");
-    for name in ["memory.bin", "vmstate", "rootfs.ext4"] {
-        let p = dir.join(name);
+    commit_files(staging, tag, m, &["memory.bin", "vmstate", "rootfs.ext4"]);
+}
+
+/// List `files` of the staging directory (size and sha256) in `m`, and install it as `tag`.
+pub fn commit_files(
+    staging: forkd_store::Staging,
+    tag: &str,
+    mut m: Manifest,
+    files: &[&str],
+) -> Manifest {
+    for name in files {
+        let p = staging.dir().join(name);
         m.files.insert(
-            name.into(),
+            name.to_string(),
             FileEntry {
                 size: std::fs::metadata(&p).unwrap().len(),
                 sha256: sha256_file(&p),
@@ -91,7 +101,8 @@ pub fn make_snapshot_with(home: &Path, tag: &str, mem_mib: u64, seed: u64, machi
     }
     staging
         .commit(&Tag::parse(tag).unwrap(), &m, Overwrite::No)
-        .unwrap();
+        .unwrap()
+        .manifest
 }
 
 /// sha256 of every file of an installed tag (data files, not manifest.toml or the provenance
