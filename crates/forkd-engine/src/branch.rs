@@ -32,12 +32,10 @@ pub const DIFF_FILE: &str = "memory.diff";
 pub const PAGES_FILE: &str = "memory.pages";
 pub const DISK_FILE: &str = "rootfs.qcow2";
 pub const STATE_FILE: &str = "vmstate";
-/// Guest and host page size.
-pub const PAGE: u64 = 4096;
+pub use crate::guestmem::PAGE;
 /// Longest chain forked through (a hostile manifest cannot make the walk endless).
 pub const MAX_DEPTH: usize = 16;
-/// The run-directory lock an agent call holds shared and a snapshot takes exclusively.
-pub const BUSY_LOCK: &str = "busy.lock";
+pub use crate::run::BUSY_LOCK;
 
 /// What a branch is forked through, resolved in the local store.
 #[derive(Debug, Clone)]
@@ -278,18 +276,6 @@ fn runs(bits: &[bool]) -> Vec<(u64, u64)> {
     out
 }
 
-/// Runs of consecutive page numbers in a sorted list: (first, length).
-pub(crate) fn page_runs(pages: &[u64]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &p in pages {
-        match out.last_mut() {
-            Some((first, n)) if *first + *n == p => *n += 1,
-            _ => out.push((p, 1)),
-        }
-    }
-    out
-}
-
 /// The child to branch and what it was forked from.
 pub struct BranchSource<'a> {
     pub child: &'a KeptChild,
@@ -504,6 +490,9 @@ mod tests {
         assert!(read_bitmap(&p, 30).is_err(), "too short for 30 pages");
         std::fs::write(&p, [0u8, 0, 0b1000_0000]).unwrap();
         assert!(read_bitmap(&p, 20).is_err(), "bit 23 is past 20 pages");
-        assert_eq!(page_runs(&[1, 2, 3, 7, 8]), vec![(1, 3), (7, 2)]);
+        assert_eq!(
+            crate::guestmem::page_runs(&[1, 2, 3, 7, 8]),
+            vec![(1, 3), (7, 2)]
+        );
     }
 }

@@ -11,7 +11,8 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 
-const PAGE: u64 = crate::branch::PAGE;
+/// Guest and host page size.
+pub const PAGE: u64 = 4096;
 const PRESENT: u64 = 1 << 63;
 const SWAPPED: u64 = 1 << 62;
 const FILE_OR_SHARED: u64 = 1 << 61;
@@ -108,7 +109,7 @@ impl Mapping {
         let f = File::open(&path).at("cannot open", &path)?;
         let mut out = vec![0u8; pages.len() * PAGE as usize];
         let mut at = 0usize;
-        for (first, n) in crate::branch::page_runs(pages) {
+        for (first, n) in page_runs(pages) {
             if (first + n) * PAGE > self.len {
                 return Err(EngineError::Corrupt(
                     "page past the end of guest RAM".into(),
@@ -121,4 +122,16 @@ impl Mapping {
         }
         Ok(out)
     }
+}
+
+/// Runs of consecutive page numbers in a sorted list: (first, length).
+pub(crate) fn page_runs(pages: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &p in pages {
+        match out.last_mut() {
+            Some((first, n)) if *first + *n == p => *n += 1,
+            _ => out.push((p, 1)),
+        }
+    }
+    out
 }

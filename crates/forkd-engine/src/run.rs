@@ -152,6 +152,9 @@ pub fn sweep_orphans(run_root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The run-directory lock an agent call holds shared and a snapshot takes exclusively.
+pub const BUSY_LOCK: &str = "busy.lock";
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeptChild {
     pub id: String,
@@ -331,7 +334,7 @@ pub fn exec(run_root: &Path, id: &str, req: ExecRequest) -> Result<ExecReply> {
         )));
     }
     // Held while the command runs: a snapshot of the child waits for no one, it refuses.
-    let _busy = forkd_store::FileLock::shared(&child.run_dir.join(crate::branch::BUSY_LOCK))?;
+    let _busy = forkd_store::FileLock::shared(&child.run_dir.join(BUSY_LOCK))?;
     let (mut conn, _) =
         AgentConn::wait_ready(&child.agent_sock(), Duration::from_secs(30), &mut || {
             child.running()
