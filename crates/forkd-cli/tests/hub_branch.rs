@@ -521,7 +521,7 @@ fn rmi_of_a_parent_is_refused_and_force_removes_it() {
     let o = forkd(&w.p, &["rmi", "tiny"]);
     let err = fails_with(
         &o,
-        "`tiny` is the parent of 1: tiny-b cannot fork without it",
+        "`tiny` is the parent of 1 branch(es) that cannot fork without it: tiny-b",
     );
     assert!(
         err.contains("hint:") && err.contains("rmi --force tiny"),

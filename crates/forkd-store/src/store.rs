@@ -50,7 +50,9 @@ pub enum StoreError {
     #[error("cannot install: {0}")]
     Staging(String),
     #[error(
-        "`{tag}` is the parent of {}: {} cannot fork without it", children.len(), children.join(", ")
+        "`{tag}` is the parent of {} branch(es) that cannot fork without it: {}",
+        children.len(),
+        children.join(", ")
     )]
     HasChildren {
         tag: Tag,
