@@ -660,3 +660,23 @@ fn chain_through_hub_serve() {
     assert_eq!(tag_hashes(&w.c, "tiny-b"), tag_hashes(&w.p, "tiny-b"));
     assert_eq!(tag_hashes(&w.c, "tiny"), tag_hashes(&w.p, "tiny"));
 }
+
+#[test]
+fn a_chain_deeper_than_16_is_refused_before_anything_starts() {
+    let w = World::new();
+    let mut parent = "tiny-b".to_string();
+    for i in 0..17 {
+        let tag = format!("deep{i}");
+        make_branch(&w.p, &tag, &parent, 100 + i);
+        parent = tag;
+    }
+    let o = forkd(&w.p, &["fork", "--tag", &parent, "-n", "1"]);
+    fails_with(&o, "more than 16 branches deep");
+    assert!(
+        std::fs::read_dir(w.p.join("run"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0,
+        "a child was started"
+    );
+}
