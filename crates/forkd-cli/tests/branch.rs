@@ -64,6 +64,7 @@ fn images(home: &Path) -> Vec<String> {
 fn a_running_child_is_branched_and_its_grandchildren_see_its_state() {
     let home = new_home();
     let h = home.path();
+    let _kill = KillAll(h.to_path_buf());
     build_tiny_in(h);
     let src = keep_one(h, "tiny");
     // Memory-only state (a tmpfs file) and disk state (a file on /). The warm worker's state
@@ -138,6 +139,7 @@ fn a_running_child_is_branched_and_its_grandchildren_see_its_state() {
 fn bad_sources_are_refused_and_leave_the_store_as_it_was() {
     let home = new_home();
     let h = home.path();
+    let _kill = KillAll(h.to_path_buf());
     build_tiny_in(h);
     let before = images(h);
 
@@ -227,6 +229,7 @@ fn qmp(sock: &Path, cmd: &str) {
 fn chains_are_checked_before_any_child_starts() {
     let home = new_home();
     let h = home.path();
+    let _kill = KillAll(h.to_path_buf());
     build_tiny_in(h);
     let id = keep_one(h, "tiny");
     sh(h, &id, "echo x > /root/x");
@@ -327,6 +330,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn a_disk_full_mid_snapshot_leaves_no_half_image_and_the_child_runs_on() {
     let home = new_home();
     let h = home.path();
+    let _kill = KillAll(h.to_path_buf());
     build_tiny_in(h);
     let id = keep_one(h, "tiny");
     sh(
@@ -372,6 +376,7 @@ fn a_disk_full_mid_snapshot_leaves_no_half_image_and_the_child_runs_on() {
 fn a_chain_is_pushed_and_pulled_into_a_fresh_store_and_forked_there() {
     let publisher = new_home();
     let p = publisher.path();
+    let _kill = KillAll(p.to_path_buf());
     build_tiny_in(p);
     ok_in(p, &["-q", "key", "generate"]);
     let id = keep_one(p, "tiny");
@@ -397,6 +402,7 @@ fn a_chain_is_pushed_and_pulled_into_a_fresh_store_and_forked_there() {
 
     let user = new_home();
     let u = user.path();
+    let _kill_u = KillAll(u.to_path_buf());
     let key = p.join("keys/forkd.pub");
     ok_in(
         u,

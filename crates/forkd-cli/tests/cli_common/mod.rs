@@ -120,3 +120,12 @@ pub fn tiny() {
 pub fn kill_all_in(home: &Path) {
     let _ = forkd_in(home, &["-q", "kill", "--all"]);
 }
+
+/// Kills every kept child of a store when dropped: a test that fails half way leaves no VM.
+pub struct KillAll(pub PathBuf);
+
+impl Drop for KillAll {
+    fn drop(&mut self) {
+        kill_all_in(&self.0);
+    }
+}
