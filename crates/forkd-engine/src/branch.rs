@@ -53,6 +53,7 @@ pub struct Layers {
 
 /// `snap` and its ancestors: `snap` first, its root (an image without a parent) last.
 pub fn lineage(store: &Store, snap: &Snapshot) -> Result<Vec<Snapshot>> {
+    let installed = store.images()?;
     let mut chain = vec![snap.clone()];
     let mut seen = HashSet::from([snap.manifest.digest()]);
     loop {
@@ -72,8 +73,8 @@ pub fn lineage(store: &Store, snap: &Snapshot) -> Result<Vec<Snapshot>> {
                 snap.tag
             )));
         }
-        match store.find_by_digest(&digest)? {
-            Some(p) => chain.push(p),
+        match installed.iter().find(|s| s.manifest.digest() == digest) {
+            Some(p) => chain.push(p.clone()),
             None => {
                 return Err(EngineError::ParentMissing {
                     image: last.tag.to_string(),
@@ -155,7 +156,7 @@ pub fn sweep_cache(store: &Store) {
         return;
     };
     let installed: HashSet<String> = store
-        .list()
+        .images()
         .unwrap_or_default()
         .iter()
         .map(|i| i.manifest.digest())

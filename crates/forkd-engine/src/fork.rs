@@ -75,11 +75,13 @@ pub fn preflight(
             }
         )));
     }
-    let outside = layers
-        .map(|l| vec![l.kernel.clone(), l.memory.clone()])
-        .into_iter()
-        .flatten()
-        .chain(layers.iter().flat_map(|l| l.disks.clone()));
+    // A branch's files outside its own directory: the root's kernel, its built memory, the
+    // disks under its own.
+    let outside = layers.into_iter().flat_map(|l| {
+        [l.kernel.clone(), l.memory.clone()]
+            .into_iter()
+            .chain(l.disks.iter().cloned())
+    });
     for p in spec
         .own_files()
         .into_iter()

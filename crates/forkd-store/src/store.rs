@@ -115,6 +115,9 @@ pub struct ImageInfo {
 
 type WaitHook = Arc<dyn Fn(&Path) + Send + Sync>;
 
+/// One directory of images/: its tag, and the image read from it or why it could not be.
+type Scanned = (Tag, Result<Snapshot, StoreError>);
+
 /// A handle on the local store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -268,19 +271,9 @@ impl Store {
 
     /// Every complete image in the store, sorted by tag. Anything else in images/ is ignored.
     pub fn list(&self) -> Result<Vec<ImageInfo>, StoreError> {
-        let dir = self.images_dir();
         let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).at("cannot read", &dir)? {
-            let entry = entry.at("cannot read", &dir)?;
-            let name = entry.file_name();
-            let Some(tag) = name.to_str().and_then(|n| Tag::parse(n).ok()) else {
-                tracing::debug!("ignoring {:?} in {}", name, dir.display());
-                continue;
-            };
-            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            let snap = match self.get(&tag) {
+        for (tag, snap) in self.scan()? {
+            let snap = match snap {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!("ignoring image `{tag}`: {e}");
@@ -308,7 +301,28 @@ impl Store {
                 disk_size: disk,
             });
         }
-        out.sort_by(|a, b| a.tag.cmp(&b.tag));
+        Ok(out)
+    }
+
+    /// Every directory of images/ named like a tag, sorted by tag, with the image read from
+    /// it or why it could not be. Anything else in images/ is ignored.
+    fn scan(&self) -> Result<Vec<Scanned>, StoreError> {
+        let dir = self.images_dir();
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).at("cannot read", &dir)? {
+            let entry = entry.at("cannot read", &dir)?;
+            let name = entry.file_name();
+            let Some(tag) = name.to_str().and_then(|n| Tag::parse(n).ok()) else {
+                tracing::debug!("ignoring {:?} in {}", name, dir.display());
+                continue;
+            };
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let snap = self.get(&tag);
+            out.push((tag, snap));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 
@@ -346,38 +360,28 @@ impl Store {
     /// The tags of the images that name `tag` as their parent (branches made from it).
     pub fn children_of(&self, tag: &Tag) -> Result<Vec<Tag>, StoreError> {
         let digest = self.get(tag)?.manifest.digest();
+        let images = self.images()?;
         // Another tag with the same content would serve the branches as well.
-        let twins = self
-            .images()?
-            .into_iter()
-            .filter(|s| s.tag != *tag && s.manifest.digest() == digest)
-            .count();
-        if twins > 0 {
+        if images
+            .iter()
+            .any(|s| s.tag != *tag && s.manifest.digest() == digest)
+        {
             return Ok(Vec::new());
         }
-        Ok(self
-            .images()?
+        Ok(images
             .into_iter()
             .filter(|s| s.manifest.parent_digest.as_deref() == Some(digest.as_str()))
             .map(|s| s.tag)
             .collect())
     }
 
-    /// Every image that parses, sorted by tag (no sizes: see [`Store::list`]).
-    fn images(&self) -> Result<Vec<Snapshot>, StoreError> {
-        let dir = self.images_dir();
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).at("cannot read", &dir)? {
-            let entry = entry.at("cannot read", &dir)?;
-            let Some(tag) = entry.file_name().to_str().and_then(|n| Tag::parse(n).ok()) else {
-                continue;
-            };
-            if let Ok(s) = self.get(&tag) {
-                out.push(s);
-            }
-        }
-        out.sort_by(|a, b| a.tag.cmp(&b.tag));
-        Ok(out)
+    /// Every image that reads (see [`Store::scan`]), sorted by tag, without sizes.
+    pub fn images(&self) -> Result<Vec<Snapshot>, StoreError> {
+        Ok(self
+            .scan()?
+            .into_iter()
+            .filter_map(|(_, s)| s.ok())
+            .collect())
     }
 
     /// Where the image `tag` came from (`origin.json`), if it was pulled.
