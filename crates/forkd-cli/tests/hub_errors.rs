@@ -6,32 +6,6 @@ use hub_common::faulty::{Faulty, Mode};
 use hub_common::*;
 use std::path::{Path, PathBuf};
 
-struct Published {
-    _dir: tempfile::TempDir,
-    home: PathBuf,
-    key: String,
-    root: PathBuf,
-}
-
-impl Published {
-    fn new(mem_mib: u64, seed: u64) -> Published {
-        let dir = tempfile::tempdir().unwrap();
-        let home = dir.path().to_path_buf();
-        let key = publisher(&home, "snap", mem_mib, seed);
-        ok(&forkd(&home, &["push", "snap", "acme/snap:v1"]));
-        let root = home.join("hub");
-        Published {
-            _dir: dir,
-            home,
-            key,
-            root,
-        }
-    }
-    fn url(&self) -> String {
-        format!("file://{}", self.root.display())
-    }
-}
-
 /// A consumer home that already holds one image, so "unchanged" is a real comparison.
 fn consumer() -> tempfile::TempDir {
     let c = tempfile::tempdir().unwrap();

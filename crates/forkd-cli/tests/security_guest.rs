@@ -6,6 +6,9 @@
 //! - it runs under QEMU's seccomp sandbox and, when forkd is root, as an unprivileged user;
 //! - it cannot write the snapshot's memory.bin or rootfs.
 
+mod cli_common;
+use cli_common::{build_tiny_mem_in, cmd_in, home, json, text};
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -15,34 +18,11 @@ use std::time::Duration;
 /// Guest RAM of the test image (small: children are many and TCG is slow).
 const MEM_MIB: u64 = 128;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn home() -> &'static Path {
-    static H: OnceLock<tempfile::TempDir> = OnceLock::new();
-    H.get_or_init(|| {
-        tempfile::Builder::new()
-            .prefix("fsg")
-            .tempdir_in("/tmp")
-            .unwrap()
-    })
-    .path()
-}
-
-fn ci_assets() -> PathBuf {
-    std::env::var_os("FORKD_ASSETS")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/forkd-ci/assets"))
-}
-
+/// `forkd ARGS` in this binary's store, with confinement as the host decides (never turned
+/// off from the environment).
 fn cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_forkd"));
+    let mut c = cmd_in(home());
     c.args(args)
-        .env("FORKD_HOME", home())
-        .env("FORKD_ASSETS", ci_assets())
-        .env("FORKD_ACCEL", "tcg")
         .env_remove("FORKD_CONFINE")
         .env_remove("FORKD_CGROUPS");
     c
@@ -54,17 +34,8 @@ fn forkd(args: &[&str]) -> Output {
 
 fn ok(args: &[&str]) -> String {
     let o = forkd(args);
-    assert!(
-        o.status.success(),
-        "forkd {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "forkd {args:?} failed:\n{}", text(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
 fn is_root() -> bool {
@@ -72,23 +43,10 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Build the tiny recipe's assets and snapshot them once for this test binary.
+/// The tiny snapshot, once for this test binary.
 fn tiny() {
     static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        let out = Command::new(repo().join("recipes/tiny/build.sh"))
-            .env("FORKD_ASSETS", ci_assets())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "recipes/tiny/build.sh failed (run scripts/setup-engine.sh):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let assets = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let mem = MEM_MIB.to_string();
-        ok(&["-q", "build-tiny", "--assets", &assets, "--mem-mib", &mem]);
-    });
+    DONE.get_or_init(|| build_tiny_mem_in(home(), MEM_MIB));
 }
 
 /// Fork one kept child; returns its `ps --json` entry.

@@ -13,30 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// A publisher home with `acme/snap:v1` pushed (signed) to its embedded file hub.
-struct Published {
-    _dir: tempfile::TempDir,
-    home: PathBuf,
-    key: String,
-    root: PathBuf,
-}
-
-impl Published {
-    fn new(mem_mib: u64, seed: u64) -> Published {
-        let dir = tempfile::tempdir().unwrap();
-        let home = dir.path().to_path_buf();
-        let key = publisher(&home, "snap", mem_mib, seed);
-        ok(&forkd(&home, &["push", "snap", "acme/snap:v1"]));
-        let root = home.join("hub");
-        Published {
-            _dir: dir,
-            home,
-            key,
-            root,
-        }
-    }
-}
-
 /// Run `forkd` with `args`, killed after `limit`; returns (exit code, stderr, peak RSS in KiB,
 /// elapsed). The peak RSS comes from wait4's rusage of that very process.
 fn run_measured(

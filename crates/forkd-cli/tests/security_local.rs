@@ -7,6 +7,9 @@
 //! - the end of forkd itself (`kill -9`, SIGHUP of a closed session): no QEMU outlives it, and
 //!   what it left is swept.
 
+mod cli_common;
+use cli_common::{cmd_in, text, tiny_assets};
+
 use std::ffi::CString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -16,17 +19,6 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 const NOBODY: u32 = 65534;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn ci_assets() -> PathBuf {
-    std::env::var_os("FORKD_ASSETS")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/forkd-ci/assets"))
-}
 
 /// One VM-heavy test at a time: the machine has few cores, and timings below are in seconds.
 fn serial() -> MutexGuard<'static, ()> {
@@ -55,11 +47,8 @@ impl Place {
 
 /// `forkd ARGS` in `home`, run with umask `mask`.
 fn forkd_cmd(home: &Path, mask: u32, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_forkd"));
-    c.args(args)
-        .env("FORKD_HOME", home)
-        .env("FORKD_ASSETS", ci_assets())
-        .env("FORKD_ACCEL", "tcg");
+    let mut c = cmd_in(home);
+    c.args(args);
     // SAFETY: umask(2) is async-signal-safe and allocates nothing.
     unsafe {
         c.pre_exec(move || {
@@ -76,39 +65,17 @@ fn forkd(home: &Path, mask: u32, args: &[&str]) -> Output {
 
 fn ok(home: &Path, mask: u32, args: &[&str]) -> String {
     let o = forkd(home, mask, args);
-    assert!(
-        o.status.success(),
-        "forkd {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "forkd {args:?} failed:\n{}", text(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// The tiny recipe's assets (built once per test binary).
-fn tiny_assets() -> String {
-    static A: OnceLock<String> = OnceLock::new();
-    A.get_or_init(|| {
-        let out = Command::new(repo().join("recipes/tiny/build.sh"))
-            .env("FORKD_ASSETS", ci_assets())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "recipes/tiny/build.sh failed (run scripts/setup-engine.sh):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    })
-    .clone()
 }
 
 fn build_tiny(home: &Path, mask: u32) {
     let assets = tiny_assets();
+    let assets = assets.to_str().unwrap();
     ok(
         home,
         mask,
-        &["-q", "build-tiny", "--assets", &assets, "--mem-mib", "128"],
+        &["-q", "build-tiny", "--assets", assets, "--mem-mib", "128"],
     );
 }
 

@@ -96,6 +96,11 @@ pub fn tiny_assets() -> PathBuf {
 
 /// Snapshot the tiny parent as `tiny` in `home`.
 pub fn build_tiny_in(home: &Path) {
+    build_tiny_mem_in(home, 192);
+}
+
+/// Snapshot the tiny parent as `tiny` in `home`, with `mem_mib` MiB of guest RAM.
+pub fn build_tiny_mem_in(home: &Path, mem_mib: u64) {
     let assets = tiny_assets();
     ok_in(
         home,
@@ -105,7 +110,7 @@ pub fn build_tiny_in(home: &Path) {
             "--assets",
             assets.to_str().unwrap(),
             "--mem-mib",
-            "192",
+            &mem_mib.to_string(),
         ],
     );
 }

@@ -278,3 +278,30 @@ pub fn data_blobs(hub_root: &Path) -> Vec<PathBuf> {
     v.sort_by_key(|x| std::cmp::Reverse(x.0));
     v.into_iter().map(|x| x.1).collect()
 }
+
+/// A publisher home with `acme/snap:v1` pushed (signed) to its embedded file hub.
+pub struct Published {
+    _dir: tempfile::TempDir,
+    pub home: PathBuf,
+    pub key: String,
+    pub root: PathBuf,
+}
+
+impl Published {
+    pub fn new(mem_mib: u64, seed: u64) -> Published {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().to_path_buf();
+        let key = publisher(&home, "snap", mem_mib, seed);
+        ok(&forkd(&home, &["push", "snap", "acme/snap:v1"]));
+        let root = home.join("hub");
+        Published {
+            _dir: dir,
+            home,
+            key,
+            root,
+        }
+    }
+    pub fn url(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+}
