@@ -56,7 +56,8 @@ g() { "$GARAGE" -c "$dir/garage.toml" "$@"; }
 pid=$!
 echo "$pid" > "$dir/garage.pid"
 cleanup_on_error() { kill "$pid" 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup_on_error ERR
+trap cleanup_on_error EXIT
+# EXIT, not ERR: ERR does not fire for a failure inside a function under set -e, nor for die.
 
 node=""
 for _ in $(seq 1 100); do
@@ -106,5 +107,5 @@ FORKD_TEST_S3_BUCKET=hub
 FORKD_TEST_S3_WEB=http://hub.web.garage.localhost:$web/
 FORKD_TEST_S3_API=http://127.0.0.1:$api/
 ENVS
-trap - ERR
+trap - EXIT
 say "garage running (pid $pid, data in $dir); environment in $ENV_FILE"
