@@ -186,6 +186,23 @@ pub struct IdentityRequest {
     /// An instance id the host gives this VM; reported by later `hello`s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// Bring the NIC up with this address (a child forked with a network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetSetup>,
+}
+
+/// The guest side of a child's network: one IPv4 address on the first NIC, a default route
+/// and a resolver. Every child gets the same values; each is alone on its own link.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NetSetup {
+    /// Dotted IPv4 address, e.g. `10.0.2.15`.
+    pub addr: String,
+    /// Prefix length of the link's network (e.g. 24).
+    pub prefix: u8,
+    /// The default gateway.
+    pub gateway: String,
+    /// The only name server the guest is given (`/etc/resolv.conf`).
+    pub dns: String,
 }
 
 /// Start a warm worker process. `kind` picks a built-in worker (`sh` or `python`); otherwise
@@ -558,6 +575,9 @@ pub struct IdentityReply {
     pub seeded_bytes: usize,
     /// How far the clock was stepped, in milliseconds (positive: forward).
     pub clock_step_ms: i64,
+    /// The interface that was brought up, when a network was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_iface: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -38,7 +38,12 @@ struct Cli {
 fn main() -> ExitCode {
     restore_sigpipe();
     let cli = Cli::parse();
-    report::init_tracing(cli.global.verbose, cli.global.quiet);
+    let verbose = if cli.command.is_netd() {
+        cli.global.verbose.max(1)
+    } else {
+        cli.global.verbose
+    };
+    report::init_tracing(verbose, cli.global.quiet);
     let ctx = ctx::Ctx::new(cli.global);
     match commands::run(cli.command, &ctx) {
         Ok(()) => ExitCode::from(report::exit::OK),

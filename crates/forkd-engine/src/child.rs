@@ -56,6 +56,8 @@ pub struct VmGuard {
     /// QEMU gets SIGKILL when the thread that spawned it exits (`PR_SET_PDEATHSIG`). True
     /// unless [`VmGuard::outlive_spawner`] was called before [`VmGuard::spawn`].
     die_with_spawner: bool,
+    /// The child's network back end (stopped after QEMU).
+    net: Option<crate::net::NetLink>,
 }
 
 /// Unix socket paths are limited to 108 bytes.
@@ -77,6 +79,7 @@ impl VmGuard {
             cgroup: None,
             pass: Vec::new(),
             die_with_spawner: true,
+            net: None,
         };
         if g.agent_sock.as_os_str().len() > MAX_SOCK_PATH {
             return Err(EngineError::Io {
@@ -125,6 +128,19 @@ impl VmGuard {
         self.pass.clear(); // QEMU has its own copies now
         self.process = Some(child);
         Ok(())
+    }
+
+    /// Start this VM's network back end (before [`VmGuard::spawn`]); returns the descriptor
+    /// number QEMU will find its end of the link at, and the host ports that were bound.
+    pub fn start_net(
+        &mut self,
+        plan: &crate::net::NetPlan,
+        user: Option<(u32, u32)>,
+    ) -> Result<(std::os::fd::RawFd, Vec<crate::net::PortMap>)> {
+        let (link, qemu_end) = crate::net::start(plan, &self.run_dir, user, self.die_with_spawner)?;
+        let ports = link.ports.clone();
+        self.net = Some(link);
+        Ok((self.pass_fd(qemu_end), ports))
     }
 
     /// Put this VM's QEMU, when it starts, into `cg`; the guard owns the group from now on.
@@ -225,6 +241,7 @@ impl VmGuard {
             }
             let _ = p.wait();
         }
+        drop(self.net.take()); // after QEMU: it sees EOF anyway, this only makes it certain
     }
 
     /// Leave the VM running and its run directory in place (`--keep`).
@@ -240,6 +257,9 @@ impl VmGuard {
         if let Some(cg) = self.cgroup.take() {
             cg.detach(); // `forkd kill` removes it (its dirs are in child.json)
         }
+        if let Some(net) = self.net.take() {
+            net.detach(); // it stops at EOF when QEMU exits
+        }
         (pid, self.run_dir.clone())
     }
 }
@@ -247,7 +267,7 @@ impl VmGuard {
 /// Set up what QEMU gets between fork and exec: a umask of 0177, so the sockets and files it
 /// makes (QMP, agent, serial, a parent's memory.bin) are 0600 whatever forkd's umask; and, when
 /// `tied`, `PR_SET_PDEATHSIG(SIGKILL)`, so it dies with the thread that spawned it.
-fn private_and_tied(cmd: &mut Command, tied: bool) {
+pub(crate) fn private_and_tied(cmd: &mut Command, tied: bool) {
     use rustix::process::{Signal, getpid, getppid, set_parent_process_death_signal, umask};
     let spawner = getpid();
     // SAFETY: the closure runs in the forked child before exec. It only makes system calls
@@ -312,6 +332,8 @@ pub struct ChildPlan<'a> {
     pub interrupt: &'a Interrupt,
     /// Limits how many children start at once; held from launch until ready.
     pub start_gate: &'a crate::gate::StartGate,
+    /// The guest side of the network, when children have one.
+    pub net: Option<&'a forkd_agent::NetSetup>,
 }
 
 /// The outcome of one child, as reported to the user.
@@ -339,6 +361,12 @@ pub struct ChildReport {
     pub run: Option<RunReply>,
     /// The `exec` command or `run` code exceeded the work timeout (the child itself is fine).
     pub timed_out: bool,
+    /// Guest ports reachable on the host's loopback (`--expose`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::net::PortMap>,
+    /// The child has a network (`--net`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub net: bool,
 }
 
 impl ChildReport {
@@ -358,6 +386,8 @@ impl ChildReport {
             exec: None,
             run: None,
             timed_out: false,
+            ports: Vec::new(),
+            net: false,
         }
     }
 
@@ -484,6 +514,18 @@ fn life(
     qmp.set_capabilities(&[("x-ignore-shared", true)])?;
     qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))?;
     qmp.wait_migration(Duration::from_secs(60))?;
+    if plan.net.is_some() {
+        // The parent was saved with its NIC unplugged, so the guest's driver holds "no
+        // carrier". QEMU sees the link as up already (it has a back end now) and would not
+        // signal a change: take it down and up, which raises the config interrupt the driver
+        // needs (measured: without it the guest keeps NO-CARRIER and sends nothing).
+        for up in [false, true] {
+            qmp.execute(
+                "set_link",
+                Some(serde_json::json!({ "name": "nic0", "up": up })),
+            )?;
+        }
+    }
     qmp.execute("cont", None)?;
     report.restored_ms = Some(start.elapsed().as_millis() as u64);
     advance(report, ChildState::Restored);
@@ -628,6 +670,7 @@ fn serve(
         seed_hex: Some(hex::encode(crate::util::random_bytes(64)?)),
         time_unix_ns: Some(now_ns),
         instance: Some(report.id.clone()),
+        net: plan.net.cloned(),
     })?;
     report.ready_ms = Some(start.elapsed().as_millis() as u64);
     advance(report, ChildState::Ready);

@@ -96,9 +96,12 @@ impl Confine {
 
 /// Whether a user of this name exists (in the passwd database, through NSS).
 pub fn user_exists(name: &str) -> bool {
-    let Ok(c) = CString::new(name) else {
-        return false;
-    };
+    user_ids(name).is_some()
+}
+
+/// The uid and primary gid of a user, through NSS.
+pub fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let c = CString::new(name).ok()?;
     let mut pw = std::mem::MaybeUninit::<libc::passwd>::uninit();
     let mut buf = vec![0 as libc::c_char; 4096];
     let mut out: *mut libc::passwd = std::ptr::null_mut();
@@ -113,7 +116,12 @@ pub fn user_exists(name: &str) -> bool {
             &mut out,
         )
     };
-    rc == 0 && !out.is_null()
+    if rc != 0 || out.is_null() {
+        return None;
+    }
+    // SAFETY: getpwnam_r succeeded and `out` points at `pw`, which it filled in.
+    let pw = unsafe { pw.assume_init() };
+    Some((pw.pw_uid, pw.pw_gid))
 }
 
 /// The user child QEMUs run as under root, and whether it is the dedicated one.

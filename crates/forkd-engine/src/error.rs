@@ -103,6 +103,19 @@ pub enum EngineError {
     },
     #[error("branch chain: {0}")]
     Chain(String),
+    #[error("network: {0}")]
+    Net(String),
+    #[error(
+        "host port {port} is already in use; expose the guest port on another host port, or \
+         give only the guest port to get a free one"
+    )]
+    PortTaken { port: u16 },
+    #[error(
+        "image {image} was snapshotted without a network card (device layout {layout}), so \
+         its children cannot have a network; rebuild it with this forkd (`forkd build` of its \
+         recipe, or `forkd snapshot`), which gives every snapshot a NIC"
+    )]
+    NoNic { image: String, layout: String },
     #[error(transparent)]
     Store(Box<forkd_store::StoreError>),
 }

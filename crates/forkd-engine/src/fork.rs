@@ -37,6 +37,8 @@ pub struct ForkOptions {
     pub on_child: Option<OnChild>,
     /// A branch's chain ([`crate::branch::layers`]); `None` for an image without a parent.
     pub layers: Option<crate::branch::Layers>,
+    /// Give every child a network through this back end (`--net`); `None`: no network.
+    pub net: Option<crate::net::NetPlan>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -193,9 +195,26 @@ fn fork_children(
     let start = Instant::now();
     let layers = opts.layers.as_ref();
     let spec = preflight(dir, qemu, layers)?;
+    if opts.net.is_some() && !spec.has_nic() {
+        return Err(EngineError::NoNic {
+            image: opts.tag.clone(),
+            layout: spec.layout.clone(),
+        });
+    }
     let estimate_mib = crate::memory::check_capacity(&spec, opts.n)?;
     let accel = resolve_accel(opts.accel)?;
     let confine = crate::confine::Confine::for_host(qemu);
+    let net_user = match &confine.runas {
+        Some(u) => Some(crate::confine::user_ids(u).ok_or_else(|| {
+            EngineError::Net(format!(
+                "user {u} (for the network back end) does not exist"
+            ))
+        })?),
+        None => None,
+    };
+    if let Some(plan) = &opts.net {
+        crate::net::check_fixed_ports(plan, opts.n)?;
+    }
     let limits = crate::cgroup::Limits::for_guest(spec.mem_mib);
     tracing::debug!("children confined: {confine:?}, limits {limits:?}");
     let session = hex::encode(crate::util::random_bytes(3)?);
@@ -224,6 +243,7 @@ fn fork_children(
         work: &opts.work,
         interrupt: &opts.interrupt,
         start_gate: &start_gate,
+        net: opts.net.as_ref().map(|n| &n.guest),
     };
 
     let results: Vec<(ChildReport, Option<VmGuard>)> = std::thread::scope(|scope| {
@@ -251,6 +271,13 @@ fn fork_children(
                             // dies with it if forkd is killed.
                             guard.outlive_spawner();
                         }
+                        let (net_fd, ports) = match &opts.net {
+                            Some(plan) => match guard.start_net(plan, net_user) {
+                                Ok((fd, ports)) => (Some(fd), ports),
+                                Err(e) => return (ChildReport::failed(i, id, &e), None),
+                            },
+                            None => (None, Vec::new()),
+                        };
                         let args = Launch {
                             spec,
                             dir,
@@ -263,9 +290,12 @@ fn fork_children(
                             kernel_override: Some(stub.to_path_buf()),
                             confine: Some(confine),
                             layers,
+                            net_fd,
                         }
                         .args();
                         let mut out = run_child(plan, i, id, guard, args);
+                        out.0.ports = ports;
+                        out.0.net = opts.net.is_some();
                         if !keep {
                             // Its work is done: stop it now, so finished children do not
                             // compete for the CPU with those still coming up.

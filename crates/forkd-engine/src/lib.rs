@@ -11,6 +11,7 @@
 //! - [`run`]: children kept running (`--keep`), tracked under `$FORKD_HOME/run/`.
 //! - [`confine`]: how a child's QEMU is confined; [`cgroup`]: its cgroup.
 //! - [`branch`]: a running child saved as an image of its changes; forking through chains.
+//! - [`net`]: a child's network back end process (the policy lives in forkd-net).
 //! - [`doctor`]: what this host has and lacks.
 
 pub mod agent;
@@ -26,6 +27,7 @@ mod guestmem;
 pub mod image;
 mod memory;
 pub mod mux;
+pub mod net;
 pub mod qcow2;
 pub mod qemu;
 mod qmp;

@@ -167,6 +167,12 @@ pub struct KeptChild {
     /// The child's cgroup directories, removed by [`kill`] (none on hosts without cgroups).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cgroups: Vec<PathBuf>,
+    /// Guest ports reachable on the host (`--expose`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::net::PortMap>,
+    /// The child has a network (`--net`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub net: bool,
 }
 
 /// A kept child as `forkd ps` shows it.
@@ -193,6 +199,8 @@ impl KeptChild {
             snapshot_dir: snapshot_dir.to_path_buf(),
             run_dir: guard.run_dir.clone(),
             cgroups: guard.cgroup_dirs(),
+            ports: report.ports.clone(),
+            net: report.net,
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())

@@ -135,6 +135,7 @@ pub fn take(
         kernel_override: None,
         confine: None,
         layers: None,
+        net_fd: None,
     }
     .args();
     tracing::debug!("parent: {} {}", qemu.bin.display(), args.join(" "));

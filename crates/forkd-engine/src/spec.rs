@@ -1,7 +1,8 @@
 //! `engine.json`: the machine a snapshot needs, and the QEMU command line that builds it.
 //!
 //! A snapshot restores only into a machine with the same devices in the same places. The
-//! device layout is named (`forkd-pc-v1`) and fixed in code below; `engine.json` records that
+//! device layout is named (`forkd-pc-v2`, or the older `forkd-pc-v1` without a NIC) and fixed in
+//! code below; `engine.json` records that
 //! name plus the machine type, CPU model, RAM, vCPUs, kernel command line and file names. See
 //! docs/ENGINE.md.
 
@@ -14,7 +15,17 @@ pub const SPEC_FILE: &str = "engine.json";
 pub const SPEC_FORMAT: u32 = 1;
 /// The engine format of a branch (a snapshot of a running child, see [`SpecParent`]).
 pub const BRANCH_SPEC_FORMAT: u32 = 2;
-pub const LAYOUT: &str = "forkd-pc-v1";
+/// The layout new snapshots get: v1 plus a virtio NIC with no back end
+/// ([`NIC_DEVICE`]). A child is given a back end only when it asks for a network, so the NIC
+/// costs a child without one nothing but an idle PCI device.
+pub const LAYOUT: &str = "forkd-pc-v2";
+/// The first layout (no NIC). Its snapshots still fork; `--net` on them is refused with a
+/// hint to rebuild.
+pub const LAYOUT_V1: &str = "forkd-pc-v1";
+/// The NIC of layout v2. One fixed MAC: every child is alone on its own link, so identical
+/// addresses never meet. `romfile=` keeps the PXE option ROM (a RAM block the migration
+/// stream would carry) out of the machine.
+pub const NIC_DEVICE: &str = "virtio-net-pci,id=nic0,addr=0x5,mac=52:54:00:12:34:56,romfile=";
 
 pub const KERNEL_FILE: &str = "vmlinuz";
 pub const INITRD_FILE: &str = "initrd.img";
@@ -61,7 +72,7 @@ pub fn check_image_dir(dir: &Path, manifest: &forkd_store::Manifest) -> Result<O
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmSpec {
     pub format: u32,
-    /// Device layout name; only [`LAYOUT`] is known.
+    /// Device layout name: [`LAYOUT`] or [`LAYOUT_V1`].
     pub layout: String,
     /// QEMU version that took the snapshot.
     pub qemu_version: String,
@@ -99,6 +110,11 @@ pub struct SpecParent {
 }
 
 impl VmSpec {
+    /// Whether the layout has a NIC (a child can then be given a network).
+    pub fn has_nic(&self) -> bool {
+        self.layout != LAYOUT_V1
+    }
+
     /// Guest RAM in bytes; an error when `mem_mib` is out of range (checked arithmetic).
     pub fn mem_bytes(&self) -> Result<u64> {
         if self.mem_mib == 0 || self.mem_mib > MAX_MEM_MIB {
@@ -169,9 +185,9 @@ impl VmSpec {
                 ));
             }
         }
-        if spec.layout != LAYOUT {
+        if spec.layout != LAYOUT && spec.layout != LAYOUT_V1 {
             return Err(format!(
-                "device layout {:?} is unknown (this forkd knows {LAYOUT:?})",
+                "device layout {:?} is unknown (this forkd knows {LAYOUT:?} and {LAYOUT_V1:?})",
                 spec.layout
             ));
         }
@@ -309,6 +325,9 @@ pub struct Launch<'a> {
     pub confine: Option<&'a crate::confine::Confine>,
     /// A branch's chain, resolved in the store (`None` for an image without a parent).
     pub layers: Option<&'a crate::branch::Layers>,
+    /// The child's network link: a descriptor QEMU inherits (a connected stream socket to its
+    /// network back end, see forkd-net). Only for a layout with a NIC.
+    pub net_fd: Option<std::os::fd::RawFd>,
 }
 
 /// Children never run the boot path, but QEMU only creates the same option-ROM RAM block
@@ -462,6 +481,17 @@ impl Launch<'_> {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", opt(self.qmp_sock)),
         ]);
+        if spec.has_nic() {
+            match self.net_fd.filter(|_| !parent) {
+                Some(fd) => a.extend([
+                    "-netdev".into(),
+                    format!("stream,id=n0,addr.type=fd,addr.str={fd}"),
+                    "-device".into(),
+                    format!("{NIC_DEVICE},netdev=n0"),
+                ]),
+                None => a.extend(["-device".into(), NIC_DEVICE.into()]),
+            }
+        }
         if !parent {
             a.extend(["-incoming".into(), "defer".into()]);
             if spec.parent.is_some() {

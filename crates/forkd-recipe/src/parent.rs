@@ -263,6 +263,7 @@ fn smoke(
             interrupt: Interrupt::install(),
             on_child: None,
             layers: None,
+            net: None,
         };
         let report = forkd_engine::fork::fork(dir, qemu, &opts).map_err(|source| {
             ParentError::SmokeFork {

@@ -16,6 +16,8 @@ pub enum SandboxError {
     NoSuchImage(String),
     #[error("{field}: {reason}")]
     BadRequest { field: &'static str, reason: String },
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     #[error("sandbox {0} is paused")]
     Paused(String),
     #[error("sandbox {0} has stopped")]
@@ -79,7 +81,9 @@ impl SandboxError {
         match self {
             NoSuchSandbox(_) | NoSuchCommand { .. } | NoSuchImage(_) => ErrorKind::NotFound,
             Store(forkd_store::StoreError::NotFound(_)) => ErrorKind::NotFound,
-            BadRequest { .. } => ErrorKind::BadRequest,
+            BadRequest { .. } | Network(_) => ErrorKind::BadRequest,
+            Engine(e) if matches!(**e, EngineError::NoNic { .. }) => ErrorKind::BadRequest,
+            Engine(e) if matches!(**e, EngineError::PortTaken { .. }) => ErrorKind::Conflict,
             Paused(_) | Stopped(_) | Busy(_) | OldAgent { .. } => ErrorKind::Conflict,
             Image(e)
                 if matches!(

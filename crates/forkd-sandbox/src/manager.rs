@@ -54,6 +54,8 @@ pub struct CreateRequest {
     pub memory_mib: Option<u64>,
     /// The image name to show (the hub reference the tag came from, or the tag).
     pub image: Option<String>,
+    /// Give each child a network (`None`: none at all).
+    pub network: Option<crate::network::Network>,
 }
 
 /// One result per requested child, in order.
@@ -212,6 +214,9 @@ impl Manager {
         }
         forkd_engine::image::check_consistent(&snap)
             .map_err(|e| SandboxError::Image(Box::new(e)))?;
+        if let Some(n) = &req.network {
+            n.config()?;
+        }
         forkd_engine::fork::admit(&snap.dir, req.count)?;
         Ok(snap)
     }
@@ -235,6 +240,18 @@ impl Manager {
             on_child,
             layers: forkd_engine::branch::layers(&self.inner.store, &snap)
                 .map_err(|e| SandboxError::Image(Box::new(e.into())))?,
+            net: match &req.network {
+                Some(n) => {
+                    let program =
+                        crate::network::netd_program().map_err(|source| SandboxError::Io {
+                            what: "cannot find the forkd binary to serve networks",
+                            path: PathBuf::from("/proc/self/exe"),
+                            source,
+                        })?;
+                    Some(n.plan(&program)?)
+                }
+                None => None,
+            },
         };
         let (report, guards) = forkd_engine::fork::fork_owned(&snap.dir, &qemu, &opts)?;
         let created = now_unix();

@@ -78,6 +78,10 @@ pub struct SandboxInfo {
     pub memory_mib: u64,
     pub restored_ms: Option<u64>,
     pub ready_ms: Option<u64>,
+    /// The child has a network.
+    pub net: bool,
+    /// Guest ports reachable on the host's 127.0.0.1.
+    pub ports: Vec<forkd_engine::net::PortMap>,
 }
 
 /// Who holds the QEMU process.
@@ -162,6 +166,8 @@ impl Sandbox {
             memory_mib: self.meta.memory_mib,
             restored_ms: self.meta.restored_ms,
             ready_ms: self.meta.ready_ms,
+            net: self.record.net,
+            ports: self.record.ports.clone(),
         }
     }
 

@@ -112,6 +112,17 @@ pub struct Sandbox {
     pub memory_mib: u64,
     pub restored_ms: Option<u64>,
     pub ready_ms: Option<u64>,
+    /// The sandbox has a network (created with `network`).
+    pub net: bool,
+    /// Guest ports reachable on the host's 127.0.0.1 (`network.expose`).
+    pub ports: Vec<PortMapping>,
+}
+
+/// A guest port and the host port (on 127.0.0.1) that reaches it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct PortMapping {
+    pub guest: u16,
+    pub host: u16,
 }
 
 fn rfc3339(unix: u64) -> String {
@@ -138,6 +149,15 @@ impl From<SandboxInfo> for Sandbox {
             memory_mib: s.memory_mib,
             restored_ms: s.restored_ms,
             ready_ms: s.ready_ms,
+            net: s.net,
+            ports: s
+                .ports
+                .iter()
+                .map(|p| PortMapping {
+                    guest: p.guest,
+                    host: p.host,
+                })
+                .collect(),
         }
     }
 }
@@ -166,6 +186,10 @@ pub struct CreateSandboxes {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub memory_mib: Option<u64>,
+    /// Give each sandbox a network; without it a sandbox has none. Egress is denied except
+    /// what `allow` lists.
+    #[serde(default)]
+    pub network: Option<forkd_sandbox::Network>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

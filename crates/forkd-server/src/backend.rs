@@ -105,11 +105,14 @@ impl Backend {
     ) -> Result<Vec<std::result::Result<api::Sandbox, String>>> {
         match self {
             Backend::Daemon(c) => {
-                let body = json!({
+                let mut body = json!({
                     "image": req.image.clone().unwrap_or_else(|| req.tag.clone()),
                     "count": req.count, "env": req.env, "labels": req.labels,
                     "ttl_s": req.ttl.map(|t| t.as_secs()),
                 });
+                if let Some(n) = &req.network {
+                    body["network"] = json!(n);
+                }
                 let v: Value = c.json(Method::POST, "/v1/sandboxes", Some(&body))?;
                 let results = v["results"].as_array().cloned().unwrap_or_default();
                 Ok(results

@@ -248,6 +248,7 @@ pub async fn create_sandboxes(
         labels: body.labels,
         memory_mib: body.memory_mib,
         image: Some(body.image.clone()),
+        network: body.network.clone(),
     };
     if !wants_ndjson(&headers) {
         req.tag = crate::state::resolve_image(&st, &body.image, None).await?;

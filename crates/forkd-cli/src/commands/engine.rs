@@ -44,7 +44,15 @@ pub enum Cmd {
         forkd fork --tag tiny -n 10 --exec 'echo hello from $(hostname)'\n  \
         forkd fork --tag tiny:1 -n 3 --json                  # NAME:VERSION, as `forkd images` shows\n  \
         forkd fork --tag python-numpy -n 100 --run 'np.arange(10).sum()'\n  \
-        forkd fork --tag tiny -n 2 --keep && forkd ps        # leave them running\n\n\
+        forkd fork --tag tiny -n 2 --keep && forkd ps        # leave them running\n  \
+        forkd fork --tag tiny --net --allow pypi.org --allow files.pythonhosted.org:443\n  \
+        forkd fork --tag tiny --net --allow host:8000 --exec 'wget -qO- http://10.0.2.2:8000/'\n  \
+        forkd fork --tag tiny --keep --net --expose 8080     # host port in the result and `ps`\n\n\
+        Children have no network unless --net is given. With it, each child has its own \
+        user-mode network (10.0.2.15, gateway 10.0.2.2, DNS 10.0.2.3) and all egress is denied \
+        but what --allow lists. The host's loopback is 10.0.2.2 in the guest and is reached only \
+        through `--allow host:PORT`; private ranges and 169.254.0.0/16 only by address. \
+        --allow/--allow-all/--expose imply --net.\n\n\
         Each child is named TAG-SESSION-INDEX (its hostname too), the id ps/exec/kill/cp take. \
         Exit code 3 when any child failed to come up, timed out, or its --exec command exited \
         non-zero (`ok: false` in --json). Guest output in the table has control characters \
@@ -138,7 +146,70 @@ pub struct ForkArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
+    net: NetArgs,
+    #[command(flatten)]
     vm: VmArgs,
+}
+
+/// A child's network (`forkd fork`).
+#[derive(clap::Args, Debug, Default)]
+pub struct NetArgs {
+    /// Give each child a network: its own user-mode link, egress denied but --allow
+    #[arg(long)]
+    net: bool,
+    /// Allow egress to HOST|DOMAIN|CIDR[:PORT] (repeatable); `host` is the host's loopback
+    /// (10.0.2.2 in the guest), `*.example.com` the subdomains of example.com
+    #[arg(long, value_name = "RULE")]
+    allow: Vec<String>,
+    /// Allow egress to every public address (private ranges, the host and 169.254.0.0/16
+    /// still need --allow by address)
+    #[arg(long)]
+    allow_all: bool,
+    /// Reach GUEST_PORT from the host's 127.0.0.1 (repeatable): a free host port per child,
+    /// or HOST_PORT:GUEST_PORT for one child
+    #[arg(long, value_name = "[HOST_PORT:]GUEST_PORT")]
+    expose: Vec<String>,
+    /// Each child's bandwidth, both directions together, in Mbit/s (0: unlimited)
+    #[arg(long, value_name = "MBIT", default_value_t = 100)]
+    net_rate: u32,
+}
+
+impl NetArgs {
+    /// The network asked for, if any.
+    pub fn network(&self) -> Option<forkd_sandbox::Network> {
+        let wanted =
+            self.net || self.allow_all || !self.allow.is_empty() || !self.expose.is_empty();
+        wanted.then(|| forkd_sandbox::Network {
+            allow: self.allow.clone(),
+            allow_all: self.allow_all,
+            expose: self
+                .expose
+                .iter()
+                .map(|e| forkd_sandbox::ExposeSpec::Text(e.clone()))
+                .collect(),
+            rate_mbit: Some(self.net_rate),
+        })
+    }
+}
+
+/// The engine's plan for `net`, or a clear error about the flag at fault.
+fn net_plan(net: &NetArgs) -> anyhow::Result<Option<forkd_engine::net::NetPlan>> {
+    let Some(n) = net.network() else {
+        return Ok(None);
+    };
+    let program = forkd_sandbox::network::netd_program()
+        .context("cannot find the forkd binary to serve the children's networks")?;
+    let plan = n.plan(&program).map_err(|e| {
+        anyhow::Error::new(e).context(Hint(
+            "--allow takes 1.2.3.4, 10.0.0.0/8, example.com, *.example.com or host, each with \
+             an optional :PORT; --expose takes GUEST_PORT or HOST_PORT:GUEST_PORT"
+                .into(),
+        ))
+    })?;
+    if n.allow_all {
+        eprintln!("warning: --allow-all: every child may reach any public address on the internet");
+    }
+    Ok(Some(plan))
 }
 
 /// The local image `name` (TAG or NAME:VERSION), with a hint on how to get one.
@@ -334,12 +405,14 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
         return super::sandbox::fork_kept(
             ctx,
             &tag_arg,
+            a.net.network(),
             a.n,
             a.exec.as_deref(),
             Duration::from_secs(a.exec_timeout),
             a.json,
         );
     }
+    let net = net_plan(&a.net)?;
     let store = ctx.store()?;
     let snap = find_image(ctx, &name)?;
     let tag = snap.tag.clone();
@@ -377,6 +450,7 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
                 as forkd_engine::fork::OnChild
         }),
         layers: forkd_engine::branch::layers(&store, &snap)?,
+        net,
     };
     let result = forkd_engine::fork::fork(&snap.dir, &qemu, &opts);
     if let Some(pb) = &progress {

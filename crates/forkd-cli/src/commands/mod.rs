@@ -3,6 +3,7 @@
 mod engine;
 mod hub;
 mod hub_progress;
+mod netd;
 mod recipe;
 mod sandbox;
 mod store;
@@ -25,6 +26,19 @@ pub enum Command {
     Engine(engine::Cmd),
     #[command(flatten)]
     Sandbox(sandbox::Cmd),
+    /// One child's network back end (started by forkd itself)
+    #[command(name = "__netd", hide = true)]
+    Netd {
+        #[arg(long)]
+        config: String,
+    },
+}
+
+impl Command {
+    /// The network back end logs what it refuses (its child's net.log), so it logs at info.
+    pub fn is_netd(&self) -> bool {
+        matches!(self, Command::Netd { .. })
+    }
 }
 
 pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
@@ -41,5 +55,6 @@ pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
         Command::Hub(c) => hub::run(c, ctx),
         Command::Engine(c) => engine::run(c, ctx),
         Command::Sandbox(c) => sandbox::run(c, ctx),
+        Command::Netd { config } => netd::run(&config),
     }
 }

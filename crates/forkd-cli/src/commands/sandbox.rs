@@ -193,17 +193,27 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<24} {:<16} {:<8} {:<8} HOSTNAME",
-                "ID", "IMAGE", "PID", "STATE"
+                "{:<24} {:<16} {:<8} {:<8} {:<24} HOSTNAME",
+                "ID", "IMAGE", "PID", "STATE", "NET"
             );
             for s in list {
                 let cell = |t: &str| escape_controls(t, Lines::Escape).into_owned();
+                let net = if s.ports.is_empty() {
+                    (if s.net { "on" } else { "-" }).to_string()
+                } else {
+                    s.ports
+                        .iter()
+                        .map(|p| format!("127.0.0.1:{}->{}", p.host, p.guest))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
                 println!(
-                    "{:<24} {:<16} {:<8} {:<8} {}",
+                    "{:<24} {:<16} {:<8} {:<8} {:<24} {}",
                     cell(&s.id),
                     cell(&s.image),
                     s.pid,
                     s.state,
+                    net,
                     cell(&s.hostname)
                 );
             }
@@ -362,6 +372,7 @@ fn shell_quote(s: &str) -> String {
 pub(super) fn fork_kept(
     ctx: &Ctx,
     tag: &str,
+    network: Option<forkd_sandbox::Network>,
     n: usize,
     exec: Option<&str>,
     exec_timeout: Duration,
@@ -371,6 +382,7 @@ pub(super) fn fork_kept(
     let req = forkd_sandbox::CreateRequest {
         tag: tag.to_string(),
         count: n,
+        network,
         ..Default::default()
     };
     let results = b

@@ -137,6 +137,7 @@ pub fn fork_options(n: usize, shell: Option<&str>, run_root: &Path) -> ForkOptio
         interrupt: Interrupt::never(),
         on_child: None,
         layers: None,
+        net: None,
     }
 }
 

@@ -97,6 +97,9 @@ pub fn apply(req: &IdentityRequest) -> Result<IdentityReply, String> {
     if let Some(h) = &req.hostname {
         set_hostname(h)?;
     }
+    if let Some(net) = &req.net {
+        reply.net_iface = Some(crate::net::apply(net)?);
+    }
     reply.hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap_or_default()
         .trim()

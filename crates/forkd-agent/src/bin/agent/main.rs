@@ -12,6 +12,7 @@
 mod exec;
 mod files;
 mod identity;
+mod net;
 mod port;
 mod reaper;
 mod warm;

@@ -22,6 +22,9 @@ pub(super) fn print_report(r: &ForkReport) {
         if let Some(ms) = c.ready_ms {
             line.push_str(&format!(" ready {ms:>5} ms"));
         }
+        for p in &c.ports {
+            line.push_str(&format!("  127.0.0.1:{}->{}", p.host, p.guest));
+        }
         if let Some(x) = &c.exec {
             let code = match (x.exit_code, x.timed_out) {
                 (Some(c), _) => c.to_string(),
