@@ -100,7 +100,10 @@ pub fn take(
 
     let spec = VmSpec {
         format: SPEC_FORMAT,
-        layout: LAYOUT.to_string(),
+        layout: match std::env::var(crate::spec::TEST_LAYOUT_ENV).as_deref() {
+            Ok(crate::spec::LAYOUT_V1) => crate::spec::LAYOUT_V1.to_string(),
+            _ => LAYOUT.to_string(),
+        },
         qemu_version: qemu.version_string(),
         machine: MACHINE_TYPE.to_string(),
         cpu: CPU_MODEL.to_string(),

@@ -22,6 +22,9 @@ pub const LAYOUT: &str = "forkd-pc-v2";
 /// The first layout (no NIC). Its snapshots still fork; `--net` on them is refused with a
 /// hint to rebuild.
 pub const LAYOUT_V1: &str = "forkd-pc-v1";
+/// Environment hook for tests: `FORKD_TEST_LAYOUT=forkd-pc-v1` makes `snapshot` build the old
+/// layout (no NIC), as an earlier forkd did, so the refusal of `--net` on it can be tested.
+pub const TEST_LAYOUT_ENV: &str = "FORKD_TEST_LAYOUT";
 /// The NIC of layout v2. One fixed MAC: every child is alone on its own link, so identical
 /// addresses never meet. `romfile=` keeps the PXE option ROM (a RAM block the migration
 /// stream would carry) out of the machine.
