@@ -262,7 +262,8 @@ fn allow_entries_that_do_not_parse_are_refused_before_any_child_starts() {
         "",
     ] {
         let start = Instant::now();
-        let o = forkd(&["fork", "--tag", "tiny", "--allow", bad, "--exec", "true"]);
+        let flag = format!("--allow={bad}");
+        let o = forkd(&["fork", "--tag", "tiny", &flag, "--exec", "true"]);
         assert_eq!(o.status.code(), Some(1), "{bad:?}: {}", text(&o));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("error:") && err.contains("hint:"), "{bad:?}: {err}");
@@ -270,7 +271,8 @@ fn allow_entries_that_do_not_parse_are_refused_before_any_child_starts() {
         assert!(start.elapsed() < Duration::from_secs(5), "{bad:?}: a VM was started");
     }
     for bad in ["0", "x", "1:2:3", "70000"] {
-        let o = forkd(&["fork", "--tag", "tiny", "--expose", bad, "--exec", "true"]);
+        let flag = format!("--expose={bad}");
+        let o = forkd(&["fork", "--tag", "tiny", &flag, "--exec", "true"]);
         assert!(!o.status.success(), "{bad:?}");
         assert!(String::from_utf8_lossy(&o.stderr).contains("expose"), "{}", text(&o));
     }

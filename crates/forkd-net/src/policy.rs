@@ -137,6 +137,10 @@ fn check_domain(name: &str) -> Result<(), &'static str> {
         {
             return Err("labels may contain only a-z, 0-9 and '-' ('*' only as a leading '*.')");
         }
+        // RFC 952/1123 host names: a hyphen joins, it never starts or ends a label.
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("a label starts or ends with '-'");
+        }
     }
     Ok(())
 }
@@ -442,6 +446,8 @@ mod tests {
         assert!(matches!(err("foo.*.com"), RuleError::BadDomain { .. }));
         assert!(matches!(err("**.com"), RuleError::BadDomain { .. }));
         assert!(matches!(err("bücher.de"), RuleError::BadDomain { .. }));
+        assert!(matches!(err("-bad-.com"), RuleError::BadDomain { .. }));
+        assert!(matches!(err("bad-.com"), RuleError::BadDomain { .. }));
         let long_label = format!("{}.com", "a".repeat(64));
         assert!(matches!(err(&long_label), RuleError::BadDomain { .. }));
         let long_name = format!("{}com", "abcdefghi.".repeat(26));
