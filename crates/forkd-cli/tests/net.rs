@@ -85,12 +85,19 @@ fn allowed_server_is_reached_and_others_are_refused() {
         d = denied.port
     );
     let start = Instant::now();
-    let (out, _, code) = fork_net(home(), &["--allow", &format!("host:{}", allowed.port)], &script);
+    let (out, _, code) = fork_net(
+        home(),
+        &["--allow", &format!("host:{}", allowed.port)],
+        &script,
+    );
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("allowed-body"), "{out}");
     assert!(!out.contains("denied-body"), "{out}");
     assert!(out.contains("denied-rc=1"), "{out}");
-    assert!(out.contains("refused"), "a denied connect is refused at once: {out}");
+    assert!(
+        out.contains("refused"),
+        "a denied connect is refused at once: {out}"
+    );
     assert_eq!(allowed.hits(), 1);
     assert_eq!(denied.hits(), 0, "the denied server saw a connection");
     // Refused, not dropped: no connect timeout was waited out.
@@ -106,7 +113,10 @@ fn without_net_a_child_has_no_network() {
         server.port
     );
     let v = json(&ok(&["fork", "--tag", "tiny", "--json", "--exec", &script]));
-    let out = v["children"][0]["exec"]["stdout"].as_str().unwrap().to_string();
+    let out = v["children"][0]["exec"]["stdout"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(out.contains("unreachable"), "{out}");
     assert_eq!(server.hits(), 0);
     assert!(v["children"][0].get("net").is_none(), "{v}");
@@ -151,14 +161,25 @@ fn dns_answers_through_the_filter() {
         "nslookup localhost 2>&1; nslookup example.com 2>&1; true",
     );
     let answer = out.split("Name:").nth(1).unwrap_or("");
-    assert!(!answer.contains("Address"), "rebinding answer let through: {out}");
+    assert!(
+        !answer.contains("Address"),
+        "rebinding answer let through: {out}"
+    );
     assert!(!out.contains("127.0.0.1"), "{out}");
-    assert!(out.contains("REFUSED"), "a name no rule allows is refused: {out}");
+    assert!(
+        out.contains("REFUSED"),
+        "a name no rule allows is refused: {out}"
+    );
     // ...unless the host is allowed by address too: then it is the host's alias.
     let server = HostServer::start("by-name");
     let (out, _, _) = fork_net(
         home(),
-        &["--allow", "localhost", "--allow", &format!("host:{}", server.port)],
+        &[
+            "--allow",
+            "localhost",
+            "--allow",
+            &format!("host:{}", server.port),
+        ],
         &format!(
             "nslookup localhost 2>&1; nslookup host.forkd.internal 2>&1; \
              wget -O- http://host.forkd.internal:{}/ 2>&1; true",
@@ -236,7 +257,10 @@ fn expose_of_a_taken_port_fails_clearly_and_starts_nothing() {
     );
     assert!(!o.status.success(), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(&port.to_string()) && err.contains("in use"), "{err}");
+    assert!(
+        err.contains(&port.to_string()) && err.contains("in use"),
+        "{err}"
+    );
     let ps = json(&ok_in(home.path(), &["ps", "--json"]));
     assert_eq!(ps.as_array().unwrap().len(), 0, "{ps}");
     // A fixed host port serves one child only.
@@ -245,7 +269,11 @@ fn expose_of_a_taken_port_fails_clearly_and_starts_nothing() {
         &["fork", "--tag", "tiny", "-n", "2", "--expose", "18080:8080"],
     );
     assert!(!o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("one child"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("one child"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -266,15 +294,28 @@ fn allow_entries_that_do_not_parse_are_refused_before_any_child_starts() {
         let o = forkd(&["fork", "--tag", "tiny", &flag, "--exec", "true"]);
         assert_eq!(o.status.code(), Some(1), "{bad:?}: {}", text(&o));
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("error:") && err.contains("hint:"), "{bad:?}: {err}");
-        assert!(err.contains(&format!("{bad:?}")), "{bad:?} not named: {err}");
-        assert!(start.elapsed() < Duration::from_secs(5), "{bad:?}: a VM was started");
+        assert!(
+            err.contains("error:") && err.contains("hint:"),
+            "{bad:?}: {err}"
+        );
+        assert!(
+            err.contains(&format!("{bad:?}")),
+            "{bad:?} not named: {err}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{bad:?}: a VM was started"
+        );
     }
     for bad in ["0", "x", "1:2:3", "70000"] {
         let flag = format!("--expose={bad}");
         let o = forkd(&["fork", "--tag", "tiny", &flag, "--exec", "true"]);
         assert!(!o.status.success(), "{bad:?}");
-        assert!(String::from_utf8_lossy(&o.stderr).contains("expose"), "{}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("expose"),
+            "{}",
+            text(&o)
+        );
     }
 }
 
@@ -297,10 +338,16 @@ fn net_on_a_snapshot_without_a_nic_says_how_to_rebuild() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    let o = forkd_in(home.path(), &["fork", "--tag", "old", "--net", "--exec", "true"]);
+    let o = forkd_in(
+        home.path(),
+        &["fork", "--tag", "old", "--net", "--exec", "true"],
+    );
     assert!(!o.status.success(), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("without a network card") && err.contains("rebuild"), "{err}");
+    assert!(
+        err.contains("without a network card") && err.contains("rebuild"),
+        "{err}"
+    );
     // The old image still forks without a network.
     ok_in(home.path(), &["fork", "--tag", "old", "--exec", "true"]);
 }
@@ -366,14 +413,22 @@ fn a_flooding_child_gets_only_its_own_bandwidth() {
     let (out, _, _) = fork_net(
         home(),
         &["--allow", &format!("host:{sink_port}"), "--net-rate", "4"],
-        &format!("dd if=/dev/zero bs=64k count=32 2>/dev/null | nc 10.0.2.2 {sink_port}; echo sent"),
+        &format!(
+            "dd if=/dev/zero bs=64k count=32 2>/dev/null | nc 10.0.2.2 {sink_port}; echo sent"
+        ),
     );
     assert!(out.contains("sent"), "{out}");
     let (bytes, took) = measured.join().unwrap();
     assert!(bytes >= 1 << 20, "only {bytes} bytes arrived");
     let rate = bytes as f64 / took.as_secs_f64();
-    assert!(rate < 700_000.0, "{bytes} bytes in {took:?}: {rate:.0} B/s is over the 500 kB/s cap");
+    assert!(
+        rate < 700_000.0,
+        "{bytes} bytes in {took:?}: {rate:.0} B/s is over the 500 kB/s cap"
+    );
     let (body, answer) = during.join().unwrap();
     assert!(body.contains("still-answering"));
-    assert!(answer < Duration::from_secs(1), "the host's service took {answer:?} during the flood");
+    assert!(
+        answer < Duration::from_secs(1),
+        "the host's service took {answer:?} during the flood"
+    );
 }

@@ -57,7 +57,7 @@ pub struct VmGuard {
     /// unless [`VmGuard::outlive_spawner`] was called before [`VmGuard::spawn`].
     die_with_spawner: bool,
     /// The child's network back end (stopped after QEMU).
-    net: Option<crate::net::NetLink>,
+    net: Option<Box<crate::net::NetLink>>,
 }
 
 /// Unix socket paths are limited to 108 bytes.
@@ -139,7 +139,7 @@ impl VmGuard {
     ) -> Result<(std::os::fd::RawFd, Vec<crate::net::PortMap>)> {
         let (link, qemu_end) = crate::net::start(plan, &self.run_dir, user, self.die_with_spawner)?;
         let ports = link.ports.clone();
-        self.net = Some(link);
+        self.net = Some(Box::new(link));
         Ok((self.pass_fd(qemu_end), ports))
     }
 

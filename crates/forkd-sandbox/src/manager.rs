@@ -296,7 +296,7 @@ impl Manager {
         save_meta(&guard.run_dir, &meta)?;
         rec.save()?;
         let vm = match self.inner.ownership {
-            Ownership::Owner => Vm::Owned(guard),
+            Ownership::Owner => Vm::Owned(Box::new(guard)),
             Ownership::Visitor => {
                 guard.detach();
                 Vm::Adopted

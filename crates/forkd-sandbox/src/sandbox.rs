@@ -87,7 +87,7 @@ pub struct SandboxInfo {
 /// Who holds the QEMU process.
 pub(crate) enum Vm {
     /// Forked by this process: the guard kills and reaps it, and removes the run directory.
-    Owned(VmGuard),
+    Owned(Box<VmGuard>),
     /// Found running after a restart (or left by `forkd fork --keep`): killed by pid.
     Adopted,
 }
