@@ -121,6 +121,7 @@ pub fn run(home: &Home) -> Vec<Check> {
         )),
     }
     out.extend(confinement());
+    out.push(network());
     let avail = crate::memory::mem_available_mib().unwrap_or(0);
     out.push(check(
         "memory",
@@ -129,6 +130,28 @@ pub fn run(home: &Home) -> Vec<Check> {
         Some("free host memory"),
     ));
     out
+}
+
+/// How children get a network (`--net`): said here because it is a choice, and why.
+fn network() -> Check {
+    let root = rustix::process::geteuid().is_root();
+    check(
+        "network",
+        true,
+        format!(
+            "user-mode, one back end process per child (forkd-net: its own TCP/IP stack, \
+             default-deny egress, DNS answer filter, no root needed{}); chosen over tap devices \
+             in per-child netns with nftables because it works without root, every child is \
+             alone on its own link, the host's loopback services can be allowed port by port, \
+             and a child without --net pays nothing",
+            if root {
+                format!(", running as {}", crate::confine::qemu_user().0)
+            } else {
+                String::new()
+            }
+        ),
+        None,
+    )
 }
 
 /// Whether children can be confined here: cgroups, and the user QEMU drops to under root.

@@ -27,6 +27,7 @@ from typing import (
     Mapping,
     Sequence,
     TypeVar,
+    Union,
 )
 from urllib.parse import quote
 
@@ -35,6 +36,7 @@ from .errors import (
     ForkdError,
     GuestError,
     NotFound,
+    PortNotExposed,
     ProtocolError,
     TimeoutError_,
     error_from_json,
@@ -47,6 +49,8 @@ from .models import (
     Health,
     ImageInfo,
     BranchInfo,
+    Network,
+    PortMapping,
     SandboxInfo,
     WriteInfo,
 )
@@ -475,6 +479,30 @@ class ForkOutcome:
         )
 
 
+#: what ``network=`` takes: a :class:`Network`, a dict of its fields, ``True`` (a network
+#: with everything denied, as ``{}``) or ``None``/``False`` (no network at all)
+NetworkArg = Union[Network, Mapping[str, Any], bool, None]
+
+
+def network_body(network: NetworkArg) -> dict[str, Any] | None:
+    """The request's ``network`` object, ``None`` for no network. The fields are checked by
+    the daemon (a bad rule or port raises :class:`BadRequest` naming it)."""
+    if network is None or network is False:
+        return None
+    if network is True:
+        return {}
+    if isinstance(network, Network):
+        return network.to_json()
+    if isinstance(network, Mapping):
+        return {
+            str(k): list(v) if isinstance(v, (tuple, set, frozenset)) else v
+            for k, v in network.items()
+        }
+    raise TypeError(
+        f"network must be a forkd.Network, a dict or True, not {type(network).__name__}"
+    )
+
+
 def op_fork(
     image: str,
     count: int = 1,
@@ -484,6 +512,7 @@ def op_fork(
     memory_mib: int | None = None,
     on_progress: Callback | None = None,
     on_child: Callback | None = None,
+    network: NetworkArg = None,
 ) -> Op[ForkOutcome]:
     body: dict[str, Any] = {
         "image": image,
@@ -493,6 +522,10 @@ def op_fork(
         "labels": dict(labels or {}),
         "memory_mib": memory_mib,
     }
+    net = network_body(network)
+    if net is not None:
+        # only when asked for: a daemon without networks refuses the unknown field
+        body["network"] = net
     # stream (NDJSON) only when someone listens to the progress: the plain answer reports a
     # refused request with its own HTTP status
     streamed = on_progress is not None or on_child is not None
@@ -780,6 +813,31 @@ class SandboxView:
     @property
     def image(self) -> str:
         return self.info.get("image", "")
+
+    @property
+    def net(self) -> bool:
+        """Whether the sandbox has a network (it was created with ``network=``)."""
+        return bool(self.info.get("net", False))
+
+    @property
+    def ports(self) -> list[PortMapping]:
+        """The exposed guest ports (``network={"expose": [...]}``) and the host ports on
+        127.0.0.1 that reach them."""
+        return [PortMapping.from_json(p) for p in self.info.get("ports") or []]
+
+    def host_port(self, guest_port: int) -> int:
+        """The host port (on the daemon host's 127.0.0.1) that reaches ``guest_port`` in the
+        sandbox. ``KeyError`` (with the exposed ports) if that guest port is not exposed."""
+        for p in self.ports:
+            if p.guest == int(guest_port):
+                return p.host
+        exposed = ", ".join(str(p.guest) for p in self.ports) or "none"
+        why = "" if self.net else "; the sandbox has no network at all"
+        raise PortNotExposed(
+            f"guest port {guest_port} of sandbox {self.id} is not exposed (exposed guest "
+            f"ports: {exposed}{why}); create the sandbox with "
+            f"network={{'expose': [{int(guest_port)}]}} to reach it from the host"
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, state={self.state!r})"

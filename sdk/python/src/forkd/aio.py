@@ -28,7 +28,16 @@ import anyio.to_thread
 import httpx
 
 from . import _core as core
-from ._core import DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_TIMEOUT_S, Op, Request, Response, T, Target
+from ._core import (
+    DEFAULT_COMMAND_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+    NetworkArg,
+    Op,
+    Request,
+    Response,
+    T,
+    Target,
+)
 from .client import STALE_CONNECTION, http_timeout, transport_error
 from .errors import ForkdError, ForkError
 from .models import (
@@ -233,11 +242,14 @@ class AsyncClient:
         ttl_s: float | None = None,
         labels: Mapping[str, str] | None = None,
         memory_mib: int | None = None,
+        network: NetworkArg = None,
         on_progress: Callable[[dict[str, Any]], Any] | None = None,
     ) -> list[AsyncSandbox]:
         """See :meth:`forkd.Client.fork`; raises :class:`ForkError` of ``AsyncSandbox``."""
         out = await self._run(
-            core.op_fork(image, count, env, ttl_s, labels, memory_mib, on_progress)
+            core.op_fork(
+                image, count, env, ttl_s, labels, memory_mib, on_progress, network=network
+            )
         )
         sbs = [AsyncSandbox(self, info) for info in out.sandboxes]
         if out.errors:
@@ -252,6 +264,7 @@ class AsyncClient:
         ttl_s: float | None = None,
         labels: Mapping[str, str] | None = None,
         memory_mib: int | None = None,
+        network: NetworkArg = None,
         on_progress: Callable[[dict[str, Any]], Any] | None = None,
     ) -> AsyncSandbox:
         sbs = await self.fork(
@@ -261,6 +274,7 @@ class AsyncClient:
             ttl_s=ttl_s,
             labels=labels,
             memory_mib=memory_mib,
+            network=network,
             on_progress=on_progress,
         )
         return sbs[0]
@@ -326,6 +340,7 @@ class AsyncSandbox(core.SandboxView):
         ttl_s: float | None = None,
         labels: Mapping[str, str] | None = None,
         memory_mib: int | None = None,
+        network: NetworkArg = None,
         on_progress: Callable[[dict[str, Any]], Any] | None = None,
     ) -> _Creating:
         """``sb = await AsyncSandbox.create(image)`` or ``async with AsyncSandbox.create(image)
@@ -341,6 +356,7 @@ class AsyncSandbox(core.SandboxView):
                     ttl_s=ttl_s,
                     labels=labels,
                     memory_mib=memory_mib,
+                    network=network,
                     on_progress=on_progress,
                 )
             except BaseException:
@@ -390,10 +406,13 @@ class AsyncSandbox(core.SandboxView):
         env: Mapping[str, str] | None = None,
         ttl_s: float | None = None,
         labels: Mapping[str, str] | None = None,
+        network: NetworkArg = None,
     ) -> list[AsyncSandbox]:
         """See :meth:`forkd.Sandbox.branch`."""
         b = await self.snapshot(tag)
-        return await self.client.fork(b["tag"], count, env=env, ttl_s=ttl_s, labels=labels)
+        return await self.client.fork(
+            b["tag"], count, env=env, ttl_s=ttl_s, labels=labels, network=network
+        )
 
     async def kill(self) -> bool:
         try:

@@ -15,7 +15,16 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence, overload
 import httpx
 
 from . import _core as core
-from ._core import DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_TIMEOUT_S, Op, Request, Response, T, Target
+from ._core import (
+    DEFAULT_COMMAND_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+    NetworkArg,
+    Op,
+    Request,
+    Response,
+    T,
+    Target,
+)
 from .errors import DaemonUnavailable, ForkdError, ForkError, ProtocolError, TimeoutError_
 from .models import (
     BranchInfo,
@@ -227,6 +236,7 @@ class Client:
         ttl_s: float | None = None,
         labels: Mapping[str, str] | None = None,
         memory_mib: int | None = None,
+        network: NetworkArg = None,
         on_progress: Callable[[dict[str, Any]], Any] | None = None,
     ) -> list[Sandbox]:
         """Fork ``count`` children of ``image`` (a local tag, or ``OWNER/NAME[:VERSION]``,
@@ -238,7 +248,11 @@ class Client:
         and ``errors`` the failures. A request that fails as a whole raises its own error
         (``NotFound`` for an unknown image, ``CapacityError``...) and starts nothing.
         """
-        out = self._run(core.op_fork(image, count, env, ttl_s, labels, memory_mib, on_progress))
+        out = self._run(
+            core.op_fork(
+                image, count, env, ttl_s, labels, memory_mib, on_progress, network=network
+            )
+        )
         sbs = [Sandbox(self, info) for info in out.sandboxes]
         if out.errors:
             raise ForkError(out.message(), sandboxes=sbs, errors=out.errors, result=out.result)
@@ -252,6 +266,7 @@ class Client:
         ttl_s: float | None = None,
         labels: Mapping[str, str] | None = None,
         memory_mib: int | None = None,
+        network: NetworkArg = None,
         on_progress: Callable[[dict[str, Any]], Any] | None = None,
     ) -> Sandbox:
         """One child: ``fork(image, 1, ...)[0]``."""
@@ -262,6 +277,7 @@ class Client:
             ttl_s=ttl_s,
             labels=labels,
             memory_mib=memory_mib,
+            network=network,
             on_progress=on_progress,
         )[0]
 
@@ -311,6 +327,7 @@ class Sandbox(core.SandboxView):
         ttl_s: float | None = None,
         labels: Mapping[str, str] | None = None,
         memory_mib: int | None = None,
+        network: NetworkArg = None,
         on_progress: Callable[[dict[str, Any]], Any] | None = None,
     ) -> Sandbox:
         """Fork one child of ``image``. With no ``client`` a ``Client()`` for the local daemon
@@ -324,6 +341,7 @@ class Sandbox(core.SandboxView):
                 ttl_s=ttl_s,
                 labels=labels,
                 memory_mib=memory_mib,
+                network=network,
                 on_progress=on_progress,
             )
         except BaseException:
@@ -376,13 +394,16 @@ class Sandbox(core.SandboxView):
         env: Mapping[str, str] | None = None,
         ttl_s: float | None = None,
         labels: Mapping[str, str] | None = None,
+        network: NetworkArg = None,
     ) -> list[Sandbox]:
         """:meth:`snapshot` then fork ``count`` children of it: each starts from this sandbox's
         state now (memory, processes, files), and they are independent of it and of each other.
         The branch image stays in the store (``tag``, or the generated one in each child's
         ``image``)."""
         b = self.snapshot(tag)
-        return self.client.fork(b["tag"], count, env=env, ttl_s=ttl_s, labels=labels)
+        return self.client.fork(
+            b["tag"], count, env=env, ttl_s=ttl_s, labels=labels, network=network
+        )
 
     def kill(self) -> bool:
         """Kill the sandbox (its QEMU, sockets and overlay go). False if it was already gone."""

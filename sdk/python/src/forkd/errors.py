@@ -26,6 +26,7 @@ __all__ = [
     "ProtocolError",
     "ForkError",
     "ChildError",
+    "PortNotExposed",
 ]
 
 
@@ -144,6 +145,14 @@ class ProtocolError(ForkdError):
     """The daemon's answer was not what the API promises (e.g. a stream cut before its end)."""
 
     code = "protocol"
+
+
+class PortNotExposed(KeyError):
+    """``sandbox.host_port(guest_port)`` for a guest port the sandbox does not expose (a
+    client-side lookup: no daemon call failed). Also a builtin :class:`KeyError`."""
+
+    def __str__(self) -> str:  # KeyError would show its message quoted
+        return str(self.args[0]) if self.args else ""
 
 
 class ChildError(ForkdError):

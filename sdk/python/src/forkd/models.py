@@ -13,6 +13,9 @@ from typing import Any, Mapping, TypedDict
 
 __all__ = [
     "SandboxInfo",
+    "PortInfo",
+    "PortMapping",
+    "Network",
     "BranchInfo",
     "ImageInfo",
     "Health",
@@ -22,6 +25,14 @@ __all__ = [
     "FileEntry",
     "WriteInfo",
 ]
+
+
+class PortInfo(TypedDict):
+    """A guest port and the host port (on 127.0.0.1) that reaches it, as the daemon lists it
+    in a sandbox's ``ports``."""
+
+    guest: int
+    host: int
 
 
 class SandboxInfo(TypedDict, total=False):
@@ -39,6 +50,61 @@ class SandboxInfo(TypedDict, total=False):
     memory_mib: int
     restored_ms: int
     ready_ms: int
+    net: bool  # the sandbox has a network (it was created with ``network``)
+    ports: list[PortInfo]  # exposed guest ports (``network.expose``)
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    """An exposed guest port: ``http://127.0.0.1:{host}/`` on the daemon's host reaches
+    port ``guest`` inside the sandbox."""
+
+    guest: int
+    host: int
+
+    @classmethod
+    def from_json(cls, j: Mapping[str, Any]) -> PortMapping:
+        return cls(guest=int(j["guest"]), host=int(j["host"]))
+
+
+@dataclass
+class Network:
+    """A sandbox's network, for ``create(..., network=Network(...))`` (a plain dict of the
+    same fields works too).
+
+    Without a network a sandbox has none at all. With one (even ``Network()``) it has its own
+    user-mode link: guest 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3, and **all egress is
+    denied** except what ``allow`` lists:
+
+    - ``allow``: ``HOST|DOMAIN|CIDR[:PORT]`` rules, e.g. ``"example.com"``,
+      ``"*.example.com"`` (its subdomains), ``"10.1.0.0/16:5432"``, ``"host:8000"``.
+      ``host`` is the daemon host's loopback (127.0.0.1), which the guest reaches as
+      10.0.2.2 (or the name ``host.forkd.internal``). DNS answers only names a rule allows.
+    - ``allow_all``: allow every public address (private ranges, the host and
+      169.254.0.0/16 still need an explicit ``allow``).
+    - ``expose``: guest ports reachable on the host's 127.0.0.1: ``8080`` (a free host port
+      per sandbox: see :meth:`Sandbox.host_port`) or ``"18080:8080"`` (host port 18080; one
+      sandbox only).
+    - ``rate_mbit``: bandwidth of each sandbox in Mbit/s (daemon default 100; 0: no limit).
+    """
+
+    allow: list[str] = field(default_factory=list)
+    allow_all: bool = False
+    expose: list[int | str] = field(default_factory=list)
+    rate_mbit: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The request's ``network`` object (unset fields are left to the daemon)."""
+        j: dict[str, Any] = {}
+        if self.allow:
+            j["allow"] = [str(a) for a in self.allow]
+        if self.allow_all:
+            j["allow_all"] = True
+        if self.expose:
+            j["expose"] = list(self.expose)
+        if self.rate_mbit is not None:
+            j["rate_mbit"] = int(self.rate_mbit)
+        return j
 
 
 class BranchInfo(TypedDict, total=False):
