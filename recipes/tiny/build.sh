@@ -47,7 +47,7 @@ ln -s busybox "$ir/bin/sh"
 cp "$here/init" "$ir/init"
 strip -o "$ir/forkd-agent" "$agent" 2>/dev/null || cp "$agent" "$ir/forkd-agent"
 chmod 0755 "$ir/init" "$ir/forkd-agent"
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console failover net_failover virtio_net; do
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console failover net_failover virtio_net inet_diag tcp_diag; do
     f="$(find "$kdir/modules" -name "$m.ko*" | head -n1)"
     [[ -n "$f" ]] || continue   # built into this kernel
     case "$f" in

@@ -578,6 +578,10 @@ pub struct IdentityReply {
     /// The interface that was brought up, when a network was asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_iface: Option<String>,
+    /// TCP connections inherited from the parent (not on loopback) that were reset; `None`
+    /// when the guest kernel cannot say (no sock_diag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_reset: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -48,9 +48,19 @@ impl HostServer {
     }
 }
 
-/// One child with `net` flags running `script`; returns (stdout, stderr, exit code).
+/// One child of tiny with `net` flags running `script`; returns (stdout, stderr, exit code).
 fn fork_net(home: &Path, net: &[&str], script: &str) -> (String, String, Option<i64>) {
-    let mut args = vec!["fork", "--tag", "tiny", "--json", "--exec", script];
+    fork_net_tag(home, "tiny", net, script)
+}
+
+/// [`fork_net`] of the image `tag`.
+fn fork_net_tag(
+    home: &Path,
+    tag: &str,
+    net: &[&str],
+    script: &str,
+) -> (String, String, Option<i64>) {
+    let mut args = vec!["fork", "--tag", tag, "--json", "--exec", script];
     args.extend_from_slice(net);
     let v = json(&ok_in(home, &args));
     let c = &v["children"][0];
@@ -431,4 +441,50 @@ fn a_flooding_child_gets_only_its_own_bandwidth() {
         answer < Duration::from_secs(1),
         "the host's service took {answer:?} during the flood"
     );
+}
+
+#[test]
+fn no_tcp_connection_of_the_source_survives_into_a_branchs_child() {
+    tiny();
+    let _guard = KillAll(home().to_path_buf());
+    // A host server that accepts and holds every connection.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let allow = format!("host:{port}");
+    let a = keep_net(home(), &["--allow", &allow]);
+    let id = a["id"].as_str().unwrap().to_string();
+    // 10.0.2.2:PORT as /proc/net/tcp writes it (little-endian address, hex port).
+    let remote = format!("0202000A:{port:04X}");
+    let held = sh(
+        home(),
+        &id,
+        &format!(
+            "setsid sh -c 'sleep 1000 | nc 10.0.2.2 {port} >/dev/null 2>&1' </dev/null >/dev/null 2>&1 & \
+             sleep 1; cat /proc/net/tcp"
+        ),
+    );
+    assert!(
+        held.lines()
+            .any(|l| l.contains(&remote) && l.split_whitespace().nth(3) == Some("01")),
+        "the source holds no established connection: {held}"
+    );
+    ok(&["snapshot", "--from", &id, "--tag", "net-held"]);
+    let (out, _, _) = fork_net_tag(
+        home(),
+        "net-held",
+        &["--allow", &allow],
+        "sleep 0.5; cat /proc/net/tcp; pidof nc || echo no-nc",
+    );
+    assert!(!out.contains(&remote), "the connection survived: {out}");
+    assert!(out.contains("no-nc"), "its owner did not see it end: {out}");
+    // The source keeps its own connection.
+    let still = sh(home(), &id, "cat /proc/net/tcp");
+    assert!(still.contains(&remote), "{still}");
+    ok(&["rmi", "net-held"]);
 }

@@ -97,6 +97,14 @@ pub fn apply(req: &IdentityRequest) -> Result<IdentityReply, String> {
     if let Some(h) = &req.hostname {
         set_hostname(h)?;
     }
+    // Before the link comes up: nothing of the parent's may talk on the child's network.
+    reply.tcp_reset = match crate::tcpreset::reset_inherited() {
+        Ok(n) => Some(n),
+        Err(e) => {
+            eprintln!("forkd-agent: cannot reset inherited TCP connections: {e}");
+            None
+        }
+    };
     if let Some(net) = &req.net {
         reply.net_iface = Some(crate::net::apply(net)?);
     }

@@ -15,6 +15,7 @@ mod identity;
 mod net;
 mod port;
 mod reaper;
+mod tcpreset;
 mod warm;
 
 use forkd_agent::{
