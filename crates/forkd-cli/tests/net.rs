@@ -483,6 +483,9 @@ fn no_tcp_connection_of_the_source_survives_into_a_branchs_child() {
     );
     assert!(!out.contains(&remote), "the connection survived: {out}");
     assert!(out.contains("no-nc"), "its owner did not see it end: {out}");
+    // Forked without a network, the branch's child has its inherited link taken down.
+    let (out, _, _) = fork_net_tag(home(), "net-held", &[], "ping -c1 -W1 10.0.2.2 2>&1; true");
+    assert!(out.contains("unreachable"), "{out}");
     // The source keeps its own connection.
     let still = sh(home(), &id, "cat /proc/net/tcp");
     assert!(still.contains(&remote), "{still}");

@@ -105,8 +105,9 @@ pub fn apply(req: &IdentityRequest) -> Result<IdentityReply, String> {
             None
         }
     };
-    if let Some(net) = &req.net {
-        reply.net_iface = Some(crate::net::apply(net)?);
+    match &req.net {
+        Some(net) => reply.net_iface = Some(crate::net::apply(net)?),
+        None => crate::net::down()?,
     }
     reply.hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap_or_default()

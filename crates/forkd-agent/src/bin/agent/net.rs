@@ -73,6 +73,45 @@ fn parse(s: &str, what: &str) -> Result<Ipv4Addr, String> {
         .map_err(|_| format!("{what} {s:?} is not an IPv4 address"))
 }
 
+/// Take the first NIC down if it is up: a child forked without a network from a branch of a
+/// child that had one inherits a configured link with nothing behind it, where a connect would
+/// hang instead of failing with "Network is unreachable". A guest with no NIC is left alone.
+pub fn down() -> Result<(), String> {
+    let Ok(name) = first_nic() else {
+        return Ok(());
+    };
+    let sock = inet_socket()?;
+    let mut req = ifreq_for(&name)?;
+    ioctl(
+        &sock,
+        libc::SIOCGIFFLAGS,
+        (&raw mut req).cast(),
+        "SIOCGIFFLAGS",
+    )?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    if flags & libc::IFF_UP as libc::c_short == 0 {
+        return Ok(());
+    }
+    req.ifr_ifru.ifru_flags = flags & !(libc::IFF_UP as libc::c_short);
+    ioctl(
+        &sock,
+        libc::SIOCSIFFLAGS,
+        (&raw mut req).cast(),
+        "SIOCSIFFLAGS",
+    )
+}
+
+fn inet_socket() -> Result<OwnedFd, String> {
+    // SAFETY: plain socket(2); the descriptor is owned by the OwnedFd from here on.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 /// How long to wait for the link to come up. The host plugs the NIC in as the child resumes;
 /// the kernel may take up to a second (its link-watch delay) to start sending on it.
 const CARRIER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -102,13 +141,7 @@ pub fn apply(net: &NetSetup) -> Result<String, String> {
     }
     let mask = Ipv4Addr::from(u32::MAX << (32 - u32::from(net.prefix)));
     let name = first_nic()?;
-    // SAFETY: plain socket(2); the descriptor is owned by `sock` from here on.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(format!("socket: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: `raw` is a fresh descriptor nobody else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let sock = inet_socket()?;
 
     let mut req = ifreq_for(&name)?;
     req.ifr_ifru.ifru_addr = sockaddr_in(addr);
