@@ -42,13 +42,13 @@ from .errors import (
     error_from_json,
 )
 from .models import (
+    BranchInfo,
     CommandOutput,
     CommandResult,
     CommandStatus,
     FileEntry,
     Health,
     ImageInfo,
-    BranchInfo,
     Network,
     PortMapping,
     SandboxInfo,

@@ -247,9 +247,7 @@ class AsyncClient:
     ) -> list[AsyncSandbox]:
         """See :meth:`forkd.Client.fork`; raises :class:`ForkError` of ``AsyncSandbox``."""
         out = await self._run(
-            core.op_fork(
-                image, count, env, ttl_s, labels, memory_mib, on_progress, network=network
-            )
+            core.op_fork(image, count, env, ttl_s, labels, memory_mib, on_progress, network=network)
         )
         sbs = [AsyncSandbox(self, info) for info in out.sandboxes]
         if out.errors:

@@ -249,9 +249,7 @@ class Client:
         (``NotFound`` for an unknown image, ``CapacityError``...) and starts nothing.
         """
         out = self._run(
-            core.op_fork(
-                image, count, env, ttl_s, labels, memory_mib, on_progress, network=network
-            )
+            core.op_fork(image, count, env, ttl_s, labels, memory_mib, on_progress, network=network)
         )
         sbs = [Sandbox(self, info) for info in out.sandboxes]
         if out.errors:

@@ -6,13 +6,14 @@ import argparse
 import functools
 import json
 import sys
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Annotated, Any, Awaitable, Callable, TypeVar
 
 from .. import AsyncClient, ForkdError, ForkError, __version__
 
 try:  # mcp >= 2 renamed FastMCP to MCPServer
     from mcp.server.mcpserver import MCPServer as _Server
     from mcp.server.mcpserver.exceptions import ToolError
+    from pydantic import BaseModel, ConfigDict, Field  # the MCP SDK's own dependency
 except ImportError:  # pragma: no cover - mcp 1.x
     try:
         from mcp.server.fastmcp import FastMCP as _Server  # type: ignore[attr-defined,no-redef]
@@ -40,12 +41,53 @@ forkd sandboxes are Linux virtual machines forked copy-on-write from a warmed sn
 image: they start in well under a second, each with its own disk and processes. Create one with
 create_sandbox (image e.g. "tiny" or "python-numpy"), run shell commands with run_command,
 code in the image's warm worker with run_code, move text files with write_file/read_file, and
-kill_sandbox when done. Paths are absolute paths inside the guest."""
+kill_sandbox when done. Paths are absolute paths inside the guest. Sandboxes have no network
+unless create_sandbox is given `network`, and then egress is denied except what it allows."""
 
 
 def _summary(info: Any) -> dict[str, Any]:
-    keys = ("id", "image", "state", "hostname", "created_at", "expires_at", "labels")
-    return {k: info.get(k) for k in keys if k in info}
+    keys = ("id", "image", "state", "hostname", "created_at", "expires_at", "labels", "net")
+    out = {k: info.get(k) for k in keys if k in info}
+    if info.get("ports"):
+        # guest port -> host port: http://127.0.0.1:{host}/ on the daemon's host reaches it
+        out["ports"] = [{"guest": p["guest"], "host": p["host"]} for p in info["ports"]]
+    return out
+
+
+class NetworkSpec(BaseModel):
+    """A sandbox's network (see create_sandbox)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow: list[str] = Field(
+        default_factory=list,
+        description=(
+            'Egress allowlist: HOST|DOMAIN|CIDR[:PORT] rules such as "pypi.org", '
+            '"*.example.com", "10.1.0.0/16:5432". "host:PORT" allows the daemon '
+
+            "host's own 127.0.0.1:PORT, which the sandbox reaches as 10.0.2.2:PORT (or "
+            "host.forkd.internal:PORT). Everything not listed is denied, and DNS answers only "
+            "allowed names."
+        ),
+    )
+    allow_all: bool = Field(
+        False,
+        description=(
+            "Allow every public address (private ranges, the host and 169.254.0.0/16 still "
+            "need an explicit allow rule)."
+        ),
+    )
+    expose: list[int | str] = Field(
+        default_factory=list,
+        description=(
+            "Guest ports to reach from the host's 127.0.0.1: 8080 (a free host port is "
+            "picked; the result's ports say which) or '18080:8080' (fixed host port, "
+            "count must be 1)."
+        ),
+    )
+    rate_mbit: int | None = Field(
+        None, description="Bandwidth per sandbox in Mbit/s (default 100; 0: unlimited)."
+    )
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -78,11 +120,32 @@ def build_server(url: str | None = None, token: str | None = None, home: str | N
 
     @server.tool()
     @_forkd_errors
-    async def create_sandbox(image: str, count: int = 1) -> str:
+    async def create_sandbox(
+        image: str,
+        count: int = 1,
+        network: Annotated[
+            NetworkSpec | None,
+            Field(
+                description=(
+                    "Give the sandboxes a network. Omitted: no network at all. Egress is "
+                    "denied by default: only `allow` rules are reachable ({} = a network "
+                    "with nothing allowed, e.g. for `expose` only)."
+                )
+            ),
+        ] = None,
+    ) -> str:
         """Fork `count` new sandboxes (Linux VMs) from `image` (a local image tag such as "tiny"
-        or "python-numpy", or a hub reference OWNER/NAME[:VERSION]). Returns their ids."""
+        or "python-numpy", or a hub reference OWNER/NAME[:VERSION]). Returns their ids.
+
+        Without `network` a sandbox has no network at all. With it (even {}) it gets its own
+        link (guest 10.0.2.15, gateway 10.0.2.2, DNS 10.0.2.3) where ALL egress is DENIED by
+        default: only what `network.allow` lists is reachable. "host:PORT" in allow means the
+        daemon host's 127.0.0.1:PORT, reached from the sandbox at 10.0.2.2:PORT.
+        `network.expose` makes guest ports reachable on the host's 127.0.0.1; each sandbox's
+        `ports` in the result maps guest port -> host port."""
+        net = network.model_dump(exclude_defaults=True) if network is not None else None
         try:
-            sbs = await client().fork(image, count)
+            sbs = await client().fork(image, count, network=net)
         except ForkError as e:
             return json.dumps(
                 {
