@@ -111,6 +111,11 @@ pub enum EngineError {
     )]
     PortTaken { port: u16 },
     #[error(
+        "host port {port} can be given to one child only, and {n} were asked for; expose just \
+         the guest port to give each child its own host port"
+    )]
+    FixedPortShared { port: u16, n: usize },
+    #[error(
         "image {image} was snapshotted without a network card (device layout {layout}), so \
          its children cannot have a network; rebuild it with this forkd (`forkd build` of its \
          recipe, or `forkd snapshot`), which gives every snapshot a NIC"

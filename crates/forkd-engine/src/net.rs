@@ -42,11 +42,10 @@ pub fn check_fixed_ports(plan: &NetPlan, n: usize) -> Result<()> {
         return Ok(());
     }
     if n > 1 {
-        return Err(EngineError::Net(format!(
-            "host port {} can be given to one child only, and {n} were asked for; expose \
-             just the guest port to give each child its own host port",
-            plan.fixed_ports[0]
-        )));
+        return Err(EngineError::FixedPortShared {
+            port: plan.fixed_ports[0],
+            n,
+        });
     }
     for &port in &plan.fixed_ports {
         if std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).is_err() {

@@ -82,7 +82,14 @@ impl SandboxError {
             NoSuchSandbox(_) | NoSuchCommand { .. } | NoSuchImage(_) => ErrorKind::NotFound,
             Store(forkd_store::StoreError::NotFound(_)) => ErrorKind::NotFound,
             BadRequest { .. } | Network(_) => ErrorKind::BadRequest,
-            Engine(e) if matches!(**e, EngineError::NoNic { .. }) => ErrorKind::BadRequest,
+            Engine(e)
+                if matches!(
+                    **e,
+                    EngineError::NoNic { .. } | EngineError::FixedPortShared { .. }
+                ) =>
+            {
+                ErrorKind::BadRequest
+            }
             Engine(e) if matches!(**e, EngineError::PortTaken { .. }) => ErrorKind::Conflict,
             Paused(_) | Stopped(_) | Busy(_) | OldAgent { .. } => ErrorKind::Conflict,
             Image(e)

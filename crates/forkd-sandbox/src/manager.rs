@@ -215,7 +215,14 @@ impl Manager {
         forkd_engine::image::check_consistent(&snap)
             .map_err(|e| SandboxError::Image(Box::new(e)))?;
         if let Some(n) = &req.network {
-            n.config()?;
+            let cfg = n.config()?;
+            if let Some(port) = cfg.expose.iter().find_map(|e| e.host)
+                && req.count > 1
+            {
+                return Err(SandboxError::Engine(Box::new(
+                    forkd_engine::EngineError::FixedPortShared { port, n: req.count },
+                )));
+            }
         }
         forkd_engine::fork::admit(&snap.dir, req.count)?;
         Ok(snap)

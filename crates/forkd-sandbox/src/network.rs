@@ -21,7 +21,9 @@ pub const MAX_EXPOSE: usize = 32;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum ExposeSpec {
-    Port(u16),
+    /// Any JSON integer, so that an out-of-range one is refused by [`ExposeSpec::parse`] with
+    /// a message naming it, not by the deserializer with a generic one.
+    Port(i64),
     Text(String),
 }
 
@@ -78,11 +80,10 @@ impl ExposeSpec {
     pub fn parse(&self) -> Result<forkd_net::Expose, NetworkError> {
         let bad = |input: String, reason| NetworkError::Expose { input, reason };
         match self {
-            ExposeSpec::Port(0) => Err(bad("0".into(), "port 0 is not a port")),
-            ExposeSpec::Port(p) => Ok(forkd_net::Expose {
-                guest: *p,
-                host: None,
-            }),
+            ExposeSpec::Port(p) => match u16::try_from(*p).ok().filter(|p| *p != 0) {
+                Some(guest) => Ok(forkd_net::Expose { guest, host: None }),
+                None => Err(bad(p.to_string(), "not a port number")),
+            },
             ExposeSpec::Text(t) => match t.split_once(':') {
                 None => port(t)
                     .map(|guest| forkd_net::Expose { guest, host: None })
@@ -177,7 +178,12 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert!(ExposeSpec::Port(0).parse().is_err());
+        for bad in [0, -1, 70000] {
+            let e = ExposeSpec::Port(bad).parse().unwrap_err();
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
+        }
+        let v: Network = serde_json::from_str(r#"{"expose": [70000]}"#).unwrap();
+        assert!(v.config().unwrap_err().to_string().contains("70000"));
     }
 
     #[test]

@@ -210,6 +210,7 @@ def test_fixed_host_port_and_a_taken_one(client: Client) -> None:
         ({"allow": ["host:8000", "bad host!:1"]}, "bad host!:1"),
         ({"expose": ["x:80"]}, "x:80"),
         ({"expose": [0]}, 'expose "0"'),
+        ({"expose": [70000]}, 'expose "70000"'),
         ({"allowed": ["host:8000"]}, "allowed"),
         (forkd.Network(allow=["*.example.com:99999"]), "*.example.com:99999"),
     ],
@@ -227,6 +228,14 @@ def test_bad_network_is_a_bad_request_that_creates_nothing(
     with pytest.raises(forkd.BadRequest) as ei:
         Sandbox.create("tiny", client=client, network=network, on_progress=lambda ev: None)
     assert named in ei.value.message
+    assert {s.id for s in client.list()} == before
+
+
+def test_a_fixed_host_port_serves_one_sandbox_only(client: Client) -> None:
+    before = {s.id for s in client.list()}
+    with pytest.raises(forkd.BadRequest) as ei:
+        client.fork("tiny", 2, network={"expose": [f"{free_port()}:8080"]})
+    assert ei.value.status == 400 and "one child only" in ei.value.message
     assert {s.id for s in client.list()} == before
 
 
