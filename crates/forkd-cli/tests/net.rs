@@ -71,12 +71,24 @@ fn fork_net_tag(
     )
 }
 
-/// Fork one kept child with `net` flags; returns its entry in the fork report.
-fn keep_net(home: &Path, net: &[&str]) -> serde_json::Value {
+/// Fork one kept child with `net` flags; returns its entry in the fork report and a guard
+/// that kills it (only it: the tests share one store and run at once).
+fn keep_net(home: &Path, net: &[&str]) -> (serde_json::Value, KillOne) {
     let mut args = vec!["fork", "--tag", "tiny", "--keep", "--json"];
     args.extend_from_slice(net);
     let v = json(&ok_in(home, &args));
-    v["children"][0].clone()
+    let c = v["children"][0].clone();
+    let guard = KillOne(home.to_path_buf(), c["id"].as_str().unwrap().to_string());
+    (c, guard)
+}
+
+/// Kills one kept child when dropped, even when the test fails half way.
+struct KillOne(std::path::PathBuf, String);
+
+impl Drop for KillOne {
+    fn drop(&mut self) {
+        let _ = forkd_in(&self.0, &["-q", "kill", &self.1]);
+    }
 }
 
 fn sh(home: &Path, id: &str, script: &str) -> String {
@@ -203,8 +215,7 @@ fn dns_answers_through_the_filter() {
 #[test]
 fn an_exposed_port_serves_the_childs_server_and_siblings_cannot_reach_it() {
     tiny();
-    let _guard = KillAll(home().to_path_buf());
-    let a = keep_net(home(), &["--expose", "8080"]);
+    let (a, _guard) = keep_net(home(), &["--expose", "8080"]);
     let id = a["id"].as_str().unwrap().to_string();
     let host_port = a["ports"][0]["host"].as_u64().unwrap() as u16;
     assert_eq!(a["ports"][0]["guest"], 8080, "{a}");
@@ -365,8 +376,7 @@ fn net_on_a_snapshot_without_a_nic_says_how_to_rebuild() {
 #[test]
 fn the_guest_clock_is_within_half_a_second_at_ready() {
     tiny();
-    let _guard = KillAll(home().to_path_buf());
-    let c = keep_net(home(), &["--net"]);
+    let (c, _guard) = keep_net(home(), &["--net"]);
     let id = c["id"].as_str().unwrap();
     let now = || {
         std::time::SystemTime::now()
@@ -446,7 +456,6 @@ fn a_flooding_child_gets_only_its_own_bandwidth() {
 #[test]
 fn no_tcp_connection_of_the_source_survives_into_a_branchs_child() {
     tiny();
-    let _guard = KillAll(home().to_path_buf());
     // A host server that accepts and holds every connection.
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -457,7 +466,7 @@ fn no_tcp_connection_of_the_source_survives_into_a_branchs_child() {
         }
     });
     let allow = format!("host:{port}");
-    let a = keep_net(home(), &["--allow", &allow]);
+    let (a, _guard) = keep_net(home(), &["--allow", &allow]);
     let id = a["id"].as_str().unwrap().to_string();
     // 10.0.2.2:PORT as /proc/net/tcp writes it (little-endian address, hex port).
     let remote = format!("0202000A:{port:04X}");

@@ -80,22 +80,27 @@ pub fn down() -> Result<(), String> {
     let Ok(name) = first_nic() else {
         return Ok(());
     };
-    let sock = inet_socket()?;
-    let mut req = ifreq_for(&name)?;
+    set_up(&inet_socket()?, &name, false)
+}
+
+/// Set or clear IFF_UP on `name` (a no-op when it already is so).
+fn set_up(sock: &OwnedFd, name: &str, up: bool) -> Result<(), String> {
+    let mut req = ifreq_for(name)?;
     ioctl(
-        &sock,
+        sock,
         libc::SIOCGIFFLAGS,
         (&raw mut req).cast(),
         "SIOCGIFFLAGS",
     )?;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
-    if flags & libc::IFF_UP as libc::c_short == 0 {
+    let bit = libc::IFF_UP as libc::c_short;
+    if (flags & bit != 0) == up {
         return Ok(());
     }
-    req.ifr_ifru.ifru_flags = flags & !(libc::IFF_UP as libc::c_short);
+    req.ifr_ifru.ifru_flags = if up { flags | bit } else { flags & !bit };
     ioctl(
-        &sock,
+        sock,
         libc::SIOCSIFFLAGS,
         (&raw mut req).cast(),
         "SIOCSIFFLAGS",
@@ -159,22 +164,7 @@ pub fn apply(net: &NetSetup) -> Result<String, String> {
         (&raw mut req).cast(),
         "SIOCSIFNETMASK",
     )?;
-    let mut req = ifreq_for(&name)?;
-    ioctl(
-        &sock,
-        libc::SIOCGIFFLAGS,
-        (&raw mut req).cast(),
-        "SIOCGIFFLAGS",
-    )?;
-    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    let flags = unsafe { req.ifr_ifru.ifru_flags };
-    req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-    ioctl(
-        &sock,
-        libc::SIOCSIFFLAGS,
-        (&raw mut req).cast(),
-        "SIOCSIFFLAGS",
-    )?;
+    set_up(&sock, &name, true)?;
 
     // SAFETY: rtentry is plain old data; all-zero is a valid value.
     let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
