@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 need_cargo
 
 say "system packages"
-apt_install qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs zstd tar curl ca-certificates python3 python3-venv openssl
+apt_install qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs zstd tar curl ca-certificates python3 python3-venv openssl mmdebstrap
 
 say "guest assets (kernel, agent)"
 bash scripts/setup-engine.sh
