@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Network benchmark (issue 11): the fork bench with and without `--net`, in one run.
 #   - fork N children (default 100) of tiny, without a network and with `--net`, alternated
-#     R times (default 2); wall-clock medians and their ratio (goal: <= 1.3x);
+#     R times (default 2); wall-clock medians and their ratio (goal: <= 1.3x); and of the same
+#     snapshot made without a NIC (layout v1), for what the NIC costs a child without a network;
 #   - PSS per child of N kept children: QEMU alone without a network, QEMU plus its forkd-net
 #     back end with one (goal: <= +5 MiB per child);
 #   - throughput of one child to a host sink through its back end at the default rate.
@@ -10,6 +11,7 @@
 #   bench/net.sh [N]
 # Env: R (rounds, default 2), FORKD (binary, default target/release/forkd), FORKD_ACCEL (tcg).
 set -euo pipefail
+shopt -s inherit_errexit  # a failed fork inside $(...) stops the bench
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 N="${1:-100}"
@@ -25,11 +27,14 @@ trap cleanup EXIT
 machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(qemu-system-x86_64 --version | head -n1), load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 median() { python3 -c "import statistics,sys; print(f'{statistics.median(float(x) for x in sys.argv[1:]):.2f}')" "$@"; }
-# fork_s ARGS...: wall seconds of one fork of N, as forkd reports it; fails unless all came up.
+# fork_s [TAG] ARGS...: wall seconds of one fork of N, as forkd reports it; fails unless all
+# came up.
 fork_s() {
-    "$FORKD" fork --tag tiny -n "$N" --json "$@" 2>/dev/null | python3 -c '
+    local tag=tiny
+    case "${1:-}" in tiny*) tag="$1"; shift ;; esac
+    "$FORKD" fork --tag "$tag" -n "$N" --json "$@" 2>/dev/null | python3 -c '
 import json,sys; r=json.load(sys.stdin)
-assert r["alive"] == r["requested"], f"{r[\"alive\"]}/{r[\"requested\"]} up"
+assert r["alive"] == r["requested"], "%d/%d up" % (r["alive"], r["requested"])
 print(r["wall_ms"]/1000)'
 }
 # pss_mib PATTERN: MiB of Pss summed over processes whose command line matches PATTERN.
@@ -48,17 +53,21 @@ print(f"{tot/1024:.1f}")
 PY
 }
 
-say "building the tiny parent"
-"$FORKD" -q build-tiny --assets "$(recipes/tiny/build.sh)"
+say "building the tiny parent, and the same without a NIC (layout v1, as before issue 11)"
+assets="$(recipes/tiny/build.sh)"
+"$FORKD" -q build-tiny --assets "$assets"
+FORKD_TEST_LAYOUT=forkd-pc-v1 "$FORKD" -q build-tiny --assets "$assets" --tag tiny-v1
 
-plain=(); net=()
+plain=(); net=(); v1=()
 for r in $(seq 1 "$R"); do
-    say "round $r/$R: fork $N without a network, then with --net"
+    say "round $r/$R: fork $N without a NIC (v1), without a network, then with --net"
+    v1+=("$(fork_s tiny-v1)")
     plain+=("$(fork_s)")
     net+=("$(fork_s --net)")
 done
-p="$(median "${plain[@]}")"; q="$(median "${net[@]}")"
+o="$(median "${v1[@]}")"; p="$(median "${plain[@]}")"; q="$(median "${net[@]}")"
 ratio="$(python3 -c "print(f'{$q / $p:.2f}')")"
+nic_ratio="$(python3 -c "print(f'{$p / $o:.2f}')")"
 
 say "PSS of $N kept children, without and with a network"
 "$FORKD" -q fork --tag tiny -n "$N" --keep >/dev/null; sleep 2
@@ -103,6 +112,7 @@ mbit="$(python3 -c "print(f'{$bytes * 8 / $secs / 1e6:.1f}')")"
     echo "| what | without network | with --net | ratio / delta | goal |"
     echo "|---|---|---|---|---|"
     echo "| fork $N, wall s (runs: ${plain[*]} / ${net[*]}) | $p | $q | ${ratio}x | <= 1.3x |"
+    echo "| what the NIC costs a child without a network: fork $N of a v1 snapshot (no NIC) vs v2, wall s (runs: ${v1[*]}) | $o (v1) | $p (v2, no --net) | ${nic_ratio}x | ~1.0x |"
     echo "| PSS per child, MiB (QEMU; + back end) | $per_plain | $per_net (back end $per_d) | $delta MiB | <= +5 MiB |"
     echo "| one child to a host sink, 16 MiB | — | $mbit Mbit/s | — | (rate cap 100) |"
 } >> "${RESULTS:-bench/RESULTS.md}"

@@ -191,6 +191,32 @@ pub struct IdentityRequest {
     pub net: Option<NetSetup>,
 }
 
+/// The guest side of every child's network (forkd-net's stack answers for the gateway and the
+/// name server). The agent configures it when it starts in a parent, so that children inherit
+/// a link that only needs its carrier; the same values come in [`IdentityRequest::net`].
+pub mod guest_net {
+    use std::net::Ipv4Addr;
+    /// The guest's address; the same in every child, each alone on its own link.
+    pub const ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+    pub const PREFIX: u8 = 24;
+    /// The gateway, which also stands for the host's loopback.
+    pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+    /// The only name server (it filters answers).
+    pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+}
+
+impl NetSetup {
+    /// [`guest_net`] as a request.
+    pub fn standard() -> NetSetup {
+        NetSetup {
+            addr: guest_net::ADDR.to_string(),
+            prefix: guest_net::PREFIX,
+            gateway: guest_net::GATEWAY.to_string(),
+            dns: guest_net::DNS.to_string(),
+        }
+    }
+}
+
 /// The guest side of a child's network: one IPv4 address on the first NIC, a default route
 /// and a resolver. Every child gets the same values; each is alone on its own link.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -334,6 +334,9 @@ pub struct ChildPlan<'a> {
     pub start_gate: &'a crate::gate::StartGate,
     /// The guest side of the network, when children have one.
     pub net: Option<&'a forkd_agent::NetSetup>,
+    /// Unplug the NIC before the child resumes: a child without a network, of a branch whose
+    /// source may have had one (its guest driver would still believe in a carrier).
+    pub unplug: bool,
 }
 
 /// The outcome of one child, as reported to the user.
@@ -514,6 +517,12 @@ fn life(
     qmp.set_capabilities(&[("x-ignore-shared", true)])?;
     qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))?;
     qmp.wait_migration(Duration::from_secs(60))?;
+    if plan.unplug {
+        qmp.execute(
+            "set_link",
+            Some(serde_json::json!({ "name": "nic0", "up": false })),
+        )?;
+    }
     if plan.net.is_some() {
         // The parent was saved with its NIC unplugged, so the guest's driver holds "no
         // carrier". QEMU sees the link as up already (it has a back end now) and would not

@@ -244,6 +244,7 @@ fn fork_children(
         interrupt: &opts.interrupt,
         start_gate: &start_gate,
         net: opts.net.as_ref().map(|n| &n.guest),
+        unplug: opts.net.is_none() && spec.parent.is_some() && spec.has_nic(),
     };
 
     let results: Vec<(ChildReport, Option<VmGuard>)> = std::thread::scope(|scope| {

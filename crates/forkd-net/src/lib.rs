@@ -59,13 +59,13 @@ use serde::{Deserialize, Serialize};
 pub use policy::{Policy, Rule, RuleError};
 
 /// The guest's address (a /24 with the gateway).
-pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+pub const GUEST_ADDR: Ipv4Addr = forkd_agent::guest_net::ADDR;
 /// Prefix length of the guest network.
-pub const GUEST_PREFIX: u8 = 24;
+pub const GUEST_PREFIX: u8 = forkd_agent::guest_net::PREFIX;
 /// The gateway; it also stands for the host's loopback (10.0.2.2:P -> 127.0.0.1:P).
-pub const GATEWAY_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+pub const GATEWAY_ADDR: Ipv4Addr = forkd_agent::guest_net::GATEWAY;
 /// The filtering DNS server.
-pub const DNS_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+pub const DNS_ADDR: Ipv4Addr = forkd_agent::guest_net::DNS;
 /// MAC address of the stack (gateway and DNS server).
 pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x55, 0x0a, 0x00, 0x02, 0x02];
 /// Name that always resolves to the gateway, whatever the policy (connecting

@@ -143,16 +143,10 @@ impl Network {
         }
         let fixed_ports = cfg.expose.iter().filter_map(|e| e.host).collect();
         let json = serde_json::to_string(&cfg).expect("a NetConfig serialises");
-        let g = forkd_net::guest_config();
         Ok(NetPlan {
             program: program.to_path_buf(),
             args: vec![NETD_COMMAND.into(), "--config".into(), json],
-            guest: forkd_agent::NetSetup {
-                addr: g.addr,
-                prefix: g.prefix,
-                gateway: g.gateway,
-                dns: g.dns,
-            },
+            guest: forkd_agent::NetSetup::standard(),
             fixed_ports,
         })
     }

@@ -105,9 +105,10 @@ pub fn apply(req: &IdentityRequest) -> Result<IdentityReply, String> {
             None
         }
     };
-    match &req.net {
-        Some(net) => reply.net_iface = Some(crate::net::apply(net)?),
-        None => crate::net::down()?,
+    // Without a network the NIC stays as the parent left it: unplugged, so nothing is routed
+    // through it (a branch of a child that had one is unplugged by the host).
+    if let Some(net) = &req.net {
+        reply.net_iface = Some(crate::net::apply(net)?);
     }
     reply.hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap_or_default()

@@ -314,6 +314,7 @@ fn main() {
         forkd_agent::AGENT_VERSION,
         std::process::id()
     );
+    net::prepare();
     let port = port::Port::open_forever();
     let agent = Agent::new(Box::new(port.writer()));
     let mut reader = port.reader();

@@ -73,16 +73,6 @@ fn parse(s: &str, what: &str) -> Result<Ipv4Addr, String> {
         .map_err(|_| format!("{what} {s:?} is not an IPv4 address"))
 }
 
-/// Take the first NIC down if it is up: a child forked without a network from a branch of a
-/// child that had one inherits a configured link with nothing behind it, where a connect would
-/// hang instead of failing with "Network is unreachable". A guest with no NIC is left alone.
-pub fn down() -> Result<(), String> {
-    let Ok(name) = first_nic() else {
-        return Ok(());
-    };
-    set_up(&inet_socket()?, &name, false)
-}
-
 /// Set or clear IFF_UP on `name` (a no-op when it already is so).
 fn set_up(sock: &OwnedFd, name: &str, up: bool) -> Result<(), String> {
     let mut req = ifreq_for(name)?;
@@ -136,50 +126,112 @@ fn wait_for_carrier(name: &str) {
     }
 }
 
-/// Configure the first NIC as `net` says; returns its name.
-pub fn apply(net: &NetSetup) -> Result<String, String> {
+/// Whether `name` is up with the address `addr` (configured by [`prepare`] in the parent).
+fn configured_as(sock: &OwnedFd, name: &str, addr: Ipv4Addr) -> bool {
+    let Ok(mut req) = ifreq_for(name) else {
+        return false;
+    };
+    if ioctl_raw(sock, libc::SIOCGIFADDR, (&raw mut req).cast()).is_err() {
+        return false;
+    }
+    // SAFETY: SIOCGIFADDR filled the address member of the union with a sockaddr_in.
+    let got: libc::sockaddr_in = unsafe { std::mem::transmute(req.ifr_ifru.ifru_addr) };
+    if Ipv4Addr::from(u32::from_be(got.sin_addr.s_addr)) != addr {
+        return false;
+    }
+    let Ok(mut req) = ifreq_for(name) else {
+        return false;
+    };
+    if ioctl_raw(sock, libc::SIOCGIFFLAGS, (&raw mut req).cast()).is_err() {
+        return false;
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe { req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short != 0 }
+}
+
+/// Address, mask, up, default route, on `name`; and routes through a link without carrier
+/// ignored, so that while the NIC is unplugged a connect fails at once ("Network is
+/// unreachable") instead of waiting for a SYN that can never leave.
+fn configure(sock: &OwnedFd, name: &str, net: &NetSetup) -> Result<(), String> {
     let addr = parse(&net.addr, "address")?;
     let gw = parse(&net.gateway, "gateway")?;
-    let dns = parse(&net.dns, "name server")?;
     if net.prefix == 0 || net.prefix > 30 {
         return Err(format!("prefix /{} is out of range (1-30)", net.prefix));
     }
     let mask = Ipv4Addr::from(u32::MAX << (32 - u32::from(net.prefix)));
-    let name = first_nic()?;
-    let sock = inet_socket()?;
-
-    let mut req = ifreq_for(&name)?;
+    for conf in ["all", name] {
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv4/conf/{conf}/ignore_routes_with_linkdown"),
+            "1",
+        );
+    }
+    let mut req = ifreq_for(name)?;
     req.ifr_ifru.ifru_addr = sockaddr_in(addr);
     ioctl(
-        &sock,
+        sock,
         libc::SIOCSIFADDR,
         (&raw mut req).cast(),
         "SIOCSIFADDR",
     )?;
-    let mut req = ifreq_for(&name)?;
+    let mut req = ifreq_for(name)?;
     req.ifr_ifru.ifru_netmask = sockaddr_in(mask);
     ioctl(
-        &sock,
+        sock,
         libc::SIOCSIFNETMASK,
         (&raw mut req).cast(),
         "SIOCSIFNETMASK",
     )?;
-    set_up(&sock, &name, true)?;
-
+    set_up(sock, name, true)?;
     // SAFETY: rtentry is plain old data; all-zero is a valid value.
     let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
     rt.rt_dst = sockaddr_in(Ipv4Addr::UNSPECIFIED);
     rt.rt_genmask = sockaddr_in(Ipv4Addr::UNSPECIFIED);
     rt.rt_gateway = sockaddr_in(gw);
     rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
-    match ioctl_raw(&sock, libc::SIOCADDRT, (&raw mut rt).cast()) {
-        Ok(()) => {}
-        // A branch of a child that had a network already has the route.
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-        Err(e) => return Err(format!("SIOCADDRT: {e}")),
+    match ioctl_raw(sock, libc::SIOCADDRT, (&raw mut rt).cast()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(e) => Err(format!("SIOCADDRT: {e}")),
+    }
+}
+
+fn write_resolver(net: &NetSetup) -> Result<(), String> {
+    let dns = parse(&net.dns, "name server")?;
+    let want = format!("nameserver {dns}\n");
+    // Best effort: a read-only root keeps whatever resolver the image has.
+    if std::fs::read_to_string("/etc/resolv.conf").ok().as_deref() != Some(want.as_str()) {
+        let _ = std::fs::write("/etc/resolv.conf", want);
+    }
+    Ok(())
+}
+
+/// At start-up in a parent: configure the NIC with [`NetSetup::standard`], unplugged. Its
+/// children then inherit a link that is up, addressed, routed and with its receive ring
+/// filled, so a child given a network only needs the host to plug it in. Measured under TCG:
+/// bringing the link up in each child cost about 60 ms of its start. No NIC: nothing to do.
+pub fn prepare() {
+    let Ok(name) = first_nic() else {
+        return;
+    };
+    let net = NetSetup::standard();
+    let done = inet_socket()
+        .and_then(|sock| configure(&sock, &name, &net))
+        .and_then(|()| write_resolver(&net));
+    if let Err(e) = done {
+        eprintln!("forkd-agent: cannot prepare {name}: {e}");
+    }
+}
+
+/// Configure the first NIC as `net` says (unless the parent already did), and wait for its
+/// carrier; returns its name.
+pub fn apply(net: &NetSetup) -> Result<String, String> {
+    let addr = parse(&net.addr, "address")?;
+    let name = first_nic()?;
+    let sock = inet_socket()?;
+    if !configured_as(&sock, &name, addr) {
+        configure(&sock, &name, net)?;
     }
     wait_for_carrier(&name);
-    // Best effort: a read-only root keeps whatever resolver the image has.
-    let _ = std::fs::write("/etc/resolv.conf", format!("nameserver {dns}\n"));
+    write_resolver(net)?;
     Ok(name)
 }
