@@ -353,7 +353,6 @@ fn malformed_frames_are_survived_and_oversize_closes_the_link() {
 
 #[test]
 fn segment_of_unknown_flow_gets_rst() {
-    use smoltcp::phy::ChecksumCapabilities;
     use smoltcp::wire::*;
     let mut r = start(cfg(&[], true)).unwrap();
     let g = &mut r.guest;
@@ -364,45 +363,15 @@ fn segment_of_unknown_flow_gets_rst() {
 
     // A data segment of a connection the (forked) guest thinks exists.
     let dst = Ipv4Addr::new(93, 184, 216, 34);
-    let tcp = TcpRepr {
-        src_port: 41000,
-        dst_port: 443,
-        control: TcpControl::Psh,
-        seq_number: TcpSeqNumber(1000),
-        ack_number: Some(TcpSeqNumber(2000)),
-        window_len: 1024,
-        window_scale: None,
-        max_seg_size: None,
-        sack_permitted: false,
-        sack_ranges: [None; 3],
-        timestamp: None,
-        payload: b"stale",
-    };
-    let ip = Ipv4Repr {
-        src_addr: Ipv4Addr::new(10, 0, 2, 15),
-        dst_addr: dst,
-        next_header: IpProtocol::Tcp,
-        payload_len: tcp.header_len() + tcp.payload.len(),
-        hop_limit: 64,
-    };
-    let eth = EthernetRepr {
-        src_addr: EthernetAddress(common::GUEST_MAC),
-        dst_addr: EthernetAddress(forkd_net::GATEWAY_MAC),
-        ethertype: EthernetProtocol::Ipv4,
-    };
-    let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + ip.payload_len];
-    let mut f = EthernetFrame::new_unchecked(&mut buf);
-    eth.emit(&mut f);
-    let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
-    ip.emit(&mut p, &ChecksumCapabilities::default());
-    let mut t = TcpPacket::new_unchecked(p.payload_mut());
-    tcp.emit(
-        &mut t,
-        &IpAddress::Ipv4(ip.src_addr),
-        &IpAddress::Ipv4(dst),
-        &ChecksumCapabilities::default(),
-    );
-    g.send_raw(&buf);
+    g.send_raw(&raw_tcp(
+        41000,
+        dst,
+        443,
+        TcpControl::Psh,
+        1000,
+        Some(2000),
+        b"stale",
+    ));
     let got_rst = g.run_until(SECS, |g| {
         g.sniffed.iter().any(|f| {
             let Ok(e) = EthernetFrame::new_checked(&f[..]) else {
@@ -679,6 +648,7 @@ fn raw_tcp(
     control: smoltcp::wire::TcpControl,
     seq: i32,
     ack: Option<i32>,
+    payload: &[u8],
 ) -> Vec<u8> {
     use smoltcp::phy::ChecksumCapabilities;
     use smoltcp::wire::*;
@@ -694,13 +664,13 @@ fn raw_tcp(
         sack_permitted: false,
         sack_ranges: [None; 3],
         timestamp: None,
-        payload: &[],
+        payload,
     };
     let ip = Ipv4Repr {
         src_addr: Ipv4Addr::new(10, 0, 2, 15),
         dst_addr: dst,
         next_header: IpProtocol::Tcp,
-        payload_len: tcp.header_len(),
+        payload_len: tcp.header_len() + payload.len(),
         hop_limit: 64,
     };
     let eth = EthernetRepr {
@@ -753,6 +723,7 @@ fn reset_during_handshake_does_not_leak_the_host_socket_to_another_flow() {
         smoltcp::wire::TcpControl::Syn,
         1000,
         None,
+        &[],
     ));
     g.run_until(Duration::from_millis(300), |_| false);
     // A real connection to the same endpoint must get its own host socket.
