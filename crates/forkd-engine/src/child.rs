@@ -110,7 +110,7 @@ impl VmGuard {
             .at("cannot create", &self.log)?;
         let log2 = log.try_clone().at("cannot open", &self.log)?;
         let mut cmd = Command::new(qemu);
-        private_and_tied(&mut cmd, self.die_with_spawner);
+        crate::util::private_and_tied(&mut cmd, self.die_with_spawner);
         cmd.args(args)
             .env("TMPDIR", &self.run_dir) // snapshot=on overlays land here, removed with the dir
             .env("MALLOC_ARENA_MAX", "1")
@@ -261,30 +261,6 @@ impl VmGuard {
             net.detach(); // it stops at EOF when QEMU exits
         }
         (pid, self.run_dir.clone())
-    }
-}
-
-/// Set up what QEMU gets between fork and exec: a umask of 0177, so the sockets and files it
-/// makes (QMP, agent, serial, a parent's memory.bin) are 0600 whatever forkd's umask; and, when
-/// `tied`, `PR_SET_PDEATHSIG(SIGKILL)`, so it dies with the thread that spawned it.
-pub(crate) fn private_and_tied(cmd: &mut Command, tied: bool) {
-    use rustix::process::{Signal, getpid, getppid, set_parent_process_death_signal, umask};
-    let spawner = getpid();
-    // SAFETY: the closure runs in the forked child before exec. It only makes system calls
-    // that are async-signal-safe (umask, prctl, getppid) and allocates nothing: the io::Error
-    // values it may return are an OS error code or a bare kind.
-    unsafe {
-        cmd.pre_exec(move || {
-            umask(rustix::fs::Mode::from_raw_mode(0o177));
-            if tied {
-                set_parent_process_death_signal(Some(Signal::KILL))?;
-                // If forkd died before the prctl, no signal will come: give up now.
-                if getppid() != Some(spawner) {
-                    return Err(std::io::ErrorKind::BrokenPipe.into());
-                }
-            }
-            Ok(())
-        });
     }
 }
 

@@ -115,7 +115,7 @@ pub fn start(
         .open(&log_path)
         .at("cannot create", &log_path)?;
     let mut cmd = Command::new(&plan.program);
-    crate::child::private_and_tied(&mut cmd, tied);
+    crate::util::private_and_tied(&mut cmd, tied);
     cmd.args(&plan.args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -138,3 +138,29 @@ pub(crate) fn read_line_capped(
         }
     }
 }
+
+/// Set up what a VM's process (QEMU, or its network back end) gets between fork and exec: a
+/// umask of 0177, so the sockets and files it makes (QMP, agent, serial, a parent's
+/// memory.bin) are 0600 whatever forkd's umask; and, when `tied`, `PR_SET_PDEATHSIG(SIGKILL)`,
+/// so it dies with the thread that spawned it.
+pub(crate) fn private_and_tied(cmd: &mut std::process::Command, tied: bool) {
+    use rustix::process::{Signal, getpid, getppid, set_parent_process_death_signal, umask};
+    use std::os::unix::process::CommandExt;
+    let spawner = getpid();
+    // SAFETY: the closure runs in the forked child before exec. It only makes system calls
+    // that are async-signal-safe (umask, prctl, getppid) and allocates nothing: the io::Error
+    // values it may return are an OS error code or a bare kind.
+    unsafe {
+        cmd.pre_exec(move || {
+            umask(rustix::fs::Mode::from_raw_mode(0o177));
+            if tied {
+                set_parent_process_death_signal(Some(Signal::KILL))?;
+                // If forkd died before the prctl, no signal will come: give up now.
+                if getppid() != Some(spawner) {
+                    return Err(std::io::ErrorKind::BrokenPipe.into());
+                }
+            }
+            Ok(())
+        });
+    }
+}
