@@ -494,22 +494,15 @@ fn life(
     qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))?;
     qmp.wait_migration(Duration::from_secs(60))?;
     if plan.unplug {
-        qmp.execute(
-            "set_link",
-            Some(serde_json::json!({ "name": "nic0", "up": false })),
-        )?;
+        qmp.set_nic_link(false)?;
     }
     if plan.net.is_some() {
         // The parent was saved with its NIC unplugged, so the guest's driver holds "no
         // carrier". QEMU sees the link as up already (it has a back end now) and would not
         // signal a change: take it down and up, which raises the config interrupt the driver
         // needs (measured: without it the guest keeps NO-CARRIER and sends nothing).
-        for up in [false, true] {
-            qmp.execute(
-                "set_link",
-                Some(serde_json::json!({ "name": "nic0", "up": up })),
-            )?;
-        }
+        qmp.set_nic_link(false)?;
+        qmp.set_nic_link(true)?;
     }
     qmp.execute("cont", None)?;
     report.restored_ms = Some(start.elapsed().as_millis() as u64);

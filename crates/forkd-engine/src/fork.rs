@@ -213,7 +213,7 @@ fn fork_children(
         None => None,
     };
     if let Some(plan) = &opts.net {
-        crate::net::check_fixed_ports(plan, opts.n)?;
+        crate::net::check_fixed_ports(&plan.fixed_ports, opts.n)?;
     }
     let limits = crate::cgroup::Limits::for_guest(spec.mem_mib);
     tracing::debug!("children confined: {confine:?}, limits {limits:?}");

@@ -34,20 +34,17 @@ pub struct NetPlan {
     pub fixed_ports: Vec<u16>,
 }
 
-/// Refuse a plan whose fixed host ports cannot work: more than one child, or a port that is
-/// taken now. (The back end binds it for real later; this only makes the common failure
-/// clear and early.)
-pub fn check_fixed_ports(plan: &NetPlan, n: usize) -> Result<()> {
-    if plan.fixed_ports.is_empty() {
+/// Refuse fixed host ports (`--expose HOST:GUEST`) that cannot work for `n` children: more
+/// than one child, or a port that is taken now. (The back end binds it for real later; this
+/// only makes the common failure clear and early.)
+pub fn check_fixed_ports(fixed_ports: &[u16], n: usize) -> Result<()> {
+    let Some(&first) = fixed_ports.first() else {
         return Ok(());
-    }
+    };
     if n > 1 {
-        return Err(EngineError::FixedPortShared {
-            port: plan.fixed_ports[0],
-            n,
-        });
+        return Err(EngineError::FixedPortShared { port: first, n });
     }
-    for &port in &plan.fixed_ports {
+    for &port in fixed_ports {
         if std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).is_err() {
             return Err(EngineError::PortTaken { port });
         }
@@ -214,13 +211,6 @@ impl NetLink {
         {
             crate::reaper::untie(p.id());
         }
-    }
-
-    /// Whether the back end still runs.
-    pub fn alive(&mut self) -> bool {
-        self.process
-            .as_mut()
-            .is_some_and(|p| matches!(p.try_wait(), Ok(None)))
     }
 }
 

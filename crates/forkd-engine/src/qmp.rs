@@ -76,6 +76,15 @@ impl Qmp {
         self.execute_passing(cmd, args, None)
     }
 
+    /// Plug the NIC of layout v2 (`nic0`) in or out, as the guest's driver sees it.
+    pub fn set_nic_link(&mut self, up: bool) -> Result<()> {
+        self.execute(
+            "set_link",
+            Some(serde_json::json!({ "name": "nic0", "up": up })),
+        )
+        .map(|_| ())
+    }
+
     /// [`Qmp::execute`], handing QEMU the descriptor `fd` with the command (`SCM_RIGHTS`), as
     /// `getfd` and `add-fd` expect: a sandboxed QEMU opens no path of ours itself.
     pub fn execute_passing(

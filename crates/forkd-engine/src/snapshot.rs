@@ -161,11 +161,8 @@ pub fn take(
         // The NIC has no back end in a parent. Saying so (no carrier) before the guest looks
         // makes every child start unplugged: with no carrier its routes are ignored and a
         // connect fails at once, and a child given a network is plugged in by the host.
-        qmp.execute(
-            "set_link",
-            Some(serde_json::json!({ "name": "nic0", "up": false })),
-        )
-        .map_err(|e| fail(&mut guard, e.to_string()))?;
+        qmp.set_nic_link(false)
+            .map_err(|e| fail(&mut guard, e.to_string()))?;
     }
     let agent_sock = guard.agent_sock.clone();
     let (mut agent, hello) = {

@@ -126,25 +126,6 @@ pub struct Ready {
     pub ports: Vec<PortMap>,
 }
 
-/// Network settings the guest agent applies inside the VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GuestNet {
-    pub addr: String,
-    pub prefix: u8,
-    pub gateway: String,
-    pub dns: String,
-}
-
-/// The guest side of the link: static, identical in every child.
-pub fn guest_config() -> GuestNet {
-    GuestNet {
-        addr: GUEST_ADDR.to_string(),
-        prefix: GUEST_PREFIX,
-        gateway: GATEWAY_ADDR.to_string(),
-        dns: DNS_ADDR.to_string(),
-    }
-}
-
 /// Errors of [`serve`].
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {

@@ -424,7 +424,7 @@ fn config_json_shape() {
     let d: NetConfig = serde_json::from_str("{}").unwrap();
     assert_eq!(d.rate_mbit, 100);
     assert_eq!(
-        serde_json::to_value(forkd_net::guest_config()).unwrap(),
+        serde_json::to_value(forkd_agent::NetSetup::standard()).unwrap(),
         serde_json::json!({"addr":"10.0.2.15","prefix":24,"gateway":"10.0.2.2","dns":"10.0.2.3"})
     );
 }

@@ -215,14 +215,8 @@ impl Manager {
         forkd_engine::image::check_consistent(&snap)
             .map_err(|e| SandboxError::Image(Box::new(e)))?;
         if let Some(n) = &req.network {
-            let cfg = n.config()?;
-            if let Some(port) = cfg.expose.iter().find_map(|e| e.host)
-                && req.count > 1
-            {
-                return Err(SandboxError::Engine(Box::new(
-                    forkd_engine::EngineError::FixedPortShared { port, n: req.count },
-                )));
-            }
+            let fixed = crate::network::fixed_ports(&n.config()?);
+            forkd_engine::net::check_fixed_ports(&fixed, req.count)?;
         }
         forkd_engine::fork::admit(&snap.dir, req.count)?;
         Ok(snap)

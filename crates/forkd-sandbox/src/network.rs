@@ -141,7 +141,7 @@ impl Network {
                  the host and 169.254.0.0/16 stay closed unless allowed by address)"
             );
         }
-        let fixed_ports = cfg.expose.iter().filter_map(|e| e.host).collect();
+        let fixed_ports = fixed_ports(&cfg);
         let json = serde_json::to_string(&cfg).expect("a NetConfig serialises");
         Ok(NetPlan {
             program: program.to_path_buf(),
@@ -150,6 +150,11 @@ impl Network {
             fixed_ports,
         })
     }
+}
+
+/// The host ports a configuration asks for by number (`HOST:GUEST`).
+pub fn fixed_ports(cfg: &forkd_net::NetConfig) -> Vec<u16> {
+    cfg.expose.iter().filter_map(|e| e.host).collect()
 }
 
 /// The program that serves children's networks: this very binary (`forkd`, or `forkd serve`).
