@@ -120,8 +120,9 @@ pub fn start(
         .process_group(0);
     if let Some((uid, gid)) = user {
         // The stack parses every frame a hostile guest sends: it gets no privilege to lose.
-        // (std drops the supplementary groups too when it changes uid as root.)
-        cmd.uid(uid).gid(gid);
+        // It drops to the user itself once started: dropping before exec would need the user
+        // to be able to execute forkd's binary where it lies (not so in a 0700 directory).
+        cmd.args(["--uid", &uid.to_string(), "--gid", &gid.to_string()]);
     }
     let link: OwnedFd = ours.into();
     let raw = link.as_raw_fd();

@@ -31,6 +31,11 @@ pub enum Command {
     Netd {
         #[arg(long)]
         config: String,
+        /// Drop to this uid (and --gid) before reading anything from the guest
+        #[arg(long, requires = "gid")]
+        uid: Option<u32>,
+        #[arg(long, requires = "uid")]
+        gid: Option<u32>,
     },
 }
 
@@ -55,6 +60,6 @@ pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
         Command::Hub(c) => hub::run(c, ctx),
         Command::Engine(c) => engine::run(c, ctx),
         Command::Sandbox(c) => sandbox::run(c, ctx),
-        Command::Netd { config } => netd::run(&config),
+        Command::Netd { config, uid, gid } => netd::run(&config, uid.zip(gid)),
     }
 }

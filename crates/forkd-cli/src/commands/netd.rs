@@ -16,7 +16,27 @@ fn fail(kind: &str, port: Option<u16>, message: String) -> anyhow::Result<()> {
     Err(anyhow::anyhow!(message))
 }
 
-pub fn run(config: &str) -> anyhow::Result<()> {
+/// Become `uid`:`gid` with no supplementary groups, for good (root cannot be regained).
+fn drop_to(uid: u32, gid: u32) -> std::io::Result<()> {
+    // SAFETY: plain credential system calls on this single-threaded process (no runtime has
+    // started yet); setgroups gets a null list of length 0.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgid(gid) != 0
+            || libc::setuid(uid) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+pub fn run(config: &str, user: Option<(u32, u32)>) -> anyhow::Result<()> {
+    if let Some((uid, gid)) = user
+        && let Err(e) = drop_to(uid, gid)
+    {
+        return fail("io", None, format!("cannot become uid {uid}: {e}"));
+    }
     let cfg: forkd_net::NetConfig = match serde_json::from_str(config) {
         Ok(c) => c,
         Err(e) => return fail("config", None, format!("bad network configuration: {e}")),
