@@ -32,10 +32,10 @@ pub struct Fetched {
     pub resumed: u64,
 }
 
-const JOURNAL: &str = ".journal";
+pub(crate) const JOURNAL: &str = ".journal";
 
 /// Chunk indices recorded as done. A torn last line (kill -9 mid-append) is ignored.
-fn read_journal(journal: &std::fs::File, image: &ImageManifest) -> HashSet<usize> {
+pub(crate) fn read_journal(journal: &std::fs::File, image: &ImageManifest) -> HashSet<usize> {
     use std::io::Read;
     let digests: Vec<&str> = image
         .files
@@ -55,6 +55,33 @@ fn read_journal(journal: &std::fs::File, image: &ImageManifest) -> HashSet<usize
             (digests.get(i) == Some(&d)).then_some(i)
         })
         .collect()
+}
+
+/// A downloaded blob as the raw bytes of chunk `c`: its sha256 must be the chunk's digest,
+/// and it must be one zstd frame of exactly `len` bytes (decoded into at most `len`).
+pub(crate) fn unpack_chunk(data: &[u8], c: &Chunk) -> Result<Vec<u8>> {
+    let digest = &c.digest;
+    let actual = layout::sha256_digest(data);
+    if &actual != digest {
+        return Err(HubError::Corrupt {
+            what: format!("blob {}", layout::blob_key(digest)),
+            expected: digest.clone(),
+            actual,
+        });
+    }
+    let raw = zstd::bulk::decompress(data, c.len as usize).map_err(|e| HubError::Corrupt {
+        what: format!("blob {digest}"),
+        expected: format!("a zstd frame of {} bytes", c.len),
+        actual: e.to_string(),
+    })?;
+    if raw.len() as u64 != c.len {
+        return Err(HubError::Corrupt {
+            what: format!("blob {digest}"),
+            expected: format!("{} bytes", c.len),
+            actual: format!("{} bytes", raw.len()),
+        });
+    }
+    Ok(raw)
 }
 
 pub async fn fetch(
@@ -148,30 +175,10 @@ pub async fn fetch(
                     ))?;
                 downloaded.fetch_add(data.len() as u64, Ordering::Relaxed);
                 progress.advance(c.stored_size);
+                let offset = c.offset;
                 let raw = tokio::task::spawn_blocking(move || -> Result<Bytes> {
                     let digest = &c.digest;
-                    let actual = layout::sha256_digest(&data);
-                    if &actual != digest {
-                        return Err(HubError::Corrupt {
-                            what: format!("blob {key}"),
-                            expected: digest.clone(),
-                            actual,
-                        });
-                    }
-                    let raw = zstd::bulk::decompress(&data, c.len as usize).map_err(|e| {
-                        HubError::Corrupt {
-                            what: format!("blob {digest}"),
-                            expected: format!("a zstd frame of {} bytes", c.len),
-                            actual: e.to_string(),
-                        }
-                    })?;
-                    if raw.len() as u64 != c.len {
-                        return Err(HubError::Corrupt {
-                            what: format!("blob {digest}"),
-                            expected: format!("{} bytes", c.len),
-                            actual: format!("{} bytes", raw.len()),
-                        });
-                    }
+                    let raw = unpack_chunk(&data, &c)?;
                     forkd_store::sparse::write_sparse_at(&file, &raw, c.offset)
                         .map_err(HubError::io("cannot write the pulled snapshot"))?;
                     let mut j = journal.lock().expect("journal lock");
@@ -181,7 +188,7 @@ pub async fn fetch(
                 })
                 .await
                 .map_err(|e| HubError::Invalid(e.to_string()))??;
-                Ok::<_, HubError>((w.file_idx, c.offset, raw))
+                Ok::<_, HubError>((w.file_idx, offset, raw))
             }
         })
         .buffered(opts.jobs.max(1))

@@ -74,7 +74,55 @@ pub async fn pull(
     opts: &PullOptions,
     progress: &dyn Progress,
 ) -> Result<PullOutcome> {
-    let work = pull_unbounded(hub, store, reference, opts, progress);
+    pull_maybe_lazy(hub, store, reference, opts, progress, None).await
+}
+
+/// What a lazy pull hands over once the image manifest is verified and its files can be read
+/// ([`pull_lazy`]).
+pub struct LazyReady {
+    /// The files, readable while they download.
+    pub image: Arc<crate::lazy::LazyImage>,
+    /// The image's manifest.toml, parsed and verbatim.
+    pub manifest: forkd_store::Manifest,
+    pub manifest_toml: String,
+    /// The image manifest digest.
+    pub digest: String,
+}
+
+/// How a lazy pull serves reads.
+pub struct LazyOptions {
+    /// Told as soon as the files can be read. Dropped without a word when the pull needs no
+    /// download (the tag is up to date, another local tag holds the same content) or cannot
+    /// be lazy (a branch: its parents are pulled whole first): the caller then waits for the
+    /// pull and uses the installed image.
+    pub ready: tokio::sync::oneshot::Sender<LazyReady>,
+    /// How long a read waits for its chunks ([`crate::lazy::DEFAULT_READ_TIMEOUT`]).
+    pub read_timeout: std::time::Duration,
+}
+
+/// A pull whose files can be read before it ends: everything [`pull`] checks is checked before
+/// `lazy.ready` is told, and the pull then ends exactly as [`pull`] does, with the image
+/// installed. A read waits only for the chunks it needs, which are fetched first.
+pub async fn pull_lazy(
+    hub: Arc<dyn Transport>,
+    store: &Store,
+    reference: &Reference,
+    opts: &PullOptions,
+    progress: &dyn Progress,
+    lazy: LazyOptions,
+) -> Result<PullOutcome> {
+    pull_maybe_lazy(hub, store, reference, opts, progress, Some(lazy)).await
+}
+
+async fn pull_maybe_lazy(
+    hub: Arc<dyn Transport>,
+    store: &Store,
+    reference: &Reference,
+    opts: &PullOptions,
+    progress: &dyn Progress,
+    lazy: Option<LazyOptions>,
+) -> Result<PullOutcome> {
+    let work = pull_unbounded(hub, store, reference, opts, progress, lazy);
     match opts.deadline {
         None => work.await,
         Some(after) => tokio::time::timeout(after, work)
@@ -89,6 +137,7 @@ async fn pull_unbounded(
     reference: &Reference,
     opts: &PullOptions,
     progress: &dyn Progress,
+    lazy: Option<LazyOptions>,
 ) -> Result<PullOutcome> {
     let r = crate::resolve::resolve(hub.as_ref(), reference, &opts.trusted, opts.insecure).await?;
     warn_unverified(&r, reference, progress);
@@ -137,6 +186,7 @@ async fn pull_unbounded(
             Overwrite::No,
             opts,
             progress,
+            None,
         )
         .await?;
         let installed = store.get(&tag)?.manifest.digest();
@@ -176,8 +226,11 @@ async fn pull_unbounded(
     } else {
         Overwrite::No
     };
+    // A branch's parents were pulled whole above; the branch itself can be lazy, but the
+    // engine forks a branch only from installed layers, so it is pulled whole too.
+    let lazy = lazy.filter(|_| r.manifest.parent_digest.is_none());
     let mut outcome = install(
-        hub, store, reference, &r, &opts.tag, &origin, overwrite, opts, progress,
+        hub, store, reference, &r, &opts.tag, &origin, overwrite, opts, progress, lazy,
     )
     .await?;
     outcome.parents = parents;
@@ -343,6 +396,7 @@ async fn install(
     overwrite: Overwrite,
     opts: &PullOptions,
     progress: &dyn Progress,
+    lazy: Option<LazyOptions>,
 ) -> Result<PullOutcome> {
     let t0 = std::time::Instant::now();
     let mut outcome = PullOutcome {
@@ -424,7 +478,33 @@ async fn install(
         jobs: opts.jobs,
         attempts: opts.attempts,
     };
-    let fetched = crate::fetch::fetch(hub, &r.image, &partial, &limits, progress).await?;
+    let fetched = match lazy {
+        None => crate::fetch::fetch(hub, &r.image, &partial, &limits, progress).await?,
+        Some(lazy) => {
+            let image = Arc::new(crate::lazy::LazyImage::open(
+                &r.image,
+                &partial,
+                &[],
+                lazy.read_timeout,
+            )?);
+            let _ = lazy.ready.send(LazyReady {
+                image: image.clone(),
+                manifest: r.manifest.clone(),
+                manifest_toml: r.image.manifest_toml.clone(),
+                digest: r.digest.clone(),
+            });
+            match image
+                .run(hub, limits.jobs, limits.attempts, &partial, progress)
+                .await
+            {
+                Ok(fetched) => fetched,
+                Err(e) => {
+                    image.abandon(&e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+    };
     outcome.downloaded_bytes = fetched.downloaded;
     outcome.cached_bytes = fetched.resumed;
     tracing::debug!("fetched and verified in {:?}", t0.elapsed());

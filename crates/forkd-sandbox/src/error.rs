@@ -54,6 +54,12 @@ pub enum SandboxError {
         #[source]
         source: Box<forkd_hub::HubError>,
     },
+    #[error("cannot serve {reference} while it downloads")]
+    Lazy {
+        reference: String,
+        #[source]
+        source: Box<forkd_lazyfs::LazyFsError>,
+    },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,

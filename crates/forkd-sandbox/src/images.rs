@@ -5,7 +5,8 @@ use crate::Manager;
 use crate::error::{Result, SandboxError};
 use forkd_hub::progress::Progress;
 use forkd_hub::reference::Reference;
-use forkd_store::Tag;
+use forkd_store::{Store, Tag};
+use std::sync::Arc;
 
 /// Where to pull from and whom to trust.
 #[derive(Debug, Clone, Default)]
@@ -15,6 +16,13 @@ pub struct PullConfig {
     /// Extra trusted public keys (minisign key text).
     pub trust: Vec<String>,
     pub insecure: bool,
+    /// Concurrent downloads (default 8).
+    pub jobs: Option<usize>,
+    /// Attempts per blob on transient errors (default 4).
+    pub attempts: Option<u32>,
+    /// How long a lazy read waits for its chunks (default
+    /// [`forkd_hub::lazy::DEFAULT_READ_TIMEOUT`]).
+    pub read_timeout: Option<std::time::Duration>,
 }
 
 /// The local tag for `image`: a plain tag as it is; a reference's `NAME`, pulled first if the
@@ -32,7 +40,7 @@ pub fn ensure(
     if mgr.store().get(&tag).is_ok() {
         return Ok(tag.as_str().to_string());
     }
-    pull(mgr, &reference, tag.clone(), cfg, progress)?;
+    pull(mgr.store(), &reference, tag.clone(), cfg, progress)?;
     Ok(tag.as_str().to_string())
 }
 
@@ -48,15 +56,13 @@ pub fn parse(image: &str, field: &'static str) -> Result<(Reference, Tag)> {
     Ok((reference, tag))
 }
 
-/// Pull `reference` into the store as `tag`.
-pub fn pull(
-    mgr: &Manager,
+/// The hub and the options of a pull of `reference` as `tag`, as `forkd pull` would make them.
+fn prepare(
+    store: &Store,
     reference: &Reference,
     tag: Tag,
     cfg: &PullConfig,
-    progress: Option<&dyn Progress>,
-) -> Result<forkd_hub::pull::PullOutcome> {
-    let store = mgr.store();
+) -> Result<(Arc<dyn forkd_hub::Transport>, forkd_hub::pull::PullOptions)> {
     let home = store.home();
     let err = |e: forkd_hub::HubError| pull_err(reference)(e);
     let mut trusted = forkd_hub::sign::trusted_keys(home).map_err(|e| err(e.into()))?;
@@ -75,51 +81,262 @@ pub fn pull(
     .map_err(|e| err(e.into()))?;
     let opts = forkd_hub::pull::PullOptions {
         tag,
-        jobs: 8,
+        jobs: cfg.jobs.unwrap_or(8),
         trusted,
         insecure: cfg.insecure,
         force: false,
         skip_compat_check: false,
-        attempts: 4,
+        attempts: cfg.attempts.unwrap_or(4),
         deadline: Some(forkd_hub::pull::DEFAULT_DEADLINE),
         check: forkd_engine::spec::check_staged,
     };
+    Ok((transport, opts))
+}
+
+/// A runtime for the hub's async pipeline. It runs on a thread of its own: the caller may be a
+/// thread of another runtime (a daemon's blocking pool), where starting a runtime is not
+/// allowed.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|source| SandboxError::Io {
+            what: "cannot start a runtime for",
+            path: "pull".into(),
+            source,
+        })
+}
+
+fn thread_err(source: std::io::Error) -> SandboxError {
+    SandboxError::Io {
+        what: "cannot start a thread for",
+        path: "pull".into(),
+        source,
+    }
+}
+
+fn panicked(reference: &Reference) -> SandboxError {
+    SandboxError::Io {
+        what: "the pull thread failed for",
+        path: reference.to_string().into(),
+        source: std::io::Error::other("panicked"),
+    }
+}
+
+/// Pull `reference` into the store as `tag`.
+pub fn pull(
+    store: &Store,
+    reference: &Reference,
+    tag: Tag,
+    cfg: &PullConfig,
+    progress: Option<&dyn Progress>,
+) -> Result<forkd_hub::pull::PullOutcome> {
+    let (transport, opts) = prepare(store, reference, tag, cfg)?;
     let silent = forkd_hub::progress::Silent;
     let progress = progress.unwrap_or(&silent);
-    // The hub's pipeline is async. Run it on a runtime of its own, on a thread of its own: the
-    // caller may be a thread of another runtime (a daemon's blocking pool), where starting a
-    // runtime is not allowed.
     std::thread::scope(|scope| {
         let job = std::thread::Builder::new()
             .name("pull".into())
             .spawn_scoped(scope, || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .map_err(|source| SandboxError::Io {
-                        what: "cannot start a runtime for",
-                        path: "pull".into(),
-                        source,
-                    })?;
-                rt.block_on(forkd_hub::pull::pull(
-                    transport, store, reference, &opts, progress,
-                ))
-                .map_err(pull_err(reference))
+                runtime()?
+                    .block_on(forkd_hub::pull::pull(
+                        transport, store, reference, &opts, progress,
+                    ))
+                    .map_err(pull_err(reference))
             })
-            .map_err(|source| SandboxError::Io {
-                what: "cannot start a thread for",
-                path: "pull".into(),
-                source,
-            })?;
-        job.join().unwrap_or_else(|_| {
-            Err(SandboxError::Io {
-                what: "the pull thread failed for",
-                path: reference.to_string().into(),
-                source: std::io::Error::other("panicked"),
-            })
-        })
+            .map_err(thread_err)?;
+        job.join().unwrap_or_else(|_| Err(panicked(reference)))
     })
+}
+
+/// An image being pulled while its children already run from it ([`start_lazy`]).
+pub struct LazyPull {
+    reference: Reference,
+    snapshot: forkd_store::Snapshot,
+    mount: Option<forkd_lazyfs::Mount>,
+    image: Option<Arc<forkd_hub::lazy::LazyImage>>,
+    job: Option<std::thread::JoinHandle<Result<forkd_hub::pull::PullOutcome>>>,
+    /// The outcome, when the pull already ended before anything was mounted.
+    done: Option<forkd_hub::pull::PullOutcome>,
+}
+
+impl LazyPull {
+    /// The image to fork: its files in the lazy mount, or in the store when the pull needed no
+    /// download (or could not be lazy, and already ended).
+    pub fn snapshot(&self) -> &forkd_store::Snapshot {
+        &self.snapshot
+    }
+
+    /// Whether children read the image through the lazy mount.
+    pub fn is_lazy(&self) -> bool {
+        self.mount.is_some()
+    }
+
+    /// Bytes downloaded so far, and the image's whole download size.
+    pub fn downloaded(&self) -> (u64, u64) {
+        match &self.image {
+            Some(i) => (i.downloaded() + i.resumed(), i.image().stored_size()),
+            None => (0, 0),
+        }
+    }
+
+    /// The download, to measure it while it runs (`None` when nothing is downloaded lazily).
+    pub fn meter(&self) -> Option<Arc<forkd_hub::lazy::LazyImage>> {
+        self.image.clone()
+    }
+
+    /// Reads of the mount that failed, and the first reason (it names the chunk).
+    pub fn read_errors(&self) -> Option<forkd_lazyfs::Errors> {
+        self.mount.as_ref().map(|m| m.errors()).filter(|e| e.count > 0)
+    }
+
+    /// Wait for the pull to end (the image is then installed, as a pull leaves it), and
+    /// unmount.
+    pub fn finish(mut self) -> Result<forkd_hub::pull::PullOutcome> {
+        let out = match (self.job.take(), self.done.take()) {
+            (Some(job), _) => job.join().unwrap_or_else(|_| Err(panicked(&self.reference))),
+            (None, Some(done)) => Ok(done),
+            (None, None) => Err(panicked(&self.reference)),
+        };
+        drop(self.mount.take());
+        out
+    }
+}
+
+impl Drop for LazyPull {
+    fn drop(&mut self) {
+        // Not finished: the pull goes on only as long as its caller; stop serving reads.
+        if let Some(i) = &self.image {
+            i.abandon("the fork that pulled it ended");
+        }
+    }
+}
+
+/// Where lazy mounts live: `$FORKD_HOME/cache/lazy/<12 hex>-<pid>`, in a directory private to
+/// this user (the mount itself lets any user read that reaches it).
+fn mount_root(store: &Store) -> std::path::PathBuf {
+    store.home().cache_dir().join("lazy")
+}
+
+/// Unmount and remove the mounts left by processes that died (`kill -9` mid-fork): their
+/// reads fail with "transport endpoint is not connected" until they are unmounted.
+pub fn sweep_lazy_mounts(store: &Store) {
+    let root = mount_root(store);
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, p)| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = e.path();
+        tracing::info!("removing the stale lazy mount {}", dir.display());
+        forkd_lazyfs::detach(&dir);
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
+
+/// Start pulling `reference` as `tag`, and return as soon as its files can be read: the
+/// image manifest is verified (signature, trust, compatibility) exactly as for `forkd pull`,
+/// then the image is mounted (FUSE) and reads fetch their chunks first while the rest
+/// streams. [`LazyPull::finish`] waits for the image to be installed.
+///
+/// When the pull needs no download, or the image is a branch (its layers must be installed),
+/// this waits for the whole pull and returns the installed image.
+pub fn start_lazy(
+    store: &Store,
+    reference: &Reference,
+    tag: Tag,
+    cfg: &PullConfig,
+    progress: Arc<dyn Progress>,
+) -> Result<LazyPull> {
+    let (transport, opts) = prepare(store, reference, tag.clone(), cfg)?;
+    sweep_lazy_mounts(store);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let lazy = forkd_hub::pull::LazyOptions {
+        ready: tx,
+        read_timeout: cfg
+            .read_timeout
+            .unwrap_or(forkd_hub::lazy::DEFAULT_READ_TIMEOUT),
+    };
+    let job = {
+        let store = store.clone();
+        let reference = reference.clone();
+        std::thread::Builder::new()
+            .name("lazy-pull".into())
+            .spawn(move || {
+                runtime()?
+                    .block_on(forkd_hub::pull::pull_lazy(
+                        transport,
+                        &store,
+                        &reference,
+                        &opts,
+                        progress.as_ref(),
+                        lazy,
+                    ))
+                    .map_err(pull_err(&reference))
+            })
+            .map_err(thread_err)?
+    };
+    let Ok(ready) = rx.blocking_recv() else {
+        // No lazy read: the pull ended (or failed) without a download to share.
+        let out = job.join().unwrap_or_else(|_| Err(panicked(reference)))?;
+        return Ok(LazyPull {
+            reference: reference.clone(),
+            snapshot: store.get(&out.tag)?,
+            mount: None,
+            image: None,
+            job: None,
+            done: Some(out),
+        });
+    };
+    // From here on, a failure drops `pull`, which abandons the download's readers.
+    let mut pull = LazyPull {
+        reference: reference.clone(),
+        snapshot: forkd_store::Snapshot {
+            tag,
+            dir: Default::default(),
+            manifest: ready.manifest,
+        },
+        mount: None,
+        image: Some(ready.image.clone()),
+        job: Some(job),
+        done: None,
+    };
+    let root = mount_root(store);
+    let hex = ready.digest.trim_start_matches("sha256:");
+    let dir = root.join(format!("{}-{}", &hex[..12.min(hex.len())], std::process::id()));
+    let made = forkd_store::private_dir(&root)
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|()| {
+            let _ = std::fs::remove_dir(&dir);
+            std::fs::create_dir(&dir)
+        });
+    if let Err(source) = made {
+        return Err(SandboxError::Io {
+            what: "cannot make the lazy mount point",
+            path: dir,
+            source,
+        });
+    }
+    let mount = forkd_lazyfs::mount(ready.image, &ready.manifest_toml, &dir).map_err(|e| {
+        SandboxError::Lazy {
+            reference: reference.to_string(),
+            source: Box::new(e),
+        }
+    })?;
+    pull.snapshot.dir = mount.dir().to_path_buf();
+    pull.mount = Some(mount);
+    Ok(pull)
 }
 
 fn pull_err(reference: &Reference) -> impl FnOnce(forkd_hub::HubError) -> SandboxError + '_ {

@@ -54,6 +54,7 @@ impl HubConfig {
             hub: self.url.clone(),
             trust: Vec::new(),
             insecure: self.insecure,
+            ..Default::default()
         }
     }
 }

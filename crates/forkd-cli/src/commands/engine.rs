@@ -47,7 +47,14 @@ pub enum Cmd {
         forkd fork --tag tiny -n 2 --keep && forkd ps        # leave them running\n  \
         forkd fork --tag tiny --net --allow pypi.org --allow files.pythonhosted.org:443\n  \
         forkd fork --tag tiny --net --allow host:8000 --exec 'wget -qO- http://10.0.2.2:8000/'\n  \
-        forkd fork --tag tiny --keep --net --expose 8080     # host port in the result and `ps`\n\n\
+        forkd fork --tag tiny --keep --net --expose 8080     # host port in the result and `ps`\n  \
+        forkd fork --tag acme/python-numpy -n 10 --hub http://hub.lan:8080 --trust acme.pub\n\n\
+        --tag OWNER/NAME[:VERSION] forks the local image NAME; when the store lacks it, it is \
+        pulled from --hub (checked and signed exactly as `forkd pull` does) and the children \
+        start as soon as its manifest is verified: they read the image through a lazy mount \
+        that downloads each chunk when it is first touched, while the rest streams in. The \
+        command ends when the image is installed, as a pull leaves it. --no-lazy pulls it \
+        whole first; --keep does too (kept children outlive this command).\n\n\
         Children have no network unless --net is given. With it, each child has its own \
         user-mode network (10.0.2.15, gateway 10.0.2.2, DNS 10.0.2.3) and all egress is denied \
         but what --allow lists. The host's loopback is 10.0.2.2 in the guest and is reached only \
@@ -148,7 +155,45 @@ pub struct ForkArgs {
     #[command(flatten)]
     net: NetArgs,
     #[command(flatten)]
+    hub: ForkHubArgs,
+    #[command(flatten)]
     vm: VmArgs,
+}
+
+/// Where `forkd fork --tag OWNER/NAME` pulls from when the store lacks NAME.
+#[derive(clap::Args, Debug, Default)]
+pub struct ForkHubArgs {
+    /// Hub to pull OWNER/NAME from when the store lacks it [default: file://$FORKD_HOME/hub]
+    #[arg(long, env = "FORKD_HUB", value_name = "URL")]
+    hub: Option<String>,
+    /// Trust this minisign public key for OWNER (a key, or a .pub file); repeatable
+    #[arg(long, value_name = "KEY")]
+    trust: Vec<String>,
+    /// Accept an unsigned or wrongly signed image
+    #[arg(long)]
+    insecure: bool,
+    /// Pull the whole image before the first child starts
+    #[arg(long)]
+    no_lazy: bool,
+    /// Seconds a child's read waits for a chunk of a lazily pulled image before it fails
+    #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    chunk_timeout: u64,
+}
+
+impl ForkHubArgs {
+    fn pull_config(&self) -> anyhow::Result<forkd_sandbox::images::PullConfig> {
+        Ok(forkd_sandbox::images::PullConfig {
+            hub: self.hub.clone(),
+            // A key, or a .pub file holding one (as `forkd pull --trust`).
+            trust: self.trust.clone(),
+            insecure: self.insecure,
+            attempts: std::env::var("FORKD_HUB_ATTEMPTS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            read_timeout: Some(Duration::from_secs(self.chunk_timeout)),
+            ..Default::default()
+        })
+    }
 }
 
 /// A child's network (`forkd fork`).
@@ -379,10 +424,47 @@ fn snapshot(
 }
 
 fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
-    let name = ImageName::parse(&a.tag)?;
     if a.n == 0 {
         bail!("-n must be at least 1");
     }
+    // OWNER/NAME[:VERSION]: the local NAME, or pulled (lazily, unless --keep or --no-lazy).
+    let mut lazy = None;
+    let name = if a.tag.contains('/') {
+        let store = ctx.store()?;
+        let (reference, tag) = forkd_sandbox::images::parse(&a.tag, "--tag")?;
+        if store.get(&tag).is_err() {
+            let cfg = a.hub.pull_config()?;
+            let shown = cfg.hub.clone().unwrap_or_else(|| "the embedded hub".into());
+            if a.keep || a.hub.no_lazy {
+                if !ctx.quiet {
+                    eprintln!("pulling {reference} whole before forking");
+                }
+                let progress = crate::commands::hub_progress::Bars::new(ctx);
+                forkd_sandbox::images::pull(&store, &reference, tag.clone(), &cfg, Some(&progress))
+                    .with_context(|| format!("cannot pull {reference} from {shown}"))?;
+            } else {
+                let progress = crate::commands::hub_progress::Bars::messages_only(ctx);
+                let pull = forkd_sandbox::images::start_lazy(
+                    &store,
+                    &reference,
+                    tag.clone(),
+                    &cfg,
+                    std::sync::Arc::new(progress),
+                )
+                .with_context(|| format!("cannot pull {reference} from {shown}"))?;
+                if pull.is_lazy() && !ctx.quiet {
+                    eprintln!(
+                        "forking {reference} while it downloads ({} to fetch)",
+                        crate::report::human_bytes(pull.downloaded().1)
+                    );
+                }
+                lazy = Some(pull);
+            }
+        }
+        ImageName::Tag(tag)
+    } else {
+        ImageName::parse(&a.tag)?
+    };
     // NAME:VERSION names the local image whose manifest says so; the daemon takes its tag.
     let tag_arg = match &name {
         ImageName::Tag(t) => t.to_string(),
@@ -414,7 +496,12 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
     }
     let net = net_plan(&a.net)?;
     let store = ctx.store()?;
-    let snap = find_image(ctx, &name)?;
+    let snap = match &lazy {
+        Some(l) => l.snapshot().clone(),
+        None => find_image(ctx, &name)?,
+    };
+    // What a lazy fork had downloaded when its first child finished (for --json).
+    let first_child_bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
     let tag = snap.tag.clone();
     let qemu = locate_qemu(&a.vm)?;
     forkd_engine::image::check_consistent(&snap)?;
@@ -445,9 +532,23 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
         run_root: store.home().run_dir(),
         ready_timeout: Duration::from_secs(a.timeout),
         interrupt: Interrupt::install(),
-        on_child: progress.clone().map(|pb| {
-            Box::new(move |_: &forkd_engine::child::ChildReport| pb.inc(1))
-                as forkd_engine::fork::OnChild
+        on_child: Some({
+            let pb = progress.clone();
+            let first = first_child_bytes.clone();
+            let meter = lazy.as_ref().and_then(|l| l.meter());
+            Box::new(move |_: &forkd_engine::child::ChildReport| {
+                if let Some(pb) = &pb {
+                    pb.inc(1);
+                }
+                if let Some(m) = &meter {
+                    let _ = first.compare_exchange(
+                        u64::MAX,
+                        m.downloaded() + m.resumed(),
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+            }) as forkd_engine::fork::OnChild
         }),
         layers: forkd_engine::branch::layers(&store, &snap)?,
         net,
@@ -457,10 +558,21 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
         pb.finish_and_clear();
     }
     let report = result.with_context(|| format!("cannot fork {tag}"))?;
+    let pulled = match lazy {
+        Some(l) => Some(finish_lazy(ctx, l, &a.tag, &first_child_bytes)),
+        None => None,
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if let (Some((json, _)), Some(obj)) = (&pulled, v.as_object_mut()) {
+            obj.insert("pull".into(), json.clone());
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_report(&report);
+    }
+    if let Some((_, Err(e))) = pulled {
+        return Err(e);
     }
     children_outcome(
         report.requested,
@@ -472,6 +584,65 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
             .count(),
         report.children.iter().filter(|c| c.up && !c.ok).count(),
     )
+}
+
+/// The end of a lazy fork: wait for the image to be installed, and say what it cost. The
+/// JSON has what was downloaded, and the error (if any) is the pull's, with the first read
+/// that failed (it names the chunk).
+fn finish_lazy(
+    ctx: &Ctx,
+    l: forkd_sandbox::images::LazyPull,
+    shown: &str,
+    first_child_bytes: &std::sync::atomic::AtomicU64,
+) -> (serde_json::Value, anyhow::Result<()>) {
+    let lazy = l.is_lazy();
+    let (now, total) = l.downloaded();
+    let read_errors = l.read_errors();
+    if lazy && !ctx.quiet && now < total {
+        eprintln!(
+            "finishing the download of {shown}: {} of {} so far",
+            crate::report::human_bytes(now),
+            crate::report::human_bytes(total)
+        );
+    }
+    let t = std::time::Instant::now();
+    let out = l.finish();
+    let first = first_child_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let mut json = serde_json::json!({
+        "reference": shown,
+        "lazy": lazy,
+        "image_bytes": total,
+        "downloaded_at_first_child": (first != u64::MAX).then_some(first),
+        "finish_seconds": t.elapsed().as_secs_f64(),
+        "failed_reads": read_errors.as_ref().map(|e| e.count).unwrap_or(0),
+        "first_read_error": read_errors.as_ref().and_then(|e| e.first.clone()),
+    });
+    let result = match out {
+        Ok(out) => {
+            json["installed"] = serde_json::json!(out.tag.as_str());
+            json["downloaded_bytes"] = serde_json::json!(out.downloaded_bytes);
+            json["cached_bytes"] = serde_json::json!(out.cached_bytes);
+            if !ctx.quiet && lazy {
+                eprintln!(
+                    "installed {shown} as `{}` ({} downloaded)",
+                    out.tag,
+                    crate::report::human_bytes(out.downloaded_bytes)
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let mut err = anyhow::Error::new(e);
+            json["error"] = serde_json::json!(format!("{err:#}"));
+            if let Some(first) = read_errors.and_then(|r| r.first) {
+                err = err.context(format!("children's reads failed: {first}"));
+            }
+            Err(err.context(Hint(
+                "what was verified is kept: `forkd pull` (or the same fork) resumes it".into(),
+            )))
+        }
+    };
+    (json, result)
 }
 
 /// The end of a fork: `Ok` when every child came up and did its work, else an

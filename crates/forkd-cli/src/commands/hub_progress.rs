@@ -21,6 +21,17 @@ impl Bars {
     }
 }
 
+impl Bars {
+    /// Messages only, no bar: for a download that runs beside another bar (a lazy fork's).
+    pub fn messages_only(ctx: &Ctx) -> Self {
+        Self {
+            show_bars: false,
+            quiet: ctx.quiet,
+            bar: Mutex::new(None),
+        }
+    }
+}
+
 impl forkd_hub::Progress for Bars {
     fn message(&self, msg: &str) {
         if self.quiet {

@@ -1,0 +1,527 @@
+//! A lazy pull: the image's files are readable before they are downloaded. A read of a byte
+//! range waits for the chunks that cover it, and asks for them first; the rest of the image
+//! streams in behind, in the order the image suggests (its working set first, then offsets).
+//!
+//! Files are written in place in the pull's partial directory, exactly as an eager pull writes
+//! them (`fetch`): the same journal, so a lazy pull that was cut resumes like any pull, and the
+//! same end: every file's sha256 checked against the manifest before the image is installed.
+//! What a reader sees never comes from anywhere but a chunk that matched its digest: a range
+//! is served only after every chunk under it was verified, decompressed and written.
+//!
+//! The reader side is blocking ([`LazyImage::read_at`]): it is called from a FUSE worker
+//! thread. The fetching side runs on the pull's tokio runtime ([`LazyImage::run`]).
+
+use crate::cache::Partial;
+use crate::error::{HubError, Result};
+use crate::layout::{self, Chunk, ImageManifest};
+use crate::progress::Progress;
+use crate::remote::{get_retry, transport_err};
+use crate::transport::Transport;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How long a read waits for its chunks by default before it fails: long enough for a
+/// 4 MiB chunk on a very slow link with retries, short enough that a guest is not frozen
+/// forever by a hub that stopped answering without closing the connection.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Workers that fetch only chunks a reader waits for, beside the background ones: a demanded
+/// chunk must not queue behind a full pipeline of background downloads.
+const DEMAND_WORKERS: usize = 4;
+
+/// Why a read of a lazily pulled file failed. Every variant names the chunk.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LazyError {
+    #[error("chunk {digest} of {file} at offset {offset} could not be fetched: {reason}")]
+    Failed {
+        digest: String,
+        file: String,
+        offset: u64,
+        reason: String,
+    },
+    #[error("chunk {digest} of {file} at offset {offset} did not arrive within {after:?}")]
+    Timeout {
+        digest: String,
+        file: String,
+        offset: u64,
+        after: Duration,
+    },
+    #[error("no file {0} in this image")]
+    NoFile(usize),
+    #[error("cannot read {file}: {source}")]
+    Io {
+        file: String,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Missing,
+    Fetching,
+    Present,
+}
+
+struct State {
+    status: Vec<Status>,
+    /// Chunks a reader waits for, oldest first.
+    demanded: VecDeque<usize>,
+    /// Background order: the working set first (when the image records one), then the rest
+    /// by offset.
+    order: Vec<usize>,
+    cursor: usize,
+    present: usize,
+    /// Set when the pull gave up: every read of a chunk that is not here fails with it.
+    fatal: Option<(usize, String)>,
+}
+
+/// One image being pulled lazily. Shared by the fetch workers and every reader.
+pub struct LazyImage {
+    image: ImageManifest,
+    /// Every listed chunk, as (file index, chunk), files in order and each by offset.
+    chunks: Vec<(usize, Chunk)>,
+    /// Index of each file's first chunk in `chunks` (and one past the last).
+    first: Vec<usize>,
+    files: Vec<Arc<File>>,
+    journal: Mutex<File>,
+    state: Mutex<State>,
+    arrived: Condvar,
+    wake: tokio::sync::Notify,
+    downloaded: AtomicU64,
+    resumed: u64,
+    read_timeout: Duration,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LazyImage {
+    /// Prepare the files of `image` in `dir` (sized, sparse) and take over what an earlier
+    /// pull of it already verified (its journal). `first` lists chunk indices (into the
+    /// image's chunks, files in order) to fetch before the rest; unknown ones are ignored.
+    pub fn open(
+        image: &ImageManifest,
+        dir: &Partial,
+        first: &[usize],
+        read_timeout: Duration,
+    ) -> Result<LazyImage> {
+        let journal = dir.open_file(crate::fetch::JOURNAL, true)?;
+        let done = crate::fetch::read_journal(&journal, image);
+        let mut files = Vec::new();
+        for f in &image.files {
+            let file = dir.open_file(&f.name, false)?;
+            file.set_len(f.size).map_err(HubError::io(format!(
+                "cannot size {}",
+                dir.path().join(&f.name).display()
+            )))?;
+            files.push(Arc::new(file));
+        }
+        let mut chunks = Vec::new();
+        let mut starts = Vec::new();
+        for (i, f) in image.files.iter().enumerate() {
+            starts.push(chunks.len());
+            chunks.extend(f.chunks.iter().map(|c| (i, c.clone())));
+        }
+        starts.push(chunks.len());
+        let status: Vec<Status> = (0..chunks.len())
+            .map(|i| {
+                if done.contains(&i) {
+                    Status::Present
+                } else {
+                    Status::Missing
+                }
+            })
+            .collect();
+        let mut seen = vec![false; chunks.len()];
+        let mut order = Vec::with_capacity(chunks.len());
+        for i in first.iter().copied().chain(0..chunks.len()) {
+            if i < chunks.len() && !seen[i] {
+                seen[i] = true;
+                order.push(i);
+            }
+        }
+        let resumed = done.iter().map(|&i| chunks[i].1.stored_size).sum();
+        Ok(LazyImage {
+            image: image.clone(),
+            first: starts,
+            files,
+            journal: Mutex::new(journal),
+            state: Mutex::new(State {
+                present: done.len(),
+                status,
+                demanded: VecDeque::new(),
+                order,
+                cursor: 0,
+                fatal: None,
+            }),
+            chunks,
+            arrived: Condvar::new(),
+            wake: tokio::sync::Notify::new(),
+            downloaded: AtomicU64::new(0),
+            resumed,
+            read_timeout,
+        })
+    }
+
+    pub fn image(&self) -> &ImageManifest {
+        &self.image
+    }
+
+    /// Bytes downloaded so far (stored, compressed sizes).
+    pub fn downloaded(&self) -> u64 {
+        self.downloaded.load(Ordering::Relaxed)
+    }
+
+    /// Bytes that were already verified here by an earlier, interrupted pull.
+    pub fn resumed(&self) -> u64 {
+        self.resumed
+    }
+
+    /// Chunks verified and written so far, and all of them.
+    pub fn progress(&self) -> (usize, usize) {
+        (lock(&self.state).present, self.chunks.len())
+    }
+
+    /// The chunks of file `file` that overlap `[offset, offset + len)`.
+    fn covering(&self, file: usize, offset: u64, len: u64) -> std::ops::Range<usize> {
+        let (lo, hi) = (self.first[file], self.first[file + 1]);
+        let cs = &self.chunks[lo..hi];
+        let end = offset.saturating_add(len);
+        // Chunks are sorted by offset and do not overlap (the manifest was validated).
+        let a = cs.partition_point(|(_, c)| c.offset + c.len <= offset);
+        let b = cs.partition_point(|(_, c)| c.offset < end);
+        lo + a..lo + b.max(a)
+    }
+
+    fn describe(&self, i: usize) -> (String, String, u64) {
+        let (f, c) = &self.chunks[i];
+        (c.digest.clone(), self.image.files[*f].name.clone(), c.offset)
+    }
+
+    /// Wait until every chunk under `[offset, offset + len)` of file `file` is here, asking
+    /// for the missing ones first.
+    pub fn ensure(&self, file: usize, offset: u64, len: u64) -> Result<(), LazyError> {
+        if file >= self.files.len() {
+            return Err(LazyError::NoFile(file));
+        }
+        let range = self.covering(file, offset, len);
+        let deadline = Instant::now() + self.read_timeout;
+        let mut st = lock(&self.state);
+        let mut asked = false;
+        for i in range.clone() {
+            if st.status[i] == Status::Missing && !st.demanded.contains(&i) {
+                st.demanded.push_back(i);
+                asked = true;
+            }
+        }
+        if asked {
+            self.wake.notify_waiters();
+        }
+        loop {
+            let Some(missing) = range.clone().find(|&i| st.status[i] != Status::Present) else {
+                return Ok(());
+            };
+            if let Some((at, why)) = &st.fatal {
+                let (digest, file, offset) = self.describe(missing);
+                let reason = if *at == missing {
+                    why.clone()
+                } else {
+                    format!("the pull stopped: {why}")
+                };
+                return Err(LazyError::Failed {
+                    digest,
+                    file,
+                    offset,
+                    reason,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let (digest, file, offset) = self.describe(missing);
+                return Err(LazyError::Timeout {
+                    digest,
+                    file,
+                    offset,
+                    after: self.read_timeout,
+                });
+            }
+            st = self
+                .arrived
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Read up to `len` bytes of file `file` at `offset`, once the chunks under them are here
+    /// (holes read as zeros). Short only at the end of the file.
+    pub fn read_at(&self, file: usize, offset: u64, len: usize) -> Result<Vec<u8>, LazyError> {
+        let Some(entry) = self.image.files.get(file) else {
+            return Err(LazyError::NoFile(file));
+        };
+        let len = (len as u64).min(entry.size.saturating_sub(offset));
+        self.ensure(file, offset, len)?;
+        let mut buf = vec![0u8; len as usize];
+        self.files[file]
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| LazyError::Io {
+                file: entry.name.clone(),
+                source: Arc::new(e),
+            })?;
+        Ok(buf)
+    }
+
+    /// The next chunk to fetch: a demanded one, else (unless `demand_only`) the next in the
+    /// background order. `None` when there is nothing left to start (or the pull stopped).
+    fn pick(&self, demand_only: bool) -> Option<usize> {
+        let mut st = lock(&self.state);
+        if st.fatal.is_some() {
+            return None;
+        }
+        while let Some(i) = st.demanded.pop_front() {
+            if st.status[i] == Status::Missing {
+                st.status[i] = Status::Fetching;
+                return Some(i);
+            }
+        }
+        if demand_only {
+            return None;
+        }
+        while st.cursor < st.order.len() {
+            let i = st.order[st.cursor];
+            st.cursor += 1;
+            if st.status[i] == Status::Missing {
+                st.status[i] = Status::Fetching;
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    fn finished(&self) -> bool {
+        let st = lock(&self.state);
+        st.fatal.is_some() || st.present == self.chunks.len()
+    }
+
+    fn fail(&self, i: usize, why: String) {
+        let mut st = lock(&self.state);
+        st.status[i] = Status::Missing;
+        if st.fatal.is_none() {
+            st.fatal = Some((i, why));
+        }
+        drop(st);
+        self.arrived.notify_all();
+        self.wake.notify_waiters();
+    }
+
+    async fn fetch_one(
+        self: &Arc<Self>,
+        i: usize,
+        hub: &dyn Transport,
+        attempts: u32,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let (_, c) = self.chunks[i].clone();
+        let key = layout::blob_key(&c.digest);
+        let data = get_retry(hub, &key, c.stored_size, attempts, progress)
+            .await
+            .map_err(transport_err(hub, format!("cannot download blob {}", c.digest)))?;
+        self.downloaded
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        progress.advance(c.stored_size);
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let raw = crate::fetch::unpack_chunk(&data, &c)?;
+            let file = &me.files[me.chunks[i].0];
+            forkd_store::sparse::write_sparse_at(file, &raw, c.offset)
+                .map_err(HubError::io("cannot write the pulled snapshot"))?;
+            let mut j = me.journal.lock().unwrap_or_else(|p| p.into_inner());
+            writeln!(j, "{i} {}", c.digest)
+                .map_err(HubError::io("cannot write the download journal"))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| HubError::Invalid(e.to_string()))??;
+        let mut st = lock(&self.state);
+        st.status[i] = Status::Present;
+        st.present += 1;
+        drop(st);
+        self.arrived.notify_all();
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    async fn worker(
+        self: Arc<Self>,
+        hub: Arc<dyn Transport>,
+        attempts: u32,
+        demand_only: bool,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        loop {
+            // Registered before looking, so a demand made in between is not missed.
+            let woken = self.wake.notified();
+            match self.pick(demand_only) {
+                Some(i) => {
+                    if let Err(e) = self.fetch_one(i, hub.as_ref(), attempts, progress).await {
+                        self.fail(i, e.to_string());
+                        return Err(e);
+                    }
+                }
+                None if !demand_only || self.finished() => return Ok(()),
+                None => woken.await,
+            }
+        }
+    }
+
+    /// Fetch every chunk that is not here yet (demanded ones first), then check every file's
+    /// sha256 against the manifest. On error, readers waiting for a chunk that is not here
+    /// are failed with it; what was verified stays in the journal for the next pull, unless
+    /// a whole file did not match (then `dir` is removed).
+    pub async fn run(
+        self: &Arc<Self>,
+        hub: Arc<dyn Transport>,
+        jobs: usize,
+        attempts: u32,
+        dir: &Partial,
+        progress: &dyn Progress,
+    ) -> Result<crate::fetch::Fetched> {
+        let total = self.image.stored_size();
+        progress.start("pulling", total);
+        progress.advance(self.resumed);
+        let background = (0..jobs.max(1)).map(|_| {
+            self.clone()
+                .worker(hub.clone(), attempts, false, progress)
+        });
+        let demand = (0..DEMAND_WORKERS).map(|_| {
+            self.clone()
+                .worker(hub.clone(), attempts, true, progress)
+        });
+        let results = futures::future::join_all(background.chain(demand)).await;
+        progress.finish();
+        if let Some(e) = results.into_iter().find_map(|r| r.err()) {
+            if let HubError::Io { source, .. } = &e
+                && source.raw_os_error() == Some(28)
+            {
+                tracing::warn!("out of space while pulling lazily");
+            }
+            return Err(e);
+        }
+        // Every chunk was verified on arrival; the whole files must also be what manifest.toml
+        // says (chunks that each match their digest could describe other content).
+        let me = self.clone();
+        let checked = tokio::task::spawn_blocking(move || me.check_files())
+            .await
+            .map_err(|e| HubError::Invalid(e.to_string()))?;
+        if let Err(e) = checked {
+            // Start over next time: what is here cannot be trusted.
+            let _ = std::fs::remove_dir_all(dir.path());
+            return Err(e);
+        }
+        Ok(crate::fetch::Fetched {
+            downloaded: self.downloaded(),
+            resumed: self.resumed,
+        })
+    }
+
+    fn check_files(&self) -> Result<()> {
+        for (f, file) in self.image.files.iter().zip(&self.files) {
+            let (_, actual) = forkd_store::sparse::hash_file(file)
+                .map_err(HubError::io(format!("cannot hash {}", f.name)))?;
+            if actual != f.sha256 {
+                return Err(HubError::Corrupt {
+                    what: format!("{} after download", f.name),
+                    expected: format!("sha256 {}", f.sha256),
+                    actual: format!("sha256 {actual}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Fail every waiting and future read of a chunk that is not here (the pull was
+    /// abandoned).
+    pub fn abandon(&self, why: &str) {
+        let mut st = lock(&self.state);
+        if st.fatal.is_none() {
+            st.fatal = Some((usize::MAX, why.to_string()));
+        }
+        drop(st);
+        self.arrived.notify_all();
+        self.wake.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(chunks: &[(u64, u64)], size: u64) -> ImageManifest {
+        ImageManifest {
+            layout: 1,
+            media_type: layout::MEDIA_TYPE.into(),
+            chunking: layout::Chunking {
+                algorithm: "fixed".into(),
+                size: 4,
+            },
+            compression: "zstd".into(),
+            manifest_toml: String::new(),
+            files: vec![layout::FileEntry {
+                name: "memory.bin".into(),
+                size,
+                sha256: String::new(),
+                chunks: chunks
+                    .iter()
+                    .map(|&(offset, len)| Chunk {
+                        offset,
+                        len,
+                        digest: format!("sha256:{offset}"),
+                        stored_size: 1,
+                    })
+                    .collect(),
+            }],
+            parent: None,
+        }
+    }
+
+    #[test]
+    fn covering_finds_the_chunks_under_a_range() {
+        let home = tempfile::tempdir().unwrap();
+        let home = forkd_store::Home::new(home.path());
+        let dir = crate::cache::Cache::new(&home)
+            .partial("sha256:00")
+            .unwrap();
+        // Chunks at 0..4, 8..12, 12..16; 4..8 is a hole.
+        let m = manifest(&[(0, 4), (8, 4), (12, 4)], 16);
+        let img = LazyImage::open(&m, &dir, &[2], Duration::from_secs(1)).unwrap();
+        assert_eq!(img.covering(0, 0, 1), 0..1);
+        assert_eq!(img.covering(0, 3, 2), 0..1, "3..5 ends in the hole");
+        assert_eq!(img.covering(0, 4, 4), 1..1, "the hole alone needs no chunk");
+        assert_eq!(img.covering(0, 7, 6), 1..3);
+        assert_eq!(img.covering(0, 0, 16), 0..3);
+        assert_eq!(img.covering(0, 16, 4), 3..3);
+        // The working set goes first.
+        assert_eq!(lock(&img.state).order, vec![2, 0, 1]);
+        // A read of the hole needs nothing; a read of a chunk times out naming it.
+        assert_eq!(img.read_at(0, 4, 4).unwrap(), vec![0; 4]);
+        match img.read_at(0, 8, 1) {
+            Err(LazyError::Timeout { digest, offset, .. }) => {
+                assert_eq!(digest, "sha256:8");
+                assert_eq!(offset, 8);
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        img.abandon("gone");
+        match img.read_at(0, 0, 1) {
+            Err(LazyError::Failed { reason, .. }) => assert!(reason.contains("gone"), "{reason}"),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+}

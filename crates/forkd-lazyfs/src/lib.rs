@@ -1,0 +1,328 @@
+//! A read-only FUSE file system over an image that is still being pulled
+//! ([`forkd_hub::lazy::LazyImage`]): one flat directory with the image's files and its
+//! `manifest.toml`. A read returns once the chunks under it were downloaded and verified; the
+//! guest never sees a byte that did not match its digest.
+//!
+//! Why FUSE and not userfaultfd (docs/ENGINE.md has the whole argument): QEMU maps memory.bin
+//! privately (`share=off`), so every child of an image shares the kernel's page cache of that
+//! one file. A FUSE file keeps that: the first child to touch a page makes the kernel ask us
+//! once, and every other child maps the same cached page. userfaultfd works per process and
+//! per mapping: each child's faults would have to be served into each child, and a restored
+//! QEMU would need to hand its RAM's userfaultfd over. The rootfs needs no new mechanism either:
+//! QEMU's disk overlay reads its backing file through the same mount.
+//!
+//! Files are opened with `FOPEN_KEEP_CACHE` (what was read stays valid: the content of an
+//! image never changes), and accept `O_RDWR` opens (QEMU 7.2 opens memory.bin read-write even
+//! for a private mapping) but refuse every write.
+
+use forkd_hub::lazy::LazyImage;
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
+    ReplyOpen, ReplyWrite, Request, SessionACL, WriteFlags,
+};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+/// How long the kernel may cache names and attributes: an image never changes.
+const TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LazyFsError {
+    #[error("cannot mount the lazy image at {path}: {source}")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot prepare the mount point {path}: {source}")]
+    MountPoint {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the directory shows besides the image's files: small files served from memory
+/// (manifest.toml).
+struct Extra {
+    name: String,
+    data: Vec<u8>,
+}
+
+struct LazyFs {
+    image: Arc<LazyImage>,
+    extra: Vec<Extra>,
+    errors: Arc<Mutex<Errors>>,
+}
+
+/// Reads that failed: how many, and the first reason (it names the chunk).
+#[derive(Debug, Default, Clone)]
+pub struct Errors {
+    pub count: u64,
+    pub first: Option<String>,
+}
+
+const ROOT: u64 = 1;
+
+impl LazyFs {
+    fn extra_ino(&self, i: usize) -> u64 {
+        ROOT + 1 + i as u64
+    }
+    fn file_ino(&self, i: usize) -> u64 {
+        ROOT + 1 + self.extra.len() as u64 + i as u64
+    }
+    /// What an inode is: `Ok(Err(i))` the i-th extra file, `Ok(Ok(i))` the i-th image file.
+    fn node(&self, ino: u64) -> Option<Result<usize, usize>> {
+        let first_file = ROOT + 1 + self.extra.len() as u64;
+        if ino > ROOT && ino < first_file {
+            Some(Err((ino - ROOT - 1) as usize))
+        } else if ino >= first_file && ((ino - first_file) as usize) < self.image.image().files.len()
+        {
+            Some(Ok((ino - first_file) as usize))
+        } else {
+            None
+        }
+    }
+
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let (kind, size, perm) = if ino == ROOT {
+            (FileType::Directory, 0, 0o555)
+        } else {
+            let size = match self.node(ino)? {
+                Err(i) => self.extra[i].data.len() as u64,
+                Ok(i) => self.image.image().files[i].size,
+            };
+            (FileType::RegularFile, size, 0o444)
+        };
+        Some(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind,
+            perm,
+            nlink: if kind == FileType::Directory { 2 } else { 1 },
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            flags: 0,
+            blksize: 4096,
+        })
+    }
+
+    fn names(&self) -> impl Iterator<Item = (u64, &str)> {
+        let extra = self
+            .extra
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (self.extra_ino(i), e.name.as_str()));
+        let files = self
+            .image
+            .image()
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (self.file_ino(i), f.name.as_str()));
+        extra.chain(files)
+    }
+}
+
+impl Filesystem for LazyFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if u64::from(parent) != ROOT {
+            return reply.error(Errno::ENOENT);
+        }
+        match self
+            .names()
+            .find(|(_, n)| OsStr::new(n) == name)
+            .and_then(|(ino, _)| self.attr(ino))
+        {
+            Some(a) => reply.entry(&TTL, &a, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino.into()) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.node(ino.into()).is_none() {
+            return reply.error(Errno::ENOENT);
+        }
+        if flags.0 & (rustix::fs::OFlags::TRUNC.bits() as i32) != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.node(ino.into()) {
+            None => reply.error(Errno::ENOENT),
+            Some(Err(i)) => {
+                let data = &self.extra[i].data;
+                let start = (offset as usize).min(data.len());
+                let end = start.saturating_add(size as usize).min(data.len());
+                reply.data(&data[start..end]);
+            }
+            Some(Ok(i)) => {
+                // A read may wait for a download: never on the session's thread, so that other
+                // requests (other children's reads of chunks that are here) go on.
+                let image = self.image.clone();
+                let errors = self.errors.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("lazyfs-read".into())
+                    .spawn(move || match image.read_at(i, offset, size as usize) {
+                        Ok(buf) => reply.data(&buf),
+                        Err(e) => {
+                            tracing::warn!("lazy read failed: {e}");
+                            let mut er = errors.lock().unwrap_or_else(|p| p.into_inner());
+                            er.count += 1;
+                            er.first.get_or_insert_with(|| e.to_string());
+                            reply.error(Errno::EIO);
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!("cannot start a read thread: {e}");
+                }
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if u64::from(ino) != ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let entries = [
+            (ROOT, FileType::Directory, "."),
+            (ROOT, FileType::Directory, ".."),
+        ]
+        .into_iter()
+        .chain(self.names().map(|(i, n)| (i, FileType::RegularFile, n)));
+        for (k, (ino, kind, name)) in entries.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), (k + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+/// A mounted lazy image. Dropping it unmounts (detached: a child that still maps a file keeps
+/// its pages until it exits) and removes the mount point.
+pub struct Mount {
+    session: Option<fuser::BackgroundSession>,
+    dir: PathBuf,
+    errors: Arc<Mutex<Errors>>,
+}
+
+impl std::fmt::Debug for Mount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mount").field("dir", &self.dir).finish()
+    }
+}
+
+/// Mount `image` at `dir` (an empty directory this process made: its parent must be private
+/// to root, since the mount lets any user that reaches it read, so that a child's QEMU still
+/// reads it after it dropped to its unprivileged user). `manifest_toml` is shown as
+/// `manifest.toml`.
+pub fn mount(image: Arc<LazyImage>, manifest_toml: &str, dir: &Path) -> Result<Mount, LazyFsError> {
+    let errors = Arc::new(Mutex::new(Errors::default()));
+    let fs = LazyFs {
+        image,
+        extra: vec![Extra {
+            name: "manifest.toml".into(),
+            data: manifest_toml.as_bytes().to_vec(),
+        }],
+        errors: errors.clone(),
+    };
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("forkd-lazy".into()),
+        MountOption::Subtype("forkd".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoExec,
+        MountOption::NoAtime,
+    ];
+    config.acl = SessionACL::All;
+    let session = fuser::spawn_mount(fs, dir, &config).map_err(|source| LazyFsError::Mount {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    Ok(Mount {
+        session: Some(session),
+        dir: dir.to_path_buf(),
+        errors,
+    })
+}
+
+impl Mount {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The reads that failed so far.
+    pub fn errors(&self) -> Errors {
+        self.errors.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        detach(&self.dir);
+        // The session thread ends when the kernel lets go of the connection; not waited for.
+        drop(self.session.take());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Unmount whatever is mounted at `dir`, lazily (`MNT_DETACH`), without following a link.
+pub fn detach(dir: &Path) {
+    use rustix::mount::UnmountFlags;
+    match rustix::mount::unmount(dir, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW) {
+        Ok(()) | Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => {}
+        Err(e) => tracing::warn!("cannot unmount {}: {e}", dir.display()),
+    }
+}
