@@ -105,7 +105,7 @@ fn lazy_fork_runs_children_then_installs_the_image_as_a_pull_would() {
     let h = hub();
     let home = new_home();
     // Slow blobs: the download takes seconds, so children run while it is not done.
-    let server = Faulty::start(&h.root, Mode::Slow(150));
+    let server = Faulty::start(&h.root, Mode::Slow(1000));
     let out = lazy_fork(
         home.path(),
         &server.url,
@@ -117,7 +117,7 @@ fn lazy_fork_runs_children_then_installs_the_image_as_a_pull_would() {
     assert_eq!(v["succeeded"], 2, "{v}");
     for c in v["children"].as_array().unwrap() {
         assert!(
-            c["stdout"].as_str().unwrap_or_default().contains("lazy-"),
+            c["exec"]["stdout"].as_str().unwrap_or_default().contains("lazy-"),
             "{c}"
         );
     }
@@ -293,11 +293,14 @@ fn a_mount_that_dies_fails_its_children_and_is_cleaned_up() {
     std::fs::write(&abort, "1").unwrap_or_else(|e| panic!("cannot write {abort}: {e}"));
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "{}", text(&out));
-    let v = json(&String::from_utf8_lossy(&out.stdout));
-    assert!(
-        v["succeeded"].as_u64().unwrap() < 2,
-        "children ran through a dead mount: {v}"
-    );
+    // Either the fork stopped before any child (its first read failed), or children failed.
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&String::from_utf8_lossy(&out.stdout))
+    {
+        assert!(
+            v["succeeded"].as_u64().unwrap() < 2,
+            "children ran through a dead mount: {v}"
+        );
+    }
     assert!(t.elapsed() < Duration::from_secs(180), "took {:?}", t.elapsed());
     assert_clean(home.path());
 }

@@ -494,73 +494,86 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
             a.json,
         );
     }
-    let net = net_plan(&a.net)?;
-    let store = ctx.store()?;
-    let snap = match &lazy {
-        Some(l) => l.snapshot().clone(),
-        None => find_image(ctx, &name)?,
-    };
-    // What a lazy fork had downloaded when its first child finished (for --json).
+    // What can fail before the children start fails inside this block, so that a lazy
+    // fork's pull still ends (and reports) below.
     let first_child_bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
-    let tag = snap.tag.clone();
-    let qemu = locate_qemu(&a.vm)?;
-    forkd_engine::image::check_consistent(&snap)?;
-    let progress = ctx.show_progress().then(|| {
-        let pb = indicatif::ProgressBar::new(a.n as u64);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} forking {pos}/{len} children [{elapsed}]",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        pb.enable_steady_tick(Duration::from_millis(120));
-        pb
-    });
-    let opts = ForkOptions {
-        n: a.n,
-        tag: tag.as_str().to_string(),
-        accel: a.vm.accel,
-        work: Work {
-            exec: a.exec.map(|s| forkd_agent::ExecRequest {
-                shell: Some(s),
-                ..Default::default()
+    let result = (|| -> anyhow::Result<forkd_engine::fork::ForkReport> {
+        let net = net_plan(&a.net)?;
+        let store = ctx.store()?;
+        let snap = match &lazy {
+            Some(l) => l.snapshot().clone(),
+            None => find_image(ctx, &name)?,
+        };
+        let tag = snap.tag.clone();
+        let qemu = locate_qemu(&a.vm)?;
+        forkd_engine::image::check_consistent(&snap)?;
+        let progress = ctx.show_progress().then(|| {
+            let pb = indicatif::ProgressBar::new(a.n as u64);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} forking {pos}/{len} children [{elapsed}]",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            pb.enable_steady_tick(Duration::from_millis(120));
+            pb
+        });
+        let opts = ForkOptions {
+            n: a.n,
+            tag: tag.as_str().to_string(),
+            accel: a.vm.accel,
+            work: Work {
+                exec: a.exec.map(|s| forkd_agent::ExecRequest {
+                    shell: Some(s),
+                    ..Default::default()
+                }),
+                run_code: a.run,
+                timeout: Duration::from_secs(a.exec_timeout),
+            },
+            keep: a.keep,
+            run_root: store.home().run_dir(),
+            ready_timeout: Duration::from_secs(a.timeout),
+            interrupt: Interrupt::install(),
+            on_child: Some({
+                let pb = progress.clone();
+                let first = first_child_bytes.clone();
+                let meter = lazy.as_ref().and_then(|l| l.meter());
+                Box::new(move |_: &forkd_engine::child::ChildReport| {
+                    if let Some(pb) = &pb {
+                        pb.inc(1);
+                    }
+                    if let Some(m) = &meter {
+                        let _ = first.compare_exchange(
+                            u64::MAX,
+                            m.downloaded() + m.resumed(),
+                            std::sync::atomic::Ordering::Relaxed,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                    }
+                }) as forkd_engine::fork::OnChild
             }),
-            run_code: a.run,
-            timeout: Duration::from_secs(a.exec_timeout),
-        },
-        keep: a.keep,
-        run_root: store.home().run_dir(),
-        ready_timeout: Duration::from_secs(a.timeout),
-        interrupt: Interrupt::install(),
-        on_child: Some({
-            let pb = progress.clone();
-            let first = first_child_bytes.clone();
-            let meter = lazy.as_ref().and_then(|l| l.meter());
-            Box::new(move |_: &forkd_engine::child::ChildReport| {
-                if let Some(pb) = &pb {
-                    pb.inc(1);
-                }
-                if let Some(m) = &meter {
-                    let _ = first.compare_exchange(
-                        u64::MAX,
-                        m.downloaded() + m.resumed(),
-                        std::sync::atomic::Ordering::Relaxed,
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
-                }
-            }) as forkd_engine::fork::OnChild
-        }),
-        layers: forkd_engine::branch::layers(&store, &snap)?,
-        net,
-    };
-    let result = forkd_engine::fork::fork(&snap.dir, &qemu, &opts);
-    if let Some(pb) = &progress {
-        pb.finish_and_clear();
-    }
-    let report = result.with_context(|| format!("cannot fork {tag}"))?;
+            layers: forkd_engine::branch::layers(&store, &snap)?,
+            net,
+        };
+        let result = forkd_engine::fork::fork(&snap.dir, &qemu, &opts);
+        if let Some(pb) = &progress {
+            pb.finish_and_clear();
+        }
+        result.with_context(|| format!("cannot fork {tag}"))
+    })();
+    // A lazy fork's pull ends first, whatever the fork did: the image gets installed, and a
+    // fork that failed on a read says which chunk was missing and why.
     let pulled = match lazy {
         Some(l) => Some(finish_lazy(ctx, l, &a.tag, &first_child_bytes)),
         None => None,
+    };
+    let report = match (result, pulled.as_ref()) {
+        (Ok(r), _) => r,
+        (Err(e), Some((json, Err(_)))) => {
+            let why = json["error"].as_str().unwrap_or_default().to_string();
+            return Err(e.context(format!("the lazy pull of {} failed: {why}", a.tag)));
+        }
+        (Err(e), _) => return Err(e),
     };
     if a.json {
         let mut v = serde_json::to_value(&report)?;
