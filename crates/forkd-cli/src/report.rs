@@ -7,7 +7,8 @@ pub fn init_tracing(verbose: u8, quiet: bool) {
     use tracing_subscriber::EnvFilter;
     let default = match (quiet, verbose) {
         (true, _) => "error",
-        (false, 0) => "warn",
+        // fuser logs every operation it does not implement (flush, xattrs) as a warning.
+        (false, 0) => "warn,fuser=error",
         (false, 1) => "forkd=debug,info",
         (false, _) => "trace",
     };

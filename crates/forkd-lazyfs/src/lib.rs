@@ -194,7 +194,7 @@ impl Filesystem for LazyFs {
                     .spawn(move || match image.read_at(i, offset, size as usize) {
                         Ok(buf) => reply.data(&buf),
                         Err(e) => {
-                            tracing::warn!("lazy read failed: {e}");
+                            tracing::debug!("lazy read failed: {e}");
                             let mut er = errors.lock().unwrap_or_else(|p| p.into_inner());
                             er.count += 1;
                             er.first.get_or_insert_with(|| e.to_string());
@@ -206,6 +206,17 @@ impl Filesystem for LazyFs {
                 }
             }
         }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: fuser::ReplyEmpty,
+    ) {
+        reply.ok();
     }
 
     fn write(

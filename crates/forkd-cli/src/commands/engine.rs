@@ -567,24 +567,30 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
         Some(l) => Some(finish_lazy(ctx, l, &a.tag, &first_child_bytes)),
         None => None,
     };
-    let report = match (result, pulled.as_ref()) {
-        (Ok(r), _) => r,
-        (Err(e), Some((json, Err(_)))) => {
-            let why = json["error"].as_str().unwrap_or_default().to_string();
-            return Err(e.context(format!("the lazy pull of {} failed: {why}", a.tag)));
+    let pulled_err;
+    let (pull_json, pull_result) = match pulled {
+        Some((json, result)) => (Some(json), result),
+        None => (None, Ok(())),
+    };
+    let report = match (result, pull_result) {
+        (Ok(r), pull_result) => {
+            pulled_err = pull_result.err();
+            r
         }
-        (Err(e), _) => return Err(e),
+        // The pull's error says which chunk and why; the fork's is what that did to it.
+        (Err(_), Err(pull)) => return Err(pull.context(format!("cannot fork {}", a.tag))),
+        (Err(e), Ok(())) => return Err(e),
     };
     if a.json {
         let mut v = serde_json::to_value(&report)?;
-        if let (Some((json, _)), Some(obj)) = (&pulled, v.as_object_mut()) {
-            obj.insert("pull".into(), json.clone());
+        if let (Some(json), Some(obj)) = (pull_json, v.as_object_mut()) {
+            obj.insert("pull".into(), json);
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_report(&report);
     }
-    if let Some((_, Err(e))) = pulled {
+    if let Some(e) = pulled_err {
         return Err(e);
     }
     children_outcome(
