@@ -6,7 +6,6 @@
 //! Needs QEMU, the guest kernel (`bash scripts/setup-engine.sh`) and /dev/fuse (root).
 
 mod cli_common;
-#[allow(dead_code)]
 mod hub_common;
 
 use cli_common::{build_tiny_in, cmd_in, json, new_home, text};
@@ -35,7 +34,10 @@ fn hub() -> &'static Hub {
         let dir = new_home();
         let home = dir.path().to_path_buf();
         build_tiny_in(&home);
-        let o = cmd_in(&home).args(["-q", "key", "generate"]).output().unwrap();
+        let o = cmd_in(&home)
+            .args(["-q", "key", "generate"])
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", text(&o));
         let key = std::fs::read_to_string(home.join("keys/forkd.pub"))
             .unwrap()
@@ -93,7 +95,11 @@ fn mounts_of(home: &Path) -> Vec<String> {
 }
 
 fn assert_clean(home: &Path) {
-    assert!(mounts_of(home).is_empty(), "mounts left: {:?}", mounts_of(home));
+    assert!(
+        mounts_of(home).is_empty(),
+        "mounts left: {:?}",
+        mounts_of(home)
+    );
     let left: Vec<_> = std::fs::read_dir(home.join("cache/lazy"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
@@ -117,7 +123,10 @@ fn lazy_fork_runs_children_then_installs_the_image_as_a_pull_would() {
     assert_eq!(v["succeeded"], 2, "{v}");
     for c in v["children"].as_array().unwrap() {
         assert!(
-            c["exec"]["stdout"].as_str().unwrap_or_default().contains("lazy-"),
+            c["exec"]["stdout"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("lazy-"),
             "{c}"
         );
     }
@@ -148,7 +157,15 @@ fn lazy_fork_runs_children_then_installs_the_image_as_a_pull_would() {
     );
     // And the next fork uses the store.
     let o = cmd_in(home.path())
-        .args(["-q", "fork", "--tag", "acme/tiny", "--exec", "true", "--json"])
+        .args([
+            "-q",
+            "fork",
+            "--tag",
+            "acme/tiny",
+            "--exec",
+            "true",
+            "--json",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -172,7 +189,11 @@ fn wrong_bytes_from_the_hub_are_refused_before_any_guest_sees_them() {
         !String::from_utf8_lossy(&out.stdout).contains("\"ran"),
         "a child ran from corrupt bytes:\n{all}"
     );
-    assert!(t.elapsed() < Duration::from_secs(120), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(120),
+        "took {:?}",
+        t.elapsed()
+    );
     assert!(
         cmd_in(home.path())
             .args(["inspect", "tiny"])
@@ -191,9 +212,18 @@ fn the_hub_disappearing_fails_children_cleanly_and_a_later_pull_completes() {
     // Serve a little, then cut every blob: the hub is gone mid-fork.
     let server = Faulty::start(&h.root, Mode::CutAfter(256 << 10));
     let t = Instant::now();
-    let out = lazy_fork(home.path(), &server.url, &["-n", "2", "--exec", "true"], &[]);
+    let out = lazy_fork(
+        home.path(),
+        &server.url,
+        &["-n", "2", "--exec", "true"],
+        &[],
+    );
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(t.elapsed() < Duration::from_secs(150), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(150),
+        "took {:?}",
+        t.elapsed()
+    );
     let all = text(&out);
     assert!(all.contains("sha256:"), "the error names no chunk:\n{all}");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -217,7 +247,10 @@ fn the_hub_disappearing_fails_children_cleanly_and_a_later_pull_completes() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let v = json(&String::from_utf8_lossy(&o.stdout));
-    assert!(v["cached_bytes"].as_u64().unwrap() > 0, "nothing resumed: {v}");
+    assert!(
+        v["cached_bytes"].as_u64().unwrap() > 0,
+        "nothing resumed: {v}"
+    );
     assert_eq!(hub_common::tag_hashes(home.path(), "tiny"), h.hashes);
 }
 
@@ -279,13 +312,19 @@ fn a_mount_that_dies_fails_its_children_and_is_cleaned_up() {
         if let Some(m) = mounts_of(home.path()).pop() {
             break m;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "no lazy mount appeared");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no lazy mount appeared"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let dev = std::os::linux::fs::MetadataExt::st_dev(&std::fs::metadata(&mnt).unwrap());
     let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
     let abort = format!("/sys/fs/fuse/connections/{minor}/abort");
-    if !Path::new("/sys/fs/fuse/connections").join(minor.to_string()).exists() {
+    if !Path::new("/sys/fs/fuse/connections")
+        .join(minor.to_string())
+        .exists()
+    {
         let _ = std::process::Command::new("mount")
             .args(["-t", "fusectl", "none", "/sys/fs/fuse/connections"])
             .status();
@@ -301,6 +340,10 @@ fn a_mount_that_dies_fails_its_children_and_is_cleaned_up() {
             "children ran through a dead mount: {v}"
         );
     }
-    assert!(t.elapsed() < Duration::from_secs(180), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(180),
+        "took {:?}",
+        t.elapsed()
+    );
     assert_clean(home.path());
 }

@@ -202,7 +202,11 @@ impl LazyImage {
 
     fn describe(&self, i: usize) -> (String, String, u64) {
         let (f, c) = &self.chunks[i];
-        (c.digest.clone(), self.image.files[*f].name.clone(), c.offset)
+        (
+            c.digest.clone(),
+            self.image.files[*f].name.clone(),
+            c.offset,
+        )
     }
 
     /// Wait until every chunk under `[offset, offset + len)` of file `file` is here, asking
@@ -332,7 +336,10 @@ impl LazyImage {
         let key = layout::blob_key(&c.digest);
         let data = get_retry(hub, &key, c.stored_size, attempts, progress)
             .await
-            .map_err(transport_err(hub, format!("cannot download blob {}", c.digest)))?;
+            .map_err(transport_err(
+                hub,
+                format!("cannot download blob {}", c.digest),
+            ))?;
         self.downloaded
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         progress.advance(c.stored_size);
@@ -396,14 +403,10 @@ impl LazyImage {
         let total = self.image.stored_size();
         progress.start("pulling", total);
         progress.advance(self.resumed);
-        let background = (0..jobs.max(1)).map(|_| {
-            self.clone()
-                .worker(hub.clone(), attempts, false, progress)
-        });
-        let demand = (0..DEMAND_WORKERS).map(|_| {
-            self.clone()
-                .worker(hub.clone(), attempts, true, progress)
-        });
+        let background =
+            (0..jobs.max(1)).map(|_| self.clone().worker(hub.clone(), attempts, false, progress));
+        let demand =
+            (0..DEMAND_WORKERS).map(|_| self.clone().worker(hub.clone(), attempts, true, progress));
         let results = futures::future::join_all(background.chain(demand)).await;
         progress.finish();
         if let Some(e) = results.into_iter().find_map(|r| r.err()) {

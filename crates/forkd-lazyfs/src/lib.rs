@@ -18,8 +18,8 @@
 use forkd_hub::lazy::LazyImage;
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
-    ReplyOpen, ReplyWrite, Request, SessionACL, WriteFlags,
+    LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen,
+    ReplyWrite, Request, SessionACL, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -79,7 +79,8 @@ impl LazyFs {
         let first_file = ROOT + 1 + self.extra.len() as u64;
         if ino > ROOT && ino < first_file {
             Some(Err((ino - ROOT - 1) as usize))
-        } else if ino >= first_file && ((ino - first_file) as usize) < self.image.image().files.len()
+        } else if ino >= first_file
+            && ((ino - first_file) as usize) < self.image.image().files.len()
         {
             Some(Ok((ino - first_file) as usize))
         } else {
@@ -316,7 +317,10 @@ impl Mount {
 
     /// The reads that failed so far.
     pub fn errors(&self) -> Errors {
-        self.errors.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

@@ -188,14 +188,19 @@ impl LazyPull {
 
     /// Reads of the mount that failed, and the first reason (it names the chunk).
     pub fn read_errors(&self) -> Option<forkd_lazyfs::Errors> {
-        self.mount.as_ref().map(|m| m.errors()).filter(|e| e.count > 0)
+        self.mount
+            .as_ref()
+            .map(|m| m.errors())
+            .filter(|e| e.count > 0)
     }
 
     /// Wait for the pull to end (the image is then installed, as a pull leaves it), and
     /// unmount.
     pub fn finish(mut self) -> Result<forkd_hub::pull::PullOutcome> {
         let out = match (self.job.take(), self.done.take()) {
-            (Some(job), _) => job.join().unwrap_or_else(|_| Err(panicked(&self.reference))),
+            (Some(job), _) => job
+                .join()
+                .unwrap_or_else(|_| Err(panicked(&self.reference))),
             (None, Some(done)) => Ok(done),
             (None, None) => Err(panicked(&self.reference)),
         };
@@ -314,7 +319,11 @@ pub fn start_lazy(
     };
     let root = mount_root(store);
     let hex = ready.digest.trim_start_matches("sha256:");
-    let dir = root.join(format!("{}-{}", &hex[..12.min(hex.len())], std::process::id()));
+    let dir = root.join(format!(
+        "{}-{}",
+        &hex[..12.min(hex.len())],
+        std::process::id()
+    ));
     let made = forkd_store::private_dir(&root)
         .map_err(|e| std::io::Error::other(e.to_string()))
         .and_then(|()| {

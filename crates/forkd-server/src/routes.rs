@@ -215,7 +215,13 @@ pub async fn pull_image(
     let mgr = st.mgr.clone();
     tokio::task::spawn_blocking(move || {
         let progress = NdjsonProgress::new(tx.clone());
-        let line = match forkd_sandbox::images::pull(mgr.store(), &reference, tag, &cfg, Some(&progress)) {
+        let line = match forkd_sandbox::images::pull(
+            mgr.store(),
+            &reference,
+            tag,
+            &cfg,
+            Some(&progress),
+        ) {
             Ok(out) => ndjson_line(&serde_json::json!({
                 "event": "done",
                 "image": {"tag": out.tag.as_str(), "digest": out.digest, "size_bytes": out.apparent_size,
