@@ -26,21 +26,38 @@ pub struct PullConfig {
 }
 
 /// The local tag for `image`: a plain tag as it is; a reference's `NAME`, pulled first if the
-/// store does not have it.
+/// store does not have it. A manager that owns its children (a daemon) pulls lazily: this
+/// returns once the image can be read, and [`Manager::image`] serves it from the lazy mount
+/// until it is installed.
 pub fn ensure(
     mgr: &Manager,
     image: &str,
     cfg: &PullConfig,
-    progress: Option<&dyn Progress>,
+    progress: Option<Arc<dyn Progress>>,
 ) -> Result<String> {
     if !image.contains('/') {
         return Ok(image.to_string());
     }
     let (reference, tag) = parse(image, "image")?;
-    if mgr.store().get(&tag).is_ok() {
+    let have = |mgr: &Manager| {
+        mgr.store().get(&tag).is_ok() || mgr.lazy_image(tag.as_str()).is_some()
+    };
+    if have(mgr) {
         return Ok(tag.as_str().to_string());
     }
-    pull(mgr.store(), &reference, tag.clone(), cfg, progress)?;
+    if !mgr.owns_children() {
+        pull(mgr.store(), &reference, tag.clone(), cfg, progress.as_deref())?;
+        return Ok(tag.as_str().to_string());
+    }
+    let _one = mgr.lazy_start_guard();
+    if have(mgr) {
+        return Ok(tag.as_str().to_string());
+    }
+    let progress = progress.unwrap_or_else(|| Arc::new(forkd_hub::progress::Silent));
+    let pull = start_lazy(mgr.store(), &reference, tag.clone(), cfg, progress)?;
+    if pull.is_lazy() {
+        mgr.serve_lazy(pull);
+    }
     Ok(tag.as_str().to_string())
 }
 

@@ -14,7 +14,7 @@ use forkd_store::{Store, Tag};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Whether the sandboxes stop when the manager goes.
@@ -72,12 +72,21 @@ struct Inner {
     ownership: Ownership,
     ready_timeout: Duration,
     sandboxes: RwLock<BTreeMap<String, Arc<Sandbox>>>,
+    /// Images being pulled lazily, by local tag: their files in a lazy mount until installed
+    /// ([`crate::images::ensure`]).
+    lazy: Mutex<BTreeMap<String, forkd_store::Snapshot>>,
+    /// Held while a lazy pull starts, so one image is started once.
+    lazy_start: Mutex<()>,
 }
 
 /// Cheap to clone; every clone sees the same sandboxes.
 #[derive(Clone)]
 pub struct Manager {
     inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn now_unix() -> u64 {
@@ -98,6 +107,8 @@ impl Manager {
                 ownership: opts.ownership,
                 ready_timeout: opts.ready_timeout,
                 sandboxes: RwLock::new(BTreeMap::new()),
+                lazy: Mutex::new(BTreeMap::new()),
+                lazy_start: Mutex::new(()),
             }),
         }
     }
@@ -152,6 +163,45 @@ impl Manager {
         Ok((adopted, removed))
     }
 
+    /// Whether this manager's children live as long as it does (a daemon), so that it can
+    /// serve them an image through a lazy mount.
+    pub fn owns_children(&self) -> bool {
+        self.inner.ownership == Ownership::Owner
+    }
+
+    /// The image `tag` while it is being pulled lazily: its files in the lazy mount.
+    pub fn lazy_image(&self, tag: &str) -> Option<forkd_store::Snapshot> {
+        lock(&self.inner.lazy).get(tag).cloned()
+    }
+
+    /// Held while a lazy pull is started (one start per image).
+    pub(crate) fn lazy_start_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.inner.lazy_start)
+    }
+
+    /// Serve `pull`'s image to new sandboxes until it is installed. A thread waits for the
+    /// pull; the mount is then detached, and the children already running keep reading
+    /// through it until they exit (this process serves it).
+    pub(crate) fn serve_lazy(&self, pull: crate::images::LazyPull) {
+        let tag = pull.snapshot().tag.as_str().to_string();
+        lock(&self.inner.lazy).insert(tag.clone(), pull.snapshot().clone());
+        let inner = Arc::downgrade(&self.inner);
+        let spawned = std::thread::Builder::new()
+            .name("lazy-pull-wait".into())
+            .spawn(move || {
+                match pull.finish() {
+                    Ok(out) => tracing::info!("lazily pulled image `{}` is installed", out.tag),
+                    Err(e) => tracing::warn!("the lazy pull of `{tag}` failed: {e}"),
+                }
+                if let Some(inner) = inner.upgrade() {
+                    lock(&inner.lazy).remove(&tag);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the thread that waits for a lazy pull: {e}");
+        }
+    }
+
     /// Look up the image for a tag (its manifest gives the machine's memory).
     pub fn image(&self, tag: &str) -> Result<forkd_store::Snapshot> {
         let t = Tag::parse(tag).map_err(|e| SandboxError::BadRequest {
@@ -160,9 +210,9 @@ impl Manager {
         })?;
         match self.inner.store.get(&t) {
             Ok(s) => Ok(s),
-            Err(forkd_store::StoreError::NotFound(_)) => {
-                Err(SandboxError::NoSuchImage(tag.to_string()))
-            }
+            Err(forkd_store::StoreError::NotFound(_)) => self
+                .lazy_image(tag)
+                .ok_or_else(|| SandboxError::NoSuchImage(tag.to_string())),
             Err(e) => Err(e.into()),
         }
     }
@@ -255,6 +305,14 @@ impl Manager {
             },
         };
         let (report, guards) = forkd_engine::fork::fork_owned(&snap.dir, &qemu, &opts)?;
+        // A child of a lazily pulled image is recorded with the image's place in the store:
+        // the mount goes away, and the installed image has the same bytes (what `forkd rm`
+        // checks for running children, and where a branch finds its parent's files).
+        let record_dir = if self.lazy_image(&req.tag).is_some_and(|l| l.dir == snap.dir) {
+            self.inner.store.home().images_dir().join(&req.tag)
+        } else {
+            snap.dir.clone()
+        };
         let created = now_unix();
         let mut results = Vec::with_capacity(report.children.len());
         for (child, guard) in report.children.iter().zip(guards) {
@@ -275,7 +333,7 @@ impl Manager {
                 restored_ms: child.restored_ms,
                 ready_ms: child.ready_ms,
             };
-            match self.adopt_new(child, &opts.tag, &snap.dir, guard, meta) {
+            match self.adopt_new(child, &opts.tag, &record_dir, guard, meta) {
                 Ok(sb) => results.push(Ok(sb)),
                 Err(e) => results.push(Err(e.to_string())),
             }

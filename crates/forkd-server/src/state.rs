@@ -41,7 +41,7 @@ pub async fn resolve_image(
     let hub = st.hub.clone();
     let image = image.to_string();
     blocking(move || {
-        forkd_sandbox::images::ensure(&mgr, &image, &hub.as_pull_config(), progress.as_deref())
+        forkd_sandbox::images::ensure(&mgr, &image, &hub.as_pull_config(), progress)
     })
     .await
 }

@@ -66,6 +66,7 @@ class Daemon:
         listen: str | None = None,
         token_file: Path | None = None,
         env: dict[str, str] | None = None,
+        extra: list[str] | None = None,
     ) -> None:
         self.bin = bin_
         self.home = home
@@ -77,6 +78,7 @@ class Daemon:
             args += ["--listen", listen]
         if token_file:
             args += ["--token-file", str(token_file)]
+        args += extra or []
         full_env = base_env() | {"FORKD_HOME": str(home)} | (env or {})
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(

@@ -200,6 +200,38 @@ def test_pull_into_an_empty_store_then_fork_it(forkd_bin: Path, daemon: Daemon) 
         shutil.rmtree(empty.home, ignore_errors=True)
 
 
+def test_create_from_a_hub_reference_starts_before_the_image_is_installed(
+    forkd_bin: Path, daemon: Daemon
+) -> None:
+    # A daemon whose store lacks the image forks it lazily: the sandbox runs from a lazy mount
+    # while the image downloads, and the image is then installed as a pull leaves it. The
+    # sandbox keeps working after that (the detached mount still serves it), and can branch.
+    ref = f"sdktest/tinyl{uuid.uuid4().hex[:6]}"
+    run_forkd(forkd_bin, daemon.home, "-q", "push", "tiny", ref, "--unsigned")
+    home = short_tmp("fkpy-lazy")
+    lazy = Daemon(
+        forkd_bin, home, env={"FORKD_HUB": f"file://{daemon.home}/hub"}, extra=["--insecure"]
+    )
+    name = ref.split("/")[1]
+    try:
+        with lazy.client() as c:
+            assert c.images() == []
+            with Sandbox.create(ref, client=c) as sb:
+                assert sb.commands.run("echo lazy").stdout == "lazy\n"
+                deadline = time.monotonic() + 120
+                while name not in [i["tag"] for i in c.images()]:
+                    assert time.monotonic() < deadline, lazy.log_tail()
+                    time.sleep(0.2)
+                assert sb.commands.run("cat /proc/sys/kernel/random/uuid").exit_code == 0
+                with sb.branch(1)[0] as child:
+                    assert child.commands.run("echo branched").stdout == "branched\n"
+            mounts = Path("/proc/self/mountinfo").read_text()
+            assert str(home / "cache" / "lazy") not in mounts, "the lazy mount was left mounted"
+    finally:
+        lazy.stop()
+        shutil.rmtree(lazy.home, ignore_errors=True)
+
+
 # -- per-child failures ------------------------------------------------------------------------
 
 

@@ -424,6 +424,7 @@ fn snapshot(
 }
 
 fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     if a.n == 0 {
         bail!("-n must be at least 1");
     }
@@ -496,7 +497,7 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
     }
     // What can fail before the children start fails inside this block, so that a lazy
     // fork's pull still ends (and reports) below.
-    let first_child_bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    let clock = std::sync::Arc::new(LazyClock::new(started));
     let result = (|| -> anyhow::Result<forkd_engine::fork::ForkReport> {
         let net = net_plan(&a.net)?;
         let store = ctx.store()?;
@@ -536,26 +537,20 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
             interrupt: Interrupt::install(),
             on_child: Some({
                 let pb = progress.clone();
-                let first = first_child_bytes.clone();
+                let clock = clock.clone();
                 let meter = lazy.as_ref().and_then(|l| l.meter());
                 Box::new(move |_: &forkd_engine::child::ChildReport| {
                     if let Some(pb) = &pb {
                         pb.inc(1);
                     }
-                    if let Some(m) = &meter {
-                        let _ = first.compare_exchange(
-                            u64::MAX,
-                            m.downloaded() + m.resumed(),
-                            std::sync::atomic::Ordering::Relaxed,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                    }
+                    clock.first_child(meter.as_ref().map(|m| m.downloaded() + m.resumed()));
                 }) as forkd_engine::fork::OnChild
             }),
             layers: forkd_engine::branch::layers(&store, &snap)?,
             net,
         };
         let result = forkd_engine::fork::fork(&snap.dir, &qemu, &opts);
+        clock.forked();
         if let Some(pb) = &progress {
             pb.finish_and_clear();
         }
@@ -564,7 +559,7 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
     // A lazy fork's pull ends first, whatever the fork did: the image gets installed, and a
     // fork that failed on a read says which chunk was missing and why.
     let pulled = match lazy {
-        Some(l) => Some(finish_lazy(ctx, l, &a.tag, &first_child_bytes)),
+        Some(l) => Some(finish_lazy(ctx, l, &a.tag, &clock)),
         None => None,
     };
     let pulled_err;
@@ -605,6 +600,45 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
     )
 }
 
+/// When a lazy fork's children answered, from the start of the command, and what had been
+/// downloaded by the first (what bench/lazy.sh measures).
+struct LazyClock {
+    started: std::time::Instant,
+    first_bytes: std::sync::atomic::AtomicU64,
+    first_ms: std::sync::atomic::AtomicU64,
+    forked_ms: std::sync::atomic::AtomicU64,
+}
+
+impl LazyClock {
+    fn new(started: std::time::Instant) -> LazyClock {
+        let unset = || std::sync::atomic::AtomicU64::new(u64::MAX);
+        LazyClock {
+            started,
+            first_bytes: unset(),
+            first_ms: unset(),
+            forked_ms: unset(),
+        }
+    }
+
+    fn ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn first_child(&self, downloaded: Option<u64>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.first_ms.compare_exchange(u64::MAX, self.ms(), Relaxed, Relaxed).is_ok()
+            && let Some(b) = downloaded
+        {
+            self.first_bytes.store(b, Relaxed);
+        }
+    }
+
+    fn forked(&self) {
+        self.forked_ms
+            .store(self.ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The end of a lazy fork: wait for the image to be installed, and say what it cost. The
 /// JSON has what was downloaded, and the error (if any) is the pull's, with the first read
 /// that failed (it names the chunk).
@@ -612,7 +646,7 @@ fn finish_lazy(
     ctx: &Ctx,
     l: forkd_sandbox::images::LazyPull,
     shown: &str,
-    first_child_bytes: &std::sync::atomic::AtomicU64,
+    clock: &LazyClock,
 ) -> (serde_json::Value, anyhow::Result<()>) {
     let lazy = l.is_lazy();
     let (now, total) = l.downloaded();
@@ -626,12 +660,16 @@ fn finish_lazy(
     }
     let t = std::time::Instant::now();
     let out = l.finish();
-    let first = first_child_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let get = |a: &std::sync::atomic::AtomicU64| {
+        Some(a.load(std::sync::atomic::Ordering::Relaxed)).filter(|v| *v != u64::MAX)
+    };
     let mut json = serde_json::json!({
         "reference": shown,
         "lazy": lazy,
         "image_bytes": total,
-        "downloaded_at_first_child": (first != u64::MAX).then_some(first),
+        "downloaded_at_first_child": get(&clock.first_bytes),
+        "first_child_ms": get(&clock.first_ms),
+        "children_done_ms": get(&clock.forked_ms),
         "finish_seconds": t.elapsed().as_secs_f64(),
         "failed_reads": read_errors.as_ref().map(|e| e.count).unwrap_or(0),
         "first_read_error": read_errors.as_ref().and_then(|e| e.first.clone()),

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Lazy fork benchmark (issue 12). A hub (`forkd hub serve`) holding each image sits behind a
+# shaping proxy (bench/shape.py: 100 Mbit/s, 20 ms round trip, shared by every connection), so
+# the link is realistic. For each image, from a fresh store each time, in the same run:
+#   pull-then-fork: `forkd pull` then `forkd fork -n 1` (time to the first child's answer), and
+#                   `forkd pull` then `forkd fork -n N` (time until all N answered);
+#   lazy:           `forkd fork --tag OWNER/NAME --hub ... -n 1`, and `-n N`: the first child's
+#                   answer and the end of the fork, from the command's start (its --json
+#                   `pull.first_child_ms` / `children_done_ms`), and the bytes downloaded by then.
+# Prints a table, and appends it to bench/RESULTS.md unless --no-record.
+#
+#   bench/lazy.sh [--n N] [--no-record] [IMAGE ...]     (default: python-numpy playwright-browser)
+#
+# Env: PUBLISHER_HOME  a store holding the images (built there with `forkd build recipes/IMAGE`
+#                      when missing: root and the Debian mirror, minutes the first time)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+N=100
+RECORD=1
+IMAGES=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --n) N="$2"; shift 2 ;;
+        --no-record) RECORD=0; shift ;;
+        -*) die "unknown option $1" ;;
+        *) IMAGES+=("$1"); shift ;;
+    esac
+done
+[ ${#IMAGES[@]} -gt 0 ] || IMAGES=(python-numpy playwright-browser)
+
+need_cargo
+say "building forkd (release)"
+cargo build --release --locked -q -p forkd-cli
+FORKD="$PWD/target/release/forkd"
+PUBLISHER_HOME="${PUBLISHER_HOME:-$FORKD_CACHE/bench-publisher}"
+export FORKD_ASSETS="${FORKD_ASSETS:-$FORKD_CACHE/assets}"
+pub() { "$FORKD" --home "$PUBLISHER_HOME" "$@"; }
+
+W="$(mktemp -d "${BENCH_DIR:-/var/tmp}/forkd-bench-lazy.XXXXXX")"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    rm -rf "$W"
+}
+trap cleanup EXIT
+
+for img in "${IMAGES[@]}"; do
+    if ! pub images list --json | grep -q "\"tag\": \"$img\""; then
+        say "building $img into $PUBLISHER_HOME (one time)"
+        pub build "recipes/$img" --tag "$img"
+    fi
+done
+[ -f "$PUBLISHER_HOME/keys/forkd.pub" ] || pub key generate >/dev/null
+KEY="$PUBLISHER_HOME/keys/forkd.pub"
+
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$W/token"
+"$FORKD" --home "$W/server" hub serve --listen 127.0.0.1:0 --root "$W/hub" \
+    --token-file "$W/token" > "$W/serve.out" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q http:// "$W/serve.out" 2>/dev/null && break; sleep 0.1; done
+direct="$(grep -o 'http://[^ ]*' "$W/serve.out" | head -n1)"
+[ -n "$direct" ] || die "forkd hub serve did not start: $(cat "$W/serve.out")"
+hostport="${direct#http://}"; hostport="${hostport%/}"
+python3 bench/shape.py --to "$hostport" --mbit 100 --rtt-ms 20 > "$W/shape.out" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q listening "$W/shape.out" 2>/dev/null && break; sleep 0.1; done
+shaped="http://$(awk '/listening on/ {print $3}' "$W/shape.out")/"
+
+now() { date +%s.%N; }
+
+rows=()
+declare -A R
+for img in "${IMAGES[@]}"; do
+    say "publishing $img"
+    pub -q push "$img" "bench/$img" --hub "$direct" --token-file "$W/token" >/dev/null
+    case "$img" in
+        python-numpy) work=(--run "int(np.dot(np.arange(100), np.arange(100)))") ;;
+        *) work=(--exec true) ;;
+    esac
+
+    for n in 1 "$N"; do
+        say "$img: pull then fork -n $n"
+        home="$W/pf-$img-$n"
+        t0=$(now)
+        "$FORKD" -q --home "$home" pull "bench/$img" --tag "$img" --hub "$shaped" --trust "$KEY" --json > "$W/pull.json"
+        t1=$(now)
+        "$FORKD" -q --home "$home" fork --tag "$img" -n "$n" "${work[@]}" --json > "$W/fork.json"
+        t2=$(now)
+        R[pf_pull_$n]=$(python3 -c "print($t1 - $t0)")
+        R[pf_total_$n]=$(python3 -c "print($t2 - $t0)")
+        rm -rf "$home"
+
+        say "$img: lazy fork -n $n"
+        home="$W/lz-$img-$n"
+        t0=$(now)
+        "$FORKD" -q --home "$home" fork --tag "bench/$img" -n "$n" "${work[@]}" --hub "$shaped" \
+            --trust "$KEY" --json > "$W/lazy.json"
+        t1=$(now)
+        python3 - "$W/lazy.json" "$t0" "$t1" > "$W/lazy-$n.txt" <<'EOF'
+import json, sys
+v = json.load(open(sys.argv[1]))
+p = v["pull"]
+assert p["lazy"], p
+assert v["succeeded"] == v["requested"], v
+print(p["first_child_ms"] / 1000, p["children_done_ms"] / 1000, p["downloaded_at_first_child"],
+      p["image_bytes"], float(sys.argv[3]) - float(sys.argv[2]))
+EOF
+        read -r lz_first lz_done lz_bytes lz_total lz_wall < "$W/lazy-$n.txt"
+        R[lz_first_$n]=$lz_first; R[lz_done_$n]=$lz_done; R[lz_bytes_$n]=$lz_bytes; R[lz_wall_$n]=$lz_wall
+        rm -rf "$home"
+    done
+    rows+=("$(python3 - "$img" "$N" "${R[pf_total_1]}" "${R[lz_first_1]}" "${R[lz_bytes_1]}" "$lz_total" \
+        "${R[pf_total_$N]}" "${R[lz_done_$N]}" "${R[lz_wall_$N]}" "${R[pf_pull_1]}" <<'EOF'
+import sys
+img, n, pf1, lz1, b1, total, pfn, lzn, lzwall, pull = sys.argv[1:]
+pf1, lz1, b1, total, pfn, lzn, lzwall, pull = map(float, (pf1, lz1, b1, total, pfn, lzn, lzwall, pull))
+print(f"| {img} | {total/2**20:.0f} MiB | {pull:.1f} s | {pf1:.2f} s | {lz1:.2f} s | "
+      f"{lz1/pf1:.2f} (goal <= 0.25) | {100*b1/total:.0f}% (goal <= 20%) | {pfn:.1f} s | "
+      f"{lzn:.1f} s | {lzn/pfn:.2f} (goal <= 1) | {lzwall:.1f} s |")
+EOF
+)")
+done
+
+machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+table="$(printf '%s\n' \
+"| image | download | pull alone | pull + fork -n 1: first answer | lazy -n 1: first answer | ratio | fetched by then | pull + fork -n $N: all answered | lazy -n $N: all answered | ratio | lazy -n $N: command ends |" \
+"|---|---|---|---|---|---|---|---|---|---|---|" "${rows[@]}")"
+echo
+echo "$table"
+if [ "$RECORD" = 1 ]; then
+    {
+        echo
+        echo "## Lazy fork (bench/lazy.sh), $(date -u +%Y-%m-%d)"
+        echo
+        echo "Machine: $machine. TCG. Hub: \`forkd hub serve\` behind bench/shape.py (100 Mbit/s, 20 ms RTT,"
+        echo "one link shared by all connections). Fresh store for every run; same run for both columns."
+        echo "\"First answer\" is from the command's start to the first child's finished work"
+        echo "(numpy: \`--run\`, others: \`--exec true\`); pull + fork is the wall clock of both commands."
+        echo
+        echo "$table"
+    } >> bench/RESULTS.md
+fi
