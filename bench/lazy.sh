@@ -97,6 +97,7 @@ for img in "${IMAGES[@]}"; do
         "$FORKD" -q --home "$home" fork --tag "bench/$img" -n "$n" "${work[@]}" --hub "$shaped" \
             --trust "$KEY" --json > "$W/lazy.json"
         t1=$(now)
+        [ -z "${LAZY_JSON_DIR:-}" ] || cp "$W/lazy.json" "$LAZY_JSON_DIR/lazy-$img-$n.json"
         python3 - "$W/lazy.json" "$t0" "$t1" > "$W/lazy-$n.txt" <<'EOF'
 import json, sys
 v = json.load(open(sys.argv[1]))

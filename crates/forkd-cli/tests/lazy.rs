@@ -347,3 +347,52 @@ fn a_mount_that_dies_fails_its_children_and_is_cleaned_up() {
     );
     assert_clean(home.path());
 }
+
+#[test]
+fn a_full_disk_fails_the_fork_cleanly_and_leaves_the_store_as_it_was() {
+    let h = hub();
+    // A store on a 24 MiB tmpfs: the image's data does not fit.
+    let dir = new_home();
+    let home = dir.path().join("small");
+    std::fs::create_dir(&home).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m,mode=0700", "forkd-test-full"])
+        .arg(&home)
+        .status()
+        .expect("mount(8)");
+    assert!(
+        st.success(),
+        "cannot mount a tmpfs (the lazy tests run as root)"
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _u = Unmount(home.clone());
+    let server = Faulty::start(&h.root, Mode::Normal);
+    let t = Instant::now();
+    let out = lazy_fork(&home, &server.url, &["--exec", "true"], &[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let all = text(&out);
+    assert!(
+        all.contains("No space left"),
+        "the error does not say why:\n{all}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(120),
+        "took {:?}",
+        t.elapsed()
+    );
+    // Nothing installed, the partial download freed, no mount left.
+    assert!(!home.join("images/tiny").exists(), "{all}");
+    let partial: Vec<_> = std::fs::read_dir(home.join("cache/partial"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(partial.is_empty(), "partial downloads left: {partial:?}");
+    assert_clean(&home);
+}

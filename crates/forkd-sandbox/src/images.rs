@@ -39,14 +39,19 @@ pub fn ensure(
         return Ok(image.to_string());
     }
     let (reference, tag) = parse(image, "image")?;
-    let have = |mgr: &Manager| {
-        mgr.store().get(&tag).is_ok() || mgr.lazy_image(tag.as_str()).is_some()
-    };
+    let have =
+        |mgr: &Manager| mgr.store().get(&tag).is_ok() || mgr.lazy_image(tag.as_str()).is_some();
     if have(mgr) {
         return Ok(tag.as_str().to_string());
     }
     if !mgr.owns_children() {
-        pull(mgr.store(), &reference, tag.clone(), cfg, progress.as_deref())?;
+        pull(
+            mgr.store(),
+            &reference,
+            tag.clone(),
+            cfg,
+            progress.as_deref(),
+        )?;
         return Ok(tag.as_str().to_string());
     }
     let _one = mgr.lazy_start_guard();

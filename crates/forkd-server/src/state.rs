@@ -40,8 +40,6 @@ pub async fn resolve_image(
     let mgr = st.mgr.clone();
     let hub = st.hub.clone();
     let image = image.to_string();
-    blocking(move || {
-        forkd_sandbox::images::ensure(&mgr, &image, &hub.as_pull_config(), progress)
-    })
-    .await
+    blocking(move || forkd_sandbox::images::ensure(&mgr, &image, &hub.as_pull_config(), progress))
+        .await
 }

@@ -626,7 +626,10 @@ impl LazyClock {
 
     fn first_child(&self, downloaded: Option<u64>) {
         use std::sync::atomic::Ordering::Relaxed;
-        if self.first_ms.compare_exchange(u64::MAX, self.ms(), Relaxed, Relaxed).is_ok()
+        if self
+            .first_ms
+            .compare_exchange(u64::MAX, self.ms(), Relaxed, Relaxed)
+            .is_ok()
             && let Some(b) = downloaded
         {
             self.first_bytes.store(b, Relaxed);
@@ -650,6 +653,7 @@ fn finish_lazy(
 ) -> (serde_json::Value, anyhow::Result<()>) {
     let lazy = l.is_lazy();
     let (now, total) = l.downloaded();
+    let meter = l.meter();
     let read_errors = l.read_errors();
     if lazy && !ctx.quiet && now < total {
         eprintln!(
@@ -671,6 +675,7 @@ fn finish_lazy(
         "first_child_ms": get(&clock.first_ms),
         "children_done_ms": get(&clock.forked_ms),
         "finish_seconds": t.elapsed().as_secs_f64(),
+        "demanded_bytes": meter.map(|m| m.demanded()),
         "failed_reads": read_errors.as_ref().map(|e| e.count).unwrap_or(0),
         "first_read_error": read_errors.as_ref().and_then(|e| e.first.clone()),
     });
