@@ -335,7 +335,16 @@ pub fn take(src: &BranchSource<'_>, qemu_img: &Path, out: &Path) -> Result<Branc
     let bytes = src.spec.mem_bytes()?;
     let npages = bytes / PAGE;
     let base = std::fs::metadata(src.memory).at("cannot read", src.memory)?;
-    let map = crate::guestmem::find_mapping(child.pid, &base, bytes)?;
+    let map = match (
+        crate::guestmem::find_mapping(child.pid, &base, bytes),
+        child.memory_file,
+    ) {
+        (Ok(m), _) => m,
+        // Forked while its image was pulled lazily: it maps the lazy mount's copy. Its bytes
+        // are the installed image's (src.memory, which the comparison below reads).
+        (Err(_), Some(id)) => crate::guestmem::find_mapping_of(child.pid, id, bytes)?,
+        (Err(e), None) => return Err(e),
+    };
     let state_path = out.join(STATE_FILE);
     let state = create_new(&state_path)?;
     let disk_src = overlay_of(child.pid, &child.run_dir)?;

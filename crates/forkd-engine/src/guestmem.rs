@@ -30,6 +30,11 @@ pub struct Mapping {
 /// Find the mapping of the memory file `file` (its metadata) of `len` bytes in process `pid`:
 /// the one whose device and inode are the file's, from offset 0, exactly `len` long.
 pub fn find_mapping(pid: u32, file: &std::fs::Metadata, len: u64) -> Result<Mapping> {
+    find_mapping_of(pid, [file.dev(), file.ino()], len)
+}
+
+/// [`find_mapping`] of the file with this `[device, inode]`.
+pub fn find_mapping_of(pid: u32, file: [u64; 2], len: u64) -> Result<Mapping> {
     use std::io::Read;
     let path = PathBuf::from(format!("/proc/{pid}/maps"));
     let mut text = String::new();
@@ -39,8 +44,8 @@ pub fn find_mapping(pid: u32, file: &std::fs::Metadata, len: u64) -> Result<Mapp
         .read_to_string(&mut text)
         .at("cannot read", &path)?;
     let (major, minor) = (
-        rustix::fs::major(file.dev()) as u64,
-        rustix::fs::minor(file.dev()) as u64,
+        rustix::fs::major(file[0]) as u64,
+        rustix::fs::minor(file[0]) as u64,
     );
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -57,7 +62,7 @@ pub fn find_mapping(pid: u32, file: &std::fs::Metadata, len: u64) -> Result<Mapp
             u64::from_str_radix(ma, 16) == Ok(major) && u64::from_str_radix(mi, 16) == Ok(minor)
         });
         if dev_ok
-            && f[4].parse::<u64>() == Ok(file.ino())
+            && f[4].parse::<u64>() == Ok(file[1])
             && u64::from_str_radix(f[2], 16) == Ok(0)
             && end.checked_sub(start) == Some(len)
             && f[1].ends_with('p')

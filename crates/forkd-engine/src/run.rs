@@ -173,6 +173,11 @@ pub struct KeptChild {
     /// The child has a network (`--net`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub net: bool,
+    /// The memory file this child maps, when it is not its image's own: a child forked while
+    /// its image was pulled lazily maps the lazy mount's copy (the same bytes, verified, once
+    /// the image is installed). `[device, inode]`; a branch looks for this mapping too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_file: Option<[u64; 2]>,
 }
 
 /// A kept child as `forkd ps` shows it.
@@ -201,6 +206,7 @@ impl KeptChild {
             cgroups: guard.cgroup_dirs(),
             ports: report.ports.clone(),
             net: report.net,
+            memory_file: None,
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())

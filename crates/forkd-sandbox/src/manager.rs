@@ -308,11 +308,19 @@ impl Manager {
         // A child of a lazily pulled image is recorded with the image's place in the store:
         // the mount goes away, and the installed image has the same bytes (what `forkd rm`
         // checks for running children, and where a branch finds its parent's files).
-        let record_dir = if self.lazy_image(&req.tag).is_some_and(|l| l.dir == snap.dir) {
-            self.inner.store.home().images_dir().join(&req.tag)
-        } else {
-            snap.dir.clone()
-        };
+        let (record_dir, memory_file) =
+            if self.lazy_image(&req.tag).is_some_and(|l| l.dir == snap.dir) {
+                let mem = forkd_engine::spec::VmSpec::load(&snap.dir)
+                    .ok()
+                    .and_then(|spec| std::fs::metadata(snap.dir.join(spec.memory)).ok())
+                    .map(|m| {
+                        use std::os::unix::fs::MetadataExt;
+                        [m.dev(), m.ino()]
+                    });
+                (self.inner.store.home().images_dir().join(&req.tag), mem)
+            } else {
+                (snap.dir.clone(), None)
+            };
         let created = now_unix();
         let mut results = Vec::with_capacity(report.children.len());
         for (child, guard) in report.children.iter().zip(guards) {
@@ -333,7 +341,7 @@ impl Manager {
                 restored_ms: child.restored_ms,
                 ready_ms: child.ready_ms,
             };
-            match self.adopt_new(child, &opts.tag, &record_dir, guard, meta) {
+            match self.adopt_new(child, &opts.tag, &record_dir, memory_file, guard, meta) {
                 Ok(sb) => results.push(Ok(sb)),
                 Err(e) => results.push(Err(e.to_string())),
             }
@@ -348,10 +356,12 @@ impl Manager {
         child: &ChildReport,
         tag: &str,
         snapshot_dir: &Path,
+        memory_file: Option<[u64; 2]>,
         guard: forkd_engine::child::VmGuard,
         meta: Meta,
     ) -> Result<Arc<Sandbox>> {
-        let rec = KeptChild::new(child, tag, snapshot_dir, &guard);
+        let mut rec = KeptChild::new(child, tag, snapshot_dir, &guard);
+        rec.memory_file = memory_file;
         save_meta(&guard.run_dir, &meta)?;
         rec.save()?;
         let vm = match self.inner.ownership {
