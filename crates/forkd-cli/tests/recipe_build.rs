@@ -162,6 +162,53 @@ fn build_boots_warms_smokes_and_stores_and_a_failed_smoke_changes_nothing() {
     let lic = std::fs::read_to_string(snap.join("licences.toml")).unwrap();
     assert!(lic.contains("[packages.busybox-static]"), "{lic}");
 
+    // The smoke child's reads were recorded (the working set), and a push publishes them as
+    // chunk indices in the image manifest.
+    let ws: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("workingset.json")).unwrap()).unwrap();
+    let touches = ws["touches"].as_array().unwrap();
+    for f in ["memory.bin", "vmstate"] {
+        assert!(
+            touches.iter().any(|t| t["file"] == f),
+            "the working set has no read of {f}: {ws}"
+        );
+    }
+    let out = forkd(
+        &home,
+        work.path(),
+        &["push", "bb-good", "acme/bb-good", "--unsigned"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tag: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(home.join("hub/tags/acme/bb-good/latest.json")).unwrap(),
+    )
+    .unwrap();
+    let hex = tag["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:");
+    let im: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(home.join(format!("hub/blobs/sha256/{}/{hex}", &hex[..2]))).unwrap(),
+    )
+    .unwrap();
+    let set = im["working_set"]
+        .as_array()
+        .expect("working_set in the image manifest");
+    let chunks: usize = im["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["chunks"].as_array().unwrap().len())
+        .sum();
+    assert!(
+        !set.is_empty() && set.len() <= chunks,
+        "{set:?} of {chunks}"
+    );
+
     // A failing smoke check: error, and the store byte-for-byte as before.
     let before = tree_listing(&home);
     let bad = work.path().join("bad");

@@ -113,6 +113,58 @@ pub struct ImageManifest {
     /// the image the branch was made from, by its digest pin. Absent for plain images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
+    /// The chunks a freshly forked child read first, in order (docs/HUB-LAYOUT.md section 2):
+    /// indices into the image's chunks, files in order and each file's chunks in order. A lazy
+    /// fork fetches them before the rest. A hint: it changes only the order of a download.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_set: Option<Vec<u32>>,
+}
+
+/// Most entries of an image manifest's `working_set` a reader uses.
+pub const MAX_WORKING_SET: usize = 1 << 16;
+
+impl ImageManifest {
+    /// The chunks (flat indices) covering each range of `ws`, first touched first, each once;
+    /// ranges of files the image does not have are skipped.
+    pub fn working_set_of(&self, ws: &forkd_store::workingset::WorkingSet) -> Vec<u32> {
+        let mut first = Vec::with_capacity(self.files.len());
+        let mut n = 0usize;
+        for f in &self.files {
+            first.push(n);
+            n += f.chunks.len();
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for t in &ws.touches {
+            let Some(fi) = self.files.iter().position(|f| f.name == t.file) else {
+                continue;
+            };
+            let cs = &self.files[fi].chunks;
+            let end = t.offset.saturating_add(t.len);
+            let a = cs.partition_point(|c| c.offset + c.len <= t.offset);
+            let b = cs.partition_point(|c| c.offset < end);
+            for i in a..b.max(a) {
+                let flat = (first[fi] + i) as u32;
+                if seen.insert(flat) && out.len() < MAX_WORKING_SET {
+                    out.push(flat);
+                }
+            }
+        }
+        out
+    }
+
+    /// The valid part of `working_set`: indices of chunks the image has, at most
+    /// [`MAX_WORKING_SET`].
+    pub fn working_set(&self) -> Vec<usize> {
+        let n: usize = self.files.iter().map(|f| f.chunks.len()).sum();
+        self.working_set
+            .iter()
+            .flatten()
+            .map(|&i| i as usize)
+            .filter(|&i| i < n)
+            .take(MAX_WORKING_SET)
+            .collect()
+    }
 }
 
 /// Where a branch's parent is on the hub (docs/HUB-LAYOUT.md section 2).

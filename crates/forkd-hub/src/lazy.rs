@@ -584,6 +584,7 @@ mod tests {
                     .collect(),
             }],
             parent: None,
+            working_set: None,
         }
     }
 
@@ -619,5 +620,29 @@ mod tests {
             Err(LazyError::Failed { reason, .. }) => assert!(reason.contains("gone"), "{reason}"),
             other => panic!("expected a failure, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_working_set_becomes_chunk_indices_in_first_touch_order() {
+        use forkd_store::workingset::{Touch, WorkingSet};
+        let mut m = manifest(&[(0, 4), (8, 4), (12, 4)], 16);
+        let t = |file: &str, offset, len| Touch {
+            file: file.into(),
+            offset,
+            len,
+        };
+        let ws = WorkingSet {
+            version: 1,
+            touches: vec![
+                t("memory.bin", 9, 1),
+                t("rootfs.ext4", 0, 4),
+                t("memory.bin", 4, 4),
+                t("memory.bin", 0, 16),
+            ],
+        };
+        assert_eq!(m.working_set_of(&ws), vec![1, 0, 2]);
+        // What a hub says is only a hint: indices past the chunks are dropped.
+        m.working_set = Some(vec![2, 7, 0, u32::MAX]);
+        assert_eq!(m.working_set(), vec![2, 0]);
     }
 }

@@ -484,7 +484,7 @@ async fn install(
             let image = Arc::new(crate::lazy::LazyImage::open(
                 &r.image,
                 &partial,
-                &[],
+                &r.image.working_set(),
                 lazy.read_timeout,
             )?);
             let _ = lazy.ready.send(LazyReady {

@@ -515,7 +515,7 @@ async fn push_one(
                 .push(chunk);
         }
     }
-    let manifest = ImageManifest {
+    let mut manifest = ImageManifest {
         layout: layout::LAYOUT,
         media_type: layout::MEDIA_TYPE.into(),
         chunking: Chunking {
@@ -526,7 +526,17 @@ async fn push_one(
         manifest_toml,
         files,
         parent,
+        working_set: None,
     };
+    // The working set recorded when the image was built (`forkd build`), as chunk indices.
+    match forkd_store::workingset::WorkingSet::load(&snapshot.dir) {
+        Ok(Some(ws)) => {
+            let set = manifest.working_set_of(&ws);
+            manifest.working_set = (!set.is_empty()).then_some(set);
+        }
+        Ok(None) => {}
+        Err(e) => progress.message(&format!("warning: ignoring the working set: {e}")),
+    }
     let body = serde_json::to_vec_pretty(&manifest).expect("serialisable");
     let digest = layout::sha256_digest(&body);
     let key = layout::blob_key(&digest);

@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
+pub mod record;
+
 /// How long the kernel may cache names and attributes: an image never changes.
 const TTL: Duration = Duration::from_secs(3600);
 
@@ -52,8 +54,30 @@ struct Extra {
     data: Vec<u8>,
 }
 
+/// What a mount shows: files by index, read by range. A read may block (on a download).
+pub trait Source: Send + Sync + 'static {
+    /// Every file's name and size, in index order.
+    fn files(&self) -> Vec<(String, u64)>;
+    /// Up to `len` bytes of file `file` at `offset` (short only at the end of the file).
+    fn read_at(&self, file: usize, offset: u64, len: usize) -> Result<Vec<u8>, String>;
+}
+
+impl Source for LazyImage {
+    fn files(&self) -> Vec<(String, u64)> {
+        self.image()
+            .files
+            .iter()
+            .map(|f| (f.name.clone(), f.size))
+            .collect()
+    }
+    fn read_at(&self, file: usize, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        LazyImage::read_at(self, file, offset, len).map_err(|e| e.to_string())
+    }
+}
+
 struct LazyFs {
-    image: Arc<LazyImage>,
+    src: Arc<dyn Source>,
+    files: Vec<(String, u64)>,
     extra: Vec<Extra>,
     errors: Arc<Mutex<Errors>>,
 }
@@ -79,9 +103,7 @@ impl LazyFs {
         let first_file = ROOT + 1 + self.extra.len() as u64;
         if ino > ROOT && ino < first_file {
             Some(Err((ino - ROOT - 1) as usize))
-        } else if ino >= first_file
-            && ((ino - first_file) as usize) < self.image.image().files.len()
-        {
+        } else if ino >= first_file && ((ino - first_file) as usize) < self.files.len() {
             Some(Ok((ino - first_file) as usize))
         } else {
             None
@@ -94,7 +116,7 @@ impl LazyFs {
         } else {
             let size = match self.node(ino)? {
                 Err(i) => self.extra[i].data.len() as u64,
-                Ok(i) => self.image.image().files[i].size,
+                Ok(i) => self.files[i].1,
             };
             (FileType::RegularFile, size, 0o444)
         };
@@ -124,12 +146,10 @@ impl LazyFs {
             .enumerate()
             .map(|(i, e)| (self.extra_ino(i), e.name.as_str()));
         let files = self
-            .image
-            .image()
             .files
             .iter()
             .enumerate()
-            .map(|(i, f)| (self.file_ino(i), f.name.as_str()));
+            .map(|(i, f)| (self.file_ino(i), f.0.as_str()));
         extra.chain(files)
     }
 }
@@ -188,11 +208,11 @@ impl Filesystem for LazyFs {
             Some(Ok(i)) => {
                 // A read may wait for a download: never on the session's thread, so that other
                 // requests (other children's reads of chunks that are here) go on.
-                let image = self.image.clone();
+                let src = self.src.clone();
                 let errors = self.errors.clone();
                 let spawned = std::thread::Builder::new()
                     .name("lazyfs-read".into())
-                    .spawn(move || match image.read_at(i, offset, size as usize) {
+                    .spawn(move || match src.read_at(i, offset, size as usize) {
                         Ok(buf) => reply.data(&buf),
                         Err(e) => {
                             tracing::debug!("lazy read failed: {e}");
@@ -280,9 +300,19 @@ impl std::fmt::Debug for Mount {
 /// reads it after it dropped to its unprivileged user). `manifest_toml` is shown as
 /// `manifest.toml`.
 pub fn mount(image: Arc<LazyImage>, manifest_toml: &str, dir: &Path) -> Result<Mount, LazyFsError> {
+    mount_source(image, manifest_toml, dir)
+}
+
+/// [`mount`] for any [`Source`].
+pub fn mount_source(
+    src: Arc<dyn Source>,
+    manifest_toml: &str,
+    dir: &Path,
+) -> Result<Mount, LazyFsError> {
     let errors = Arc::new(Mutex::new(Errors::default()));
     let fs = LazyFs {
-        image,
+        files: src.files(),
+        src,
         extra: vec![Extra {
             name: "manifest.toml".into(),
             data: manifest_toml.as_bytes().to_vec(),

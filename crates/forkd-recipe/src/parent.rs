@@ -177,7 +177,20 @@ pub fn build_parent(
     })?;
     let manifest = manifest_for(lr, built, &staged)?;
     if opts.smoke {
-        smoke(lr, staged.dir(), tag, opts.accel, store, qemu, progress)?;
+        let recorder = Recording::start(store, staged.dir(), &manifest);
+        let dir = recorder
+            .as_ref()
+            .map(|r| r.mount.dir().to_path_buf())
+            .unwrap_or_else(|| staged.dir().to_path_buf());
+        smoke(lr, &dir, tag, opts.accel, store, qemu, progress)?;
+        if let Some(r) = recorder {
+            let ws = r.recorder.working_set();
+            drop(r.mount);
+            // A hint only: an image without one still forks (lazily by offset order).
+            if let Err(e) = ws.save(staged.dir()) {
+                tracing::warn!("cannot keep the working set: {e}");
+            }
+        }
     }
     staged
         .commit(tag, &manifest, Overwrite::Yes)
@@ -226,6 +239,50 @@ fn warm_label(lr: &LoadedRecipe) -> String {
         (Some(k), _) => format!("kind={k}"),
         (_, Some(argv)) => format!("argv={}", argv.join(" ")),
         _ => String::new(),
+    }
+}
+
+/// The smoke checks' children read the snapshot through a recording mount: what they touch,
+/// in order, becomes the image's working set (`workingset.json`), which `forkd push` publishes
+/// so that a lazy fork fetches it first. Without FUSE (not root, no /dev/fuse) the checks run
+/// from the staged files and no working set is recorded.
+struct Recording {
+    recorder: std::sync::Arc<forkd_lazyfs::record::Recorder>,
+    mount: forkd_lazyfs::Mount,
+}
+
+impl Recording {
+    fn start(store: &Store, dir: &Path, manifest: &Manifest) -> Option<Recording> {
+        let names: Vec<String> = manifest.files.keys().cloned().collect();
+        let at = store
+            .home()
+            .cache_dir()
+            .join("lazy")
+            .join(format!("record-{}", std::process::id()));
+        let made = forkd_store::private_dir(at.parent()?)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                let _ = std::fs::remove_dir(&at);
+                std::fs::create_dir(&at).map_err(|e| e.to_string())
+            })
+            .and_then(|()| {
+                forkd_lazyfs::record::Recorder::open(dir, &names).map_err(|e| e.to_string())
+            })
+            .and_then(|r| {
+                let r = std::sync::Arc::new(r);
+                let text = manifest.to_toml().map_err(|e| e.to_string())?;
+                let mount =
+                    forkd_lazyfs::mount_source(r.clone(), &text, &at).map_err(|e| e.to_string())?;
+                Ok(Recording { recorder: r, mount })
+            });
+        match made {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&at);
+                tracing::warn!("no working set is recorded for this image: {e}");
+                None
+            }
+        }
     }
 }
 

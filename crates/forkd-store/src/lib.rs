@@ -48,6 +48,7 @@ mod staging;
 mod store;
 pub mod synth;
 mod tag;
+pub mod workingset;
 
 pub use fsutil::{
     DIR_MODE, FILE_MODE, PathError, make_private, open_nofollow, private_dir, private_options,

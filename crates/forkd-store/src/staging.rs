@@ -9,6 +9,7 @@ use crate::manifest::{MANIFEST_NAME, Manifest};
 use crate::origin::{ORIGIN_NAME, Origin};
 use crate::store::{Overwrite, Snapshot, Store, StoreError, lock_path_of};
 use crate::tag::Tag;
+use crate::workingset::WORKINGSET_NAME;
 use std::os::unix::fs::DirBuilderExt;
 
 /// A directory under `tmp/` owned by this process (its `.lock` is held). Write the snapshot's
@@ -95,6 +96,12 @@ impl Staging {
             .map(String::as_str)
             .chain([MANIFEST_NAME])
             .chain(origin.map(|_| ORIGIN_NAME))
+            .chain(
+                self.dir
+                    .join(WORKINGSET_NAME)
+                    .is_file()
+                    .then_some(WORKINGSET_NAME),
+            )
         {
             let p = self.dir.join(name);
             let f = fs::File::open(&p).at("cannot open", &p)?;
@@ -180,7 +187,11 @@ impl Staging {
         for e in fs::read_dir(&self.dir).at("cannot read", &self.dir)? {
             let e = e.at("cannot read", &self.dir)?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if name != MANIFEST_NAME && name != ORIGIN_NAME && !manifest.files.contains_key(&name) {
+            if name != MANIFEST_NAME
+                && name != ORIGIN_NAME
+                && name != WORKINGSET_NAME
+                && !manifest.files.contains_key(&name)
+            {
                 return Err(StoreError::Staging(format!(
                     "{name} is in the staging directory but not listed in the manifest"
                 )));
