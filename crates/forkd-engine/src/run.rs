@@ -26,13 +26,7 @@ pub const OWNER: &str = "owner";
 /// The most a record or owner file may hold: they are a few hundred bytes.
 const MAX_RECORD: u64 = 64 * 1024;
 
-/// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat): with the pid
-/// it names one process, even after the pid is reused.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    after.split_whitespace().nth(19)?.parse().ok()
-}
+use forkd_store::process_start_time as start_time;
 
 /// Create the run directory `dir` for this process: `run/` (its parent) is made 0700 if
 /// needed, `dir` must not exist (nothing planted there is used) and is created 0700, and it is

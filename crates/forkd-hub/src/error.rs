@@ -63,6 +63,9 @@ pub enum HubError {
     Invalid(String),
     #[error("the pull did not finish within its deadline of {after:?}")]
     Deadline { after: std::time::Duration },
+    /// A lazy pull was abandoned by its caller before it ended (what was verified is kept).
+    #[error("the download was abandoned: {0}")]
+    Abandoned(String),
     /// A push of a branch whose parent is not installed here.
     #[error(
         "`{tag}` is a branch of {parent_tag} ({digest}), which is not in the local store: a branch cannot be pushed without its parent"

@@ -170,7 +170,11 @@ impl LazyImage {
                 }
             })
             .collect();
-        let working_set = first.iter().filter(|&&i| i < chunks.len()).count();
+        let mut listed = vec![false; chunks.len()];
+        let working_set = first
+            .iter()
+            .filter(|&&i| i < chunks.len() && !std::mem::replace(&mut listed[i], true))
+            .count();
         // After the working set: the small files whole (a restore reads the vmstate, the kernel
         // and engine.json before anything else, each in one piece), then the large ones by
         // offset. Measured on python-numpy (bench/lazy.sh): by file order, the vmstate and the
@@ -509,6 +513,11 @@ impl LazyImage {
                 let _ = std::fs::remove_dir_all(dir.path());
             }
             return Err(e);
+        }
+        if let Some((_, why)) = lock(&self.state).fatal.clone() {
+            // Abandoned, not failed: the files are incomplete, and the journal keeps what was
+            // verified for the next pull.
+            return Err(HubError::Abandoned(why));
         }
         // Every chunk was verified on arrival; the whole files must also be what manifest.toml
         // says (chunks that each match their digest could describe other content).

@@ -493,6 +493,16 @@ async fn install(
                 manifest_toml: r.image.manifest_toml.clone(),
                 digest: r.digest.clone(),
             });
+            // Readers must not wait out their timeout on a pull that is gone: dropped by the
+            // deadline, cancelled, or failed, it fails their reads at once (after a success
+            // every chunk is here, and this changes nothing).
+            struct AbandonOnDrop(Arc<crate::lazy::LazyImage>);
+            impl Drop for AbandonOnDrop {
+                fn drop(&mut self) {
+                    self.0.abandon("the pull ended");
+                }
+            }
+            let _readers = AbandonOnDrop(image.clone());
             match image
                 .run(hub, limits.jobs, limits.attempts, &partial, progress)
                 .await

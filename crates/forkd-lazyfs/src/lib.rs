@@ -23,6 +23,7 @@ use fuser::{
 };
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -75,7 +76,11 @@ impl Source for LazyImage {
     }
 }
 
+/// Most reads waiting on their own threads at once (each may wait for a download).
+const MAX_READ_THREADS: usize = 256;
+
 struct LazyFs {
+    active: Arc<std::sync::atomic::AtomicUsize>,
     src: Arc<dyn Source>,
     files: Vec<(String, u64)>,
     extra: Vec<Extra>,
@@ -206,24 +211,39 @@ impl Filesystem for LazyFs {
                 reply.data(&data[start..end]);
             }
             Some(Ok(i)) => {
-                // A read may wait for a download: never on the session's thread, so that other
-                // requests (other children's reads of chunks that are here) go on.
+                // A read may wait for a download: not on the session's thread, so that other
+                // requests (other children's reads of chunks that are here) go on. At most
+                // MAX_READ_THREADS wait at once; past that, reads are served in turn here.
                 let src = self.src.clone();
                 let errors = self.errors.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("lazyfs-read".into())
-                    .spawn(move || match src.read_at(i, offset, size as usize) {
+                let active = self.active.clone();
+                let serve = move || {
+                    match src.read_at(i, offset, size as usize) {
                         Ok(buf) => reply.data(&buf),
                         Err(e) => {
                             tracing::debug!("lazy read failed: {e}");
                             let mut er = errors.lock().unwrap_or_else(|p| p.into_inner());
                             er.count += 1;
-                            er.first.get_or_insert_with(|| e.to_string());
+                            er.first.get_or_insert(e);
                             reply.error(Errno::EIO);
                         }
-                    });
+                    }
+                    active.fetch_sub(1, Ordering::Relaxed);
+                };
+                if self.active.fetch_add(1, Ordering::Relaxed) >= MAX_READ_THREADS {
+                    serve();
+                    return;
+                }
+                let spawned = std::thread::Builder::new()
+                    .name("lazyfs-read".into())
+                    .spawn(serve);
                 if let Err(e) = spawned {
-                    tracing::warn!("cannot start a read thread: {e}");
+                    // The reply is dropped with the closure: the kernel gets EIO.
+                    self.active.fetch_sub(1, Ordering::Relaxed);
+                    let mut er = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+                    er.count += 1;
+                    er.first
+                        .get_or_insert_with(|| format!("cannot start a read thread: {e}"));
                 }
             }
         }
@@ -311,6 +331,7 @@ pub fn mount_source(
 ) -> Result<Mount, LazyFsError> {
     let errors = Arc::new(Mutex::new(Errors::default()));
     let fs = LazyFs {
+        active: Default::default(),
         files: src.files(),
         src,
         extra: vec![Extra {
@@ -369,5 +390,59 @@ pub fn detach(dir: &Path) {
     match rustix::mount::unmount(dir, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW) {
         Ok(()) | Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => {}
         Err(e) => tracing::warn!("cannot unmount {}: {e}", dir.display()),
+    }
+}
+
+/// A new, empty mount point in `root` (made private to this user if needed) for `label`:
+/// `<label>-<pid>-<start time>-<n>`, so that a sweep can tell whether its process still runs
+/// (a pid alone can be reused by a restarted daemon) and two mounts never share a name.
+pub fn mount_point(root: &Path, label: &str) -> Result<PathBuf, LazyFsError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LazyFsError::MountPoint { path, source }
+    };
+    forkd_store::private_dir(root).map_err(|e| LazyFsError::MountPoint {
+        path: root.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let pid = std::process::id();
+    let dir = root.join(format!(
+        "{label}-{pid}-{}-{}",
+        forkd_store::process_start_time(pid).unwrap_or(0),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir(&dir).map_err(err(&dir))?;
+    Ok(dir)
+}
+
+/// Unmount and remove the mount points in `root` whose process is gone (`kill -9` mid-fork):
+/// their reads fail with "transport endpoint is not connected" until they are unmounted.
+/// `root` is checked first (a directory private to this user, not a link).
+pub fn sweep(root: &Path) {
+    if !root.exists() || forkd_store::private_dir(root).is_err() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let mut parts = name.rsplitn(4, '-');
+        let (_, start, pid) = (parts.next(), parts.next(), parts.next());
+        let (Some(Ok(start)), Some(Ok(pid))) =
+            (start.map(str::parse::<u64>), pid.map(str::parse::<u32>))
+        else {
+            continue;
+        };
+        if forkd_store::process_start_time(pid) == Some(start) {
+            continue;
+        }
+        let dir = e.path();
+        tracing::info!("removing the stale lazy mount {}", dir.display());
+        detach(&dir);
+        let _ = std::fs::remove_dir(&dir);
     }
 }

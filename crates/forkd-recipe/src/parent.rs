@@ -254,20 +254,17 @@ struct Recording {
 impl Recording {
     fn start(store: &Store, dir: &Path, manifest: &Manifest) -> Option<Recording> {
         let names: Vec<String> = manifest.files.keys().cloned().collect();
-        let at = store
-            .home()
-            .cache_dir()
-            .join("lazy")
-            .join(format!("record-{}", std::process::id()));
-        let made = forkd_store::private_dir(at.parent()?)
+        let root = store.home().cache_dir().join("lazy");
+        forkd_lazyfs::sweep(&root);
+        let at = match forkd_lazyfs::mount_point(&root, "record") {
+            Ok(at) => at,
+            Err(e) => {
+                tracing::warn!("no working set is recorded for this image: {e}");
+                return None;
+            }
+        };
+        let made = forkd_lazyfs::record::Recorder::open(dir, &names)
             .map_err(|e| e.to_string())
-            .and_then(|()| {
-                let _ = std::fs::remove_dir(&at);
-                std::fs::create_dir(&at).map_err(|e| e.to_string())
-            })
-            .and_then(|()| {
-                forkd_lazyfs::record::Recorder::open(dir, &names).map_err(|e| e.to_string())
-            })
             .and_then(|r| {
                 let r = std::sync::Arc::new(r);
                 let text = manifest.to_toml().map_err(|e| e.to_string())?;

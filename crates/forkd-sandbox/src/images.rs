@@ -54,7 +54,8 @@ pub fn ensure(
         )?;
         return Ok(tag.as_str().to_string());
     }
-    let _one = mgr.lazy_start_guard();
+    let one = mgr.lazy_start_lock(tag.as_str());
+    let _one = one.lock().unwrap_or_else(|p| p.into_inner());
     if have(mgr) {
         return Ok(tag.as_str().to_string());
     }
@@ -216,6 +217,14 @@ impl LazyPull {
             .filter(|e| e.count > 0)
     }
 
+    /// Stop the download early: reads of chunks that are not here fail at once, and
+    /// [`LazyPull::finish`] returns soon (what was verified is kept for the next pull).
+    pub fn abandon(&self, why: &str) {
+        if let Some(i) = &self.image {
+            i.abandon(why);
+        }
+    }
+
     /// Wait for the pull to end (the image is then installed, as a pull leaves it), and
     /// unmount.
     pub fn finish(mut self) -> Result<forkd_hub::pull::PullOutcome> {
@@ -246,30 +255,9 @@ fn mount_root(store: &Store) -> std::path::PathBuf {
     store.home().cache_dir().join("lazy")
 }
 
-/// Unmount and remove the mounts left by processes that died (`kill -9` mid-fork): their
-/// reads fail with "transport endpoint is not connected" until they are unmounted.
+/// Unmount and remove the lazy mounts left by processes that died.
 pub fn sweep_lazy_mounts(store: &Store) {
-    let root = mount_root(store);
-    let Ok(entries) = std::fs::read_dir(&root) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.rsplit_once('-'))
-            .and_then(|(_, p)| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        let dir = e.path();
-        tracing::info!("removing the stale lazy mount {}", dir.display());
-        forkd_lazyfs::detach(&dir);
-        let _ = std::fs::remove_dir(&dir);
-    }
+    forkd_lazyfs::sweep(&mount_root(store));
 }
 
 /// Start pulling `reference` as `tag`, and return as soon as its files can be read: the
@@ -289,6 +277,7 @@ pub fn start_lazy(
     let (transport, opts) = prepare(store, reference, tag.clone(), cfg)?;
     sweep_lazy_mounts(store);
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let reporter = progress.clone();
     let lazy = forkd_hub::pull::LazyOptions {
         ready: tx,
         read_timeout: cfg
@@ -339,32 +328,41 @@ pub fn start_lazy(
         job: Some(job),
         done: None,
     };
-    let root = mount_root(store);
     let hex = ready.digest.trim_start_matches("sha256:");
-    let dir = root.join(format!(
-        "{}-{}",
-        &hex[..12.min(hex.len())],
-        std::process::id()
-    ));
-    let made = forkd_store::private_dir(&root)
-        .map_err(|e| std::io::Error::other(e.to_string()))
-        .and_then(|()| {
-            let _ = std::fs::remove_dir(&dir);
-            std::fs::create_dir(&dir)
+    let mounted = forkd_lazyfs::mount_point(&mount_root(store), &hex[..12.min(hex.len())])
+        .and_then(|dir| {
+            forkd_lazyfs::mount(ready.image, &ready.manifest_toml, &dir).inspect_err(|_| {
+                let _ = std::fs::remove_dir(&dir);
+            })
         });
-    if let Err(source) = made {
-        return Err(SandboxError::Io {
-            what: "cannot make the lazy mount point",
-            path: dir,
-            source,
-        });
-    }
-    let mount = forkd_lazyfs::mount(ready.image, &ready.manifest_toml, &dir).map_err(|e| {
-        SandboxError::Lazy {
-            reference: reference.to_string(),
-            source: Box::new(e),
+    let mount = match mounted {
+        Ok(m) => m,
+        Err(e) => {
+            // No FUSE here (not root, no /dev/fuse): pull the whole image, as before lazy
+            // forks existed. The lazy download stops at once (what it verified is kept) and
+            // the pull resumes it.
+            reporter.message(&format!(
+                "warning: cannot fork while downloading ({e}); pulling the whole image first"
+            ));
+            let tag = pull.snapshot.tag.clone();
+            if let Some(i) = &pull.image {
+                i.abandon("no lazy mount");
+            }
+            let stopped = pull.job.take().map(|j| j.join());
+            let out = match stopped {
+                Some(Ok(Ok(out))) => out,
+                _ => self::pull(store, reference, tag, cfg, Some(reporter.as_ref()))?,
+            };
+            return Ok(LazyPull {
+                reference: reference.clone(),
+                snapshot: store.get(&out.tag)?,
+                mount: None,
+                image: None,
+                job: None,
+                done: Some(out),
+            });
         }
-    })?;
+    };
     pull.snapshot.dir = mount.dir().to_path_buf();
     pull.mount = Some(mount);
     Ok(pull)

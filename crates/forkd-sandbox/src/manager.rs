@@ -75,8 +75,9 @@ struct Inner {
     /// Images being pulled lazily, by local tag: their files in a lazy mount until installed
     /// ([`crate::images::ensure`]).
     lazy: Mutex<BTreeMap<String, forkd_store::Snapshot>>,
-    /// Held while a lazy pull starts, so one image is started once.
-    lazy_start: Mutex<()>,
+    /// One lock per tag, held while a lazy pull of it starts, so one image is started once
+    /// (and a slow start of one image does not hold up another's).
+    lazy_start: Mutex<BTreeMap<String, Arc<Mutex<()>>>>,
 }
 
 /// Cheap to clone; every clone sees the same sandboxes.
@@ -108,7 +109,7 @@ impl Manager {
                 ready_timeout: opts.ready_timeout,
                 sandboxes: RwLock::new(BTreeMap::new()),
                 lazy: Mutex::new(BTreeMap::new()),
-                lazy_start: Mutex::new(()),
+                lazy_start: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -174,9 +175,12 @@ impl Manager {
         lock(&self.inner.lazy).get(tag).cloned()
     }
 
-    /// Held while a lazy pull is started (one start per image).
-    pub(crate) fn lazy_start_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+    /// The lock to hold while a lazy pull of `tag` is started (one start per image).
+    pub(crate) fn lazy_start_lock(&self, tag: &str) -> Arc<Mutex<()>> {
         lock(&self.inner.lazy_start)
+            .entry(tag.to_string())
+            .or_default()
+            .clone()
     }
 
     /// Serve `pull`'s image to new sandboxes until it is installed. A thread waits for the
@@ -184,8 +188,11 @@ impl Manager {
     /// through it until they exit (this process serves it).
     pub(crate) fn serve_lazy(&self, pull: crate::images::LazyPull) {
         let tag = pull.snapshot().tag.as_str().to_string();
+        // In the table before the thread can end (it removes the entry when it does); out of
+        // it again if the thread cannot start (the pull is then dropped, and abandoned).
         lock(&self.inner.lazy).insert(tag.clone(), pull.snapshot().clone());
         let inner = Arc::downgrade(&self.inner);
+        let gone = tag.clone();
         let spawned = std::thread::Builder::new()
             .name("lazy-pull-wait".into())
             .spawn(move || {
@@ -198,6 +205,7 @@ impl Manager {
                 }
             });
         if let Err(e) = spawned {
+            lock(&self.inner.lazy).remove(&gone);
             tracing::warn!("cannot start the thread that waits for a lazy pull: {e}");
         }
     }
@@ -304,23 +312,24 @@ impl Manager {
                 None => None,
             },
         };
-        let (report, guards) = forkd_engine::fork::fork_owned(&snap.dir, &qemu, &opts)?;
         // A child of a lazily pulled image is recorded with the image's place in the store:
         // the mount goes away, and the installed image has the same bytes (what `forkd rm`
-        // checks for running children, and where a branch finds its parent's files).
-        let (record_dir, memory_file) =
-            if self.lazy_image(&req.tag).is_some_and(|l| l.dir == snap.dir) {
-                let mem = forkd_engine::spec::VmSpec::load(&snap.dir)
-                    .ok()
-                    .and_then(|spec| std::fs::metadata(snap.dir.join(spec.memory)).ok())
-                    .map(|m| {
-                        use std::os::unix::fs::MetadataExt;
-                        [m.dev(), m.ino()]
-                    });
-                (self.inner.store.home().images_dir().join(&req.tag), mem)
-            } else {
-                (snap.dir.clone(), None)
-            };
+        // checks for running children, and where a branch finds its parent's files). Decided
+        // before the fork: the pull may end, and leave the table, while it runs.
+        let lazy = self.lazy_image(&req.tag).is_some_and(|l| l.dir == snap.dir);
+        let (report, guards) = forkd_engine::fork::fork_owned(&snap.dir, &qemu, &opts)?;
+        let (record_dir, memory_file) = if lazy {
+            let mem = forkd_engine::spec::VmSpec::load(&snap.dir)
+                .ok()
+                .and_then(|spec| std::fs::metadata(snap.dir.join(spec.memory)).ok())
+                .map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    [m.dev(), m.ino()]
+                });
+            (self.inner.store.home().images_dir().join(&req.tag), mem)
+        } else {
+            (snap.dir.clone(), None)
+        };
         let created = now_unix();
         let mut results = Vec::with_capacity(report.children.len());
         for (child, guard) in report.children.iter().zip(guards) {

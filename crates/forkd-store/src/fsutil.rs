@@ -135,3 +135,11 @@ pub fn open_nofollow(path: &Path) -> io::Result<File> {
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(path)
 }
+
+/// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat): with the pid
+/// it names one process, even after the pid is reused.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(19)?.parse().ok()
+}

@@ -52,7 +52,7 @@ pub mod workingset;
 
 pub use fsutil::{
     DIR_MODE, FILE_MODE, PathError, make_private, open_nofollow, private_dir, private_options,
-    write_private,
+    process_start_time, write_private,
 };
 pub use home::{Home, default_home};
 pub use lock::FileLock;

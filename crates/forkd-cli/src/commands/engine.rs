@@ -559,7 +559,13 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
     // A lazy fork's pull ends first, whatever the fork did: the image gets installed, and a
     // fork that failed on a read says which chunk was missing and why.
     let pulled = match lazy {
-        Some(l) => Some(finish_lazy(ctx, l, &a.tag, &clock)),
+        Some(l) => {
+            if let Err(e) = &result {
+                // No child runs from it: stop the download now (what was verified is kept).
+                l.abandon(&format!("the fork failed: {e:#}"));
+            }
+            Some(finish_lazy(ctx, l, &a.tag, &clock))
+        }
         None => None,
     };
     let pulled_err;
@@ -573,7 +579,10 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
             r
         }
         // The pull's error says which chunk and why; the fork's is what that did to it.
-        (Err(_), Err(pull)) => return Err(pull.context(format!("cannot fork {}", a.tag))),
+        (Err(fork), Err(pull)) if pull.chain().any(is_abandoned) => return Err(fork),
+        (Err(fork), Err(pull)) => {
+            return Err(pull.context(format!("cannot fork {} ({fork:#})", a.tag)));
+        }
         (Err(e), Ok(())) => return Err(e),
     };
     if a.json {
@@ -597,6 +606,14 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
             .filter(|c| c.up && c.timed_out)
             .count(),
         report.children.iter().filter(|c| c.up && !c.ok).count(),
+    )
+}
+
+/// Whether an error is the lazy pull's own stop (after a fork that failed first).
+fn is_abandoned(e: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        e.downcast_ref::<forkd_hub::HubError>(),
+        Some(forkd_hub::HubError::Abandoned(_))
     )
 }
 
