@@ -403,9 +403,9 @@ pub fn mount_point(root: &Path, label: &str) -> Result<PathBuf, LazyFsError> {
         let path = path.to_path_buf();
         move |source| LazyFsError::MountPoint { path, source }
     };
-    forkd_store::private_dir(root).map_err(|e| LazyFsError::MountPoint {
+    private_root(root).map_err(|source| LazyFsError::MountPoint {
         path: root.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
+        source,
     })?;
     let pid = std::process::id();
     let dir = root.join(format!(
@@ -421,7 +421,7 @@ pub fn mount_point(root: &Path, label: &str) -> Result<PathBuf, LazyFsError> {
 /// their reads fail with "transport endpoint is not connected" until they are unmounted.
 /// `root` is checked first (a directory private to this user, not a link).
 pub fn sweep(root: &Path) {
-    if !root.exists() || forkd_store::private_dir(root).is_err() {
+    if !root.exists() || private_root(root).is_err() {
         return;
     }
     let Ok(entries) = std::fs::read_dir(root) else {
@@ -444,5 +444,73 @@ pub fn sweep(root: &Path) {
         tracing::info!("removing the stale lazy mount {}", dir.display());
         detach(&dir);
         let _ = std::fs::remove_dir(&dir);
+    }
+}
+
+/// `root` made (0700) if missing, and then a directory of this user that no one else can enter:
+/// a mount in it is `allow_other`, so its parent is what keeps other users out.
+fn private_root(root: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    forkd_store::private_dir(root).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let meta = std::fs::symlink_metadata(root)?;
+    if meta.uid() != rustix::process::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "belongs to uid {} with mode {:o}; lazy mounts need a directory private to this user",
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_unique_and_the_sweep_removes_only_dead_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("lazy");
+        let a = mount_point(&root, "abc").unwrap();
+        let b = mount_point(&root, "abc").unwrap();
+        assert_ne!(a, b);
+        let pid = std::process::id();
+        assert!(
+            a.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with(&format!("abc-{pid}-")),
+            "{a:?}"
+        );
+        // A process that is gone: same pid, another start time.
+        let dead = root.join(format!("abc-{pid}-1-0"));
+        std::fs::create_dir(&dead).unwrap();
+        sweep(&root);
+        assert!(
+            a.exists() && b.exists(),
+            "a live process's mount points were swept"
+        );
+        assert!(!dead.exists(), "a dead process's mount point was kept");
+    }
+
+    #[test]
+    fn a_root_of_another_user_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("lazy");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).unwrap();
+        if rustix::process::geteuid().is_root() {
+            rustix::fs::chown(&root, Some(rustix::process::Uid::from_raw(65534)), None).unwrap();
+            assert!(mount_point(&root, "x").is_err());
+        }
+        // A link in its place is not followed.
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(d.path(), &link).unwrap();
+        assert!(mount_point(&link, "x").is_err());
     }
 }
