@@ -84,16 +84,13 @@ pub(crate) fn unpack_chunk(data: &[u8], c: &Chunk) -> Result<Vec<u8>> {
     Ok(raw)
 }
 
-pub async fn fetch(
-    hub: Arc<dyn Transport>,
-    image: &ImageManifest,
-    dir: &Partial,
-    opts: &Limits,
-    progress: &dyn Progress,
-) -> Result<Fetched> {
+/// A pull's partial directory, ready to write: its journal (opened for appending), the chunk
+/// indices it records as done, and every file of the image opened and sized (sparse).
+pub(crate) type OpenPartial = (std::fs::File, HashSet<usize>, Vec<Arc<std::fs::File>>);
+
+pub(crate) fn open_partial(image: &ImageManifest, dir: &Partial) -> Result<OpenPartial> {
     let journal = dir.open_file(JOURNAL, true)?;
     let done = read_journal(&journal, image);
-    let journal = Arc::new(Mutex::new(journal));
     let mut files = Vec::new();
     for f in &image.files {
         let file = dir.open_file(&f.name, false)?;
@@ -103,6 +100,18 @@ pub async fn fetch(
         )))?;
         files.push(Arc::new(file));
     }
+    Ok((journal, done, files))
+}
+
+pub async fn fetch(
+    hub: Arc<dyn Transport>,
+    image: &ImageManifest,
+    dir: &Partial,
+    opts: &Limits,
+    progress: &dyn Progress,
+) -> Result<Fetched> {
+    let (journal, done, files) = open_partial(image, dir)?;
+    let journal = Arc::new(Mutex::new(journal));
 
     struct Work {
         idx: usize,

@@ -143,17 +143,7 @@ impl LazyImage {
         first: &[usize],
         read_timeout: Duration,
     ) -> Result<LazyImage> {
-        let journal = dir.open_file(crate::fetch::JOURNAL, true)?;
-        let done = crate::fetch::read_journal(&journal, image);
-        let mut files = Vec::new();
-        for f in &image.files {
-            let file = dir.open_file(&f.name, false)?;
-            file.set_len(f.size).map_err(HubError::io(format!(
-                "cannot size {}",
-                dir.path().join(&f.name).display()
-            )))?;
-            files.push(Arc::new(file));
-        }
+        let (journal, done, files) = crate::fetch::open_partial(image, dir)?;
         let mut chunks = Vec::new();
         let mut starts = Vec::new();
         for (i, f) in image.files.iter().enumerate() {

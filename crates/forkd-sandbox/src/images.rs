@@ -185,6 +185,22 @@ pub struct LazyPull {
 }
 
 impl LazyPull {
+    /// A pull that already ended with the image installed: nothing is served lazily.
+    fn installed(
+        store: &Store,
+        reference: &Reference,
+        out: forkd_hub::pull::PullOutcome,
+    ) -> Result<LazyPull> {
+        Ok(LazyPull {
+            reference: reference.clone(),
+            snapshot: store.get(&out.tag)?,
+            mount: None,
+            image: None,
+            job: None,
+            done: Some(out),
+        })
+    }
+
     /// The image to fork: its files in the lazy mount, or in the store when the pull needed no
     /// download (or could not be lazy, and already ended).
     pub fn snapshot(&self) -> &forkd_store::Snapshot {
@@ -306,14 +322,7 @@ pub fn start_lazy(
     let Ok(ready) = rx.blocking_recv() else {
         // No lazy read: the pull ended (or failed) without a download to share.
         let out = job.join().unwrap_or_else(|_| Err(panicked(reference)))?;
-        return Ok(LazyPull {
-            reference: reference.clone(),
-            snapshot: store.get(&out.tag)?,
-            mount: None,
-            image: None,
-            job: None,
-            done: Some(out),
-        });
+        return LazyPull::installed(store, reference, out);
     };
     // From here on, a failure drops `pull`, which abandons the download's readers.
     let mut pull = LazyPull {
@@ -353,14 +362,7 @@ pub fn start_lazy(
                 Some(Ok(Ok(out))) => out,
                 _ => self::pull(store, reference, tag, cfg, Some(reporter.as_ref()))?,
             };
-            return Ok(LazyPull {
-                reference: reference.clone(),
-                snapshot: store.get(&out.tag)?,
-                mount: None,
-                image: None,
-                job: None,
-                done: Some(out),
-            });
+            return LazyPull::installed(store, reference, out);
         }
     };
     pull.snapshot.dir = mount.dir().to_path_buf();
