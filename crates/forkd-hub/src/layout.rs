@@ -153,6 +153,29 @@ impl ImageManifest {
         out
     }
 
+    /// The valid part of `working_set` as the byte ranges of its chunks, to keep beside an
+    /// installed image (so that a push of a pulled image publishes it again).
+    pub fn working_set_touches(&self) -> Option<forkd_store::workingset::WorkingSet> {
+        let flat: Vec<(&str, &Chunk)> = self
+            .files
+            .iter()
+            .flat_map(|f| f.chunks.iter().map(move |c| (f.name.as_str(), c)))
+            .collect();
+        let touches: Vec<_> = self
+            .working_set()
+            .into_iter()
+            .map(|i| forkd_store::workingset::Touch {
+                file: flat[i].0.to_string(),
+                offset: flat[i].1.offset,
+                len: flat[i].1.len,
+            })
+            .collect();
+        (!touches.is_empty()).then_some(forkd_store::workingset::WorkingSet {
+            version: 1,
+            touches,
+        })
+    }
+
     /// The valid part of `working_set`: indices of chunks the image has, at most
     /// [`MAX_WORKING_SET`].
     pub fn working_set(&self) -> Vec<usize> {

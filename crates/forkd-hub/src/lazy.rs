@@ -643,5 +643,8 @@ mod tests {
         // What a hub says is only a hint: indices past the chunks are dropped.
         m.working_set = Some(vec![2, 7, 0, u32::MAX]);
         assert_eq!(m.working_set(), vec![2, 0]);
+        // Kept beside a pulled image as ranges, it maps back to the same chunks.
+        let kept = m.working_set_touches().unwrap();
+        assert_eq!(m.working_set_of(&kept), vec![2, 0]);
     }
 }

@@ -468,6 +468,7 @@ async fn install(
             }
         }
         check_engine(opts.check, staging.dir(), &r.manifest, reference)?;
+        keep_working_set(&r.image, staging.dir());
         tokio::task::block_in_place(|| staging.commit_pulled(tag, &r.manifest, origin, overwrite))?;
         outcome.cached_bytes = r.image.stored_size();
         return Ok(outcome);
@@ -528,11 +529,22 @@ async fn install(
     for f in &r.image.files {
         partial.move_out(&f.name, &staging.dir().join(&f.name))?;
     }
+    keep_working_set(&r.image, staging.dir());
     tokio::task::block_in_place(|| staging.commit_pulled(tag, &r.manifest, origin, overwrite))?;
     partial.remove();
     tracing::debug!("installed in {:?}", t0.elapsed());
     drop(lock);
     Ok(outcome)
+}
+
+/// The image's working set, kept beside it (`workingset.json`) so that pushing it again
+/// publishes it. A hint: failing to write it loses nothing else.
+fn keep_working_set(image: &crate::layout::ImageManifest, dir: &std::path::Path) {
+    if let Some(ws) = image.working_set_touches()
+        && let Err(e) = ws.save(dir)
+    {
+        tracing::warn!("cannot keep the image's working set: {e}");
+    }
 }
 
 /// A pull may replace a local tag only when that tag was pulled from the same owner.

@@ -113,7 +113,7 @@ pub fn tag_hashes(home: &Path, tag: &str) -> BTreeMap<String, String> {
     for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let e = e.unwrap();
         let name = e.file_name().into_string().unwrap();
-        if name != "manifest.toml" && name != "origin.json" {
+        if name != "manifest.toml" && name != "origin.json" && name != "workingset.json" {
             out.insert(name, sha256_file(&e.path()));
         }
     }
