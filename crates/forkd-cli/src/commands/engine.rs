@@ -129,6 +129,7 @@ pub struct TinyArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct ForkArgs {
+    /// The image: TAG or NAME:VERSION from the store, or OWNER/NAME[:VERSION] from a hub
     #[arg(long)]
     tag: String,
     /// Number of children
