@@ -23,6 +23,8 @@ pub struct PullConfig {
     /// How long a lazy read waits for its chunks (default
     /// [`forkd_hub::lazy::DEFAULT_READ_TIMEOUT`]).
     pub read_timeout: Option<std::time::Duration>,
+    /// [`ensure`] pulls the whole image even where it could fork while downloading.
+    pub no_lazy: bool,
 }
 
 /// The local tag for `image`: a plain tag as it is; a reference's `NAME`, pulled first if the

@@ -46,6 +46,9 @@ pub enum Listen {
 pub struct HubConfig {
     pub url: Option<String>,
     pub insecure: bool,
+    /// Pull an image named by reference whole before its sandboxes start (by default they
+    /// start while it downloads).
+    pub no_lazy: bool,
 }
 
 impl HubConfig {
@@ -54,6 +57,7 @@ impl HubConfig {
             hub: self.url.clone(),
             trust: Vec::new(),
             insecure: self.insecure,
+            no_lazy: self.no_lazy,
             ..Default::default()
         }
     }

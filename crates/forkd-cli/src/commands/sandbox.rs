@@ -116,6 +116,10 @@ pub struct ServeArgs {
     /// Accept unsigned images from the hub
     #[arg(long)]
     insecure: bool,
+    /// Pull an image named by reference whole before its first sandbox starts (by default
+    /// sandboxes start while it downloads: docs/ENGINE.md, "Lazy fork")
+    #[arg(long)]
+    no_lazy: bool,
     #[command(flatten)]
     vm: super::vm::VmArgs,
 }
@@ -583,6 +587,7 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
         hub: forkd_server::HubConfig {
             url: a.hub,
             insecure: a.insecure,
+            no_lazy: a.no_lazy,
         },
         on_ready: Some(Box::new(move |at| {
             if !quiet {
