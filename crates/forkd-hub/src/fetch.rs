@@ -103,6 +103,36 @@ pub(crate) fn open_partial(image: &ImageManifest, dir: &Partial) -> Result<OpenP
     Ok((journal, done, files))
 }
 
+/// Out of space: free what this pull took instead of keeping it for a resume.
+pub(crate) fn free_if_out_of_space(e: &HubError, dir: &Partial) {
+    if let HubError::Io { source, .. } = e
+        && source.raw_os_error() == Some(28)
+    {
+        let _ = std::fs::remove_dir_all(dir.path());
+    }
+}
+
+/// Every file's sha256 (`hashes`, in the image's file order) must be the manifest's: chunks
+/// that each match their digest could still describe other content. On a mismatch `dir` is
+/// removed: what is there cannot be trusted, and the next pull starts over.
+pub(crate) fn check_hashes(
+    image: &ImageManifest,
+    hashes: impl IntoIterator<Item = String>,
+    dir: &Partial,
+) -> Result<()> {
+    for (f, actual) in image.files.iter().zip(hashes) {
+        if actual != f.sha256 {
+            let _ = std::fs::remove_dir_all(dir.path());
+            return Err(HubError::Corrupt {
+                what: format!("{} after download", f.name),
+                expected: format!("sha256 {}", f.sha256),
+                actual: format!("sha256 {actual}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 pub async fn fetch(
     hub: Arc<dyn Transport>,
     image: &ImageManifest,
@@ -216,27 +246,11 @@ pub async fn fetch(
         .map_err(|_| HubError::Invalid("hasher thread panicked".into()))?;
     progress.finish();
     if let Err(e) = result {
-        // Out of space: free what this pull took instead of keeping it for a resume.
-        if let HubError::Io { source, .. } = &e
-            && source.raw_os_error() == Some(28)
-        {
-            drop(files);
-            let _ = std::fs::remove_dir_all(dir.path());
-        }
+        drop(files);
+        free_if_out_of_space(&e, dir);
         return Err(e);
     }
-
-    for (f, actual) in image.files.iter().zip(hashes) {
-        if actual != f.sha256 {
-            // Start over next time: what is here cannot be trusted.
-            let _ = std::fs::remove_dir_all(dir.path());
-            return Err(HubError::Corrupt {
-                what: format!("{} after download", f.name),
-                expected: format!("sha256 {}", f.sha256),
-                actual: format!("sha256 {actual}"),
-            });
-        }
-    }
+    check_hashes(image, hashes, dir)?;
     Ok(Fetched {
         downloaded: downloaded.into_inner(),
         resumed,

@@ -91,6 +91,17 @@ pub struct FileEntry {
     pub chunks: Vec<Chunk>,
 }
 
+impl FileEntry {
+    /// The indices of the chunks that overlap `[offset, offset + len)` (none for a hole).
+    /// Chunks are sorted by offset and do not overlap (a validated manifest).
+    pub fn covering(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
+        let end = offset.saturating_add(len);
+        let a = self.chunks.partition_point(|c| c.offset + c.len <= offset);
+        let b = self.chunks.partition_point(|c| c.offset < end);
+        a..b.max(a)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Chunking {
     /// `fixed` in layout 1; other values are refused until a client knows them.
@@ -127,23 +138,14 @@ impl ImageManifest {
     /// The chunks (flat indices) covering each range of `ws`, first touched first, each once;
     /// ranges of files the image does not have are skipped.
     pub fn working_set_of(&self, ws: &forkd_store::workingset::WorkingSet) -> Vec<u32> {
-        let mut first = Vec::with_capacity(self.files.len());
-        let mut n = 0usize;
-        for f in &self.files {
-            first.push(n);
-            n += f.chunks.len();
-        }
+        let first = self.chunk_starts();
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         for t in &ws.touches {
             let Some(fi) = self.files.iter().position(|f| f.name == t.file) else {
                 continue;
             };
-            let cs = &self.files[fi].chunks;
-            let end = t.offset.saturating_add(t.len);
-            let a = cs.partition_point(|c| c.offset + c.len <= t.offset);
-            let b = cs.partition_point(|c| c.offset < end);
-            for i in a..b.max(a) {
+            for i in self.files[fi].covering(t.offset, t.len) {
                 let flat = (first[fi] + i) as u32;
                 if seen.insert(flat) && out.len() < MAX_WORKING_SET {
                     out.push(flat);
@@ -151,6 +153,19 @@ impl ImageManifest {
             }
         }
         out
+    }
+
+    /// Where each file's chunks start in the flat list of all chunks (files in order, each
+    /// file's chunks in order), and one past the last chunk: the numbering `working_set` uses.
+    pub fn chunk_starts(&self) -> Vec<usize> {
+        let mut starts = Vec::with_capacity(self.files.len() + 1);
+        let mut n = 0;
+        for f in &self.files {
+            starts.push(n);
+            n += f.chunks.len();
+        }
+        starts.push(n);
+        starts
     }
 
     /// The valid part of `working_set` as the byte ranges of its chunks, to keep beside an
@@ -179,7 +194,7 @@ impl ImageManifest {
     /// The valid part of `working_set`: indices of chunks the image has, at most
     /// [`MAX_WORKING_SET`].
     pub fn working_set(&self) -> Vec<usize> {
-        let n: usize = self.files.iter().map(|f| f.chunks.len()).sum();
+        let n = self.chunk_starts().last().copied().unwrap_or(0);
         self.working_set
             .iter()
             .flatten()

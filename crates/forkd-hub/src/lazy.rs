@@ -144,13 +144,13 @@ impl LazyImage {
         read_timeout: Duration,
     ) -> Result<LazyImage> {
         let (journal, done, files) = crate::fetch::open_partial(image, dir)?;
-        let mut chunks = Vec::new();
-        let mut starts = Vec::new();
-        for (i, f) in image.files.iter().enumerate() {
-            starts.push(chunks.len());
-            chunks.extend(f.chunks.iter().map(|c| (i, c.clone())));
-        }
-        starts.push(chunks.len());
+        let starts = image.chunk_starts();
+        let chunks: Vec<(usize, Chunk)> = image
+            .files
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| f.chunks.iter().map(move |c| (i, c.clone())))
+            .collect();
         let status: Vec<Status> = (0..chunks.len())
             .map(|i| {
                 if done.contains(&i) {
@@ -160,11 +160,6 @@ impl LazyImage {
                 }
             })
             .collect();
-        let mut listed = vec![false; chunks.len()];
-        let working_set = first
-            .iter()
-            .filter(|&&i| i < chunks.len() && !std::mem::replace(&mut listed[i], true))
-            .count();
         // After the working set: the small files whole (a restore reads the vmstate, the kernel
         // and engine.json before anything else, each in one piece), then the large ones by
         // offset. Measured on python-numpy (bench/lazy.sh): by file order, the vmstate and the
@@ -177,10 +172,16 @@ impl LazyImage {
             .collect::<Vec<_>>();
         let mut seen = vec![false; chunks.len()];
         let mut order = Vec::with_capacity(chunks.len());
-        for i in first.iter().copied().chain(rest) {
+        let mut working_set = 0;
+        for (k, i) in first.iter().copied().chain(rest).enumerate() {
             if i < chunks.len() && !seen[i] {
                 seen[i] = true;
                 order.push(i);
+                if k < first.len() {
+                    // Counted once each: a repeated index must not hold the background at
+                    // full width ahead of readers.
+                    working_set += 1;
+                }
             }
         }
         let resumed = done.iter().map(|&i| chunks[i].1.stored_size).sum();
@@ -221,6 +222,11 @@ impl LazyImage {
         self.downloaded.load(Ordering::Relaxed)
     }
 
+    /// Bytes here so far: downloaded, plus what an interrupted pull had verified.
+    pub fn fetched(&self) -> u64 {
+        self.downloaded() + self.resumed
+    }
+
     /// Bytes downloaded because a reader waited for them.
     pub fn demanded(&self) -> u64 {
         self.demanded_bytes.load(Ordering::Relaxed)
@@ -231,20 +237,10 @@ impl LazyImage {
         self.resumed
     }
 
-    /// Chunks verified and written so far, and all of them.
-    pub fn progress(&self) -> (usize, usize) {
-        (lock(&self.state).present, self.chunks.len())
-    }
-
-    /// The chunks of file `file` that overlap `[offset, offset + len)`.
+    /// The chunks (flat indices) of file `file` that overlap `[offset, offset + len)`.
     fn covering(&self, file: usize, offset: u64, len: u64) -> std::ops::Range<usize> {
-        let (lo, hi) = (self.first[file], self.first[file + 1]);
-        let cs = &self.chunks[lo..hi];
-        let end = offset.saturating_add(len);
-        // Chunks are sorted by offset and do not overlap (the manifest was validated).
-        let a = cs.partition_point(|(_, c)| c.offset + c.len <= offset);
-        let b = cs.partition_point(|(_, c)| c.offset < end);
-        lo + a..lo + b.max(a)
+        let r = self.image.files[file].covering(offset, len);
+        self.first[file] + r.start..self.first[file] + r.end
     }
 
     fn describe(&self, i: usize) -> (String, String, u64) {
@@ -380,11 +376,15 @@ impl LazyImage {
         Pick::Done
     }
 
-    fn fail(&self, i: usize, why: String) {
+    /// Stop the pull: chunk `at` (if it is one) could not be fetched, for `why`. The first
+    /// reason stays; every waiting and future read of a chunk that is not here fails with it.
+    fn stop(&self, at: usize, why: String) {
         let mut st = lock(&self.state);
-        st.status[i] = Status::Missing;
+        if let Some(s) = st.status.get_mut(at) {
+            *s = Status::Missing;
+        }
         if st.fatal.is_none() {
-            st.fatal = Some((i, why));
+            st.fatal = Some((at, why));
         }
         drop(st);
         self.arrived.notify_all();
@@ -457,7 +457,7 @@ impl LazyImage {
                     }
                     drop(st);
                     if let Err(e) = r {
-                        self.fail(i, e.to_string());
+                        self.stop(i, e.to_string());
                         return Err(e);
                     }
                 }
@@ -494,14 +494,9 @@ impl LazyImage {
         let results = futures::future::join_all(background.chain(demand)).await;
         progress.finish();
         if let Some(e) = results.into_iter().find_map(|r| r.err()) {
-            if let HubError::Io { source, .. } = &e
-                && source.raw_os_error() == Some(28)
-            {
-                // Out of space: free what this pull took instead of keeping it for a resume
-                // (as an eager pull does). Readers hold their descriptors; they see only
-                // verified chunks, and fail on the rest.
-                let _ = std::fs::remove_dir_all(dir.path());
-            }
+            // Readers hold their descriptors: they see only verified chunks, and fail on the
+            // rest.
+            crate::fetch::free_if_out_of_space(&e, dir);
             return Err(e);
         }
         if let Some((_, why)) = lock(&self.state).fatal.clone() {
@@ -509,48 +504,44 @@ impl LazyImage {
             // verified for the next pull.
             return Err(HubError::Abandoned(why));
         }
-        // Every chunk was verified on arrival; the whole files must also be what manifest.toml
-        // says (chunks that each match their digest could describe other content).
+        // Every chunk was verified on arrival; the whole files are checked too, read back
+        // (their chunks arrived out of order, so they could not be hashed as they came).
         let me = self.clone();
-        let checked = tokio::task::spawn_blocking(move || me.check_files())
+        let hashes = match tokio::task::spawn_blocking(move || me.hash_files())
             .await
-            .map_err(|e| HubError::Invalid(e.to_string()))?;
-        if let Err(e) = checked {
-            // Start over next time: what is here cannot be trusted.
-            let _ = std::fs::remove_dir_all(dir.path());
-            return Err(e);
-        }
+            .map_err(|e| HubError::Invalid(e.to_string()))?
+        {
+            Ok(h) => h,
+            Err(e) => {
+                // What cannot be read back cannot be trusted either: start over next time.
+                let _ = std::fs::remove_dir_all(dir.path());
+                return Err(e);
+            }
+        };
+        crate::fetch::check_hashes(&self.image, hashes, dir)?;
         Ok(crate::fetch::Fetched {
             downloaded: self.downloaded(),
             resumed: self.resumed,
         })
     }
 
-    fn check_files(&self) -> Result<()> {
-        for (f, file) in self.image.files.iter().zip(&self.files) {
-            let (_, actual) = forkd_store::sparse::hash_file(file)
-                .map_err(HubError::io(format!("cannot hash {}", f.name)))?;
-            if actual != f.sha256 {
-                return Err(HubError::Corrupt {
-                    what: format!("{} after download", f.name),
-                    expected: format!("sha256 {}", f.sha256),
-                    actual: format!("sha256 {actual}"),
-                });
-            }
-        }
-        Ok(())
+    fn hash_files(&self) -> Result<Vec<String>> {
+        self.image
+            .files
+            .iter()
+            .zip(&self.files)
+            .map(|(f, file)| {
+                forkd_store::sparse::hash_file(file)
+                    .map(|(_, h)| h)
+                    .map_err(HubError::io(format!("cannot hash {}", f.name)))
+            })
+            .collect()
     }
 
     /// Fail every waiting and future read of a chunk that is not here (the pull was
     /// abandoned).
     pub fn abandon(&self, why: &str) {
-        let mut st = lock(&self.state);
-        if st.fatal.is_none() {
-            st.fatal = Some((usize::MAX, why.to_string()));
-        }
-        drop(st);
-        self.arrived.notify_all();
-        self.wake.notify_waiters();
+        self.stop(usize::MAX, why.to_string());
     }
 }
 

@@ -315,20 +315,25 @@ impl std::fmt::Debug for Mount {
     }
 }
 
-/// Mount `image` at `dir` (an empty directory this process made: its parent must be private
-/// to root, since the mount lets any user that reaches it read, so that a child's QEMU still
-/// reads it after it dropped to its unprivileged user). `manifest_toml` is shown as
-/// `manifest.toml`.
-pub fn mount(image: Arc<LazyImage>, manifest_toml: &str, dir: &Path) -> Result<Mount, LazyFsError> {
-    mount_source(image, manifest_toml, dir)
-}
-
-/// [`mount`] for any [`Source`].
-pub fn mount_source(
+/// Mount `src` at a new mount point in `root` ([`mount_point`]: a directory private to this
+/// user, since the mount lets any user that reaches it read, so that a child's QEMU still reads
+/// it after it dropped to its unprivileged user), after sweeping `root` of the mounts of
+/// processes that died. `manifest_toml` is shown as `manifest.toml`. On failure nothing is
+/// left behind.
+pub fn mount_in(
+    root: &Path,
+    label: &str,
     src: Arc<dyn Source>,
     manifest_toml: &str,
-    dir: &Path,
 ) -> Result<Mount, LazyFsError> {
+    sweep(root);
+    let dir = mount_point(root, label)?;
+    mount_at(src, manifest_toml, &dir).inspect_err(|_| {
+        let _ = std::fs::remove_dir(&dir);
+    })
+}
+
+fn mount_at(src: Arc<dyn Source>, manifest_toml: &str, dir: &Path) -> Result<Mount, LazyFsError> {
     let errors = Arc::new(Mutex::new(Errors::default()));
     let fs = LazyFs {
         active: Default::default(),
@@ -393,16 +398,18 @@ pub fn detach(dir: &Path) {
     }
 }
 
+/// Where a store's lazy mounts live: `$FORKD_HOME/cache/lazy`, a directory private to this
+/// user ([`mount_point`] checks it; a mount in it lets any user that reaches it read).
+pub fn mounts_dir(home: &forkd_store::Home) -> PathBuf {
+    home.cache_dir().join("lazy")
+}
+
 /// A new, empty mount point in `root` (made private to this user if needed) for `label`:
 /// `<label>-<pid>-<start time>-<n>`, so that a sweep can tell whether its process still runs
 /// (a pid alone can be reused by a restarted daemon) and two mounts never share a name.
 pub fn mount_point(root: &Path, label: &str) -> Result<PathBuf, LazyFsError> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| LazyFsError::MountPoint { path, source }
-    };
     private_root(root).map_err(|source| LazyFsError::MountPoint {
         path: root.to_path_buf(),
         source,
@@ -413,7 +420,10 @@ pub fn mount_point(root: &Path, label: &str) -> Result<PathBuf, LazyFsError> {
         forkd_store::process_start_time(pid).unwrap_or(0),
         N.fetch_add(1, Ordering::Relaxed)
     ));
-    std::fs::create_dir(&dir).map_err(err(&dir))?;
+    std::fs::create_dir(&dir).map_err(|source| LazyFsError::MountPoint {
+        path: dir.clone(),
+        source,
+    })?;
     Ok(dir)
 }
 

@@ -254,32 +254,18 @@ struct Recording {
 impl Recording {
     fn start(store: &Store, dir: &Path, manifest: &Manifest) -> Option<Recording> {
         let names: Vec<String> = manifest.files.keys().cloned().collect();
-        let root = store.home().cache_dir().join("lazy");
-        forkd_lazyfs::sweep(&root);
-        let at = match forkd_lazyfs::mount_point(&root, "record") {
-            Ok(at) => at,
-            Err(e) => {
-                tracing::warn!("no working set is recorded for this image: {e}");
-                return None;
-            }
-        };
         let made = forkd_lazyfs::record::Recorder::open(dir, &names)
             .map_err(|e| e.to_string())
             .and_then(|r| {
                 let r = std::sync::Arc::new(r);
                 let text = manifest.to_toml().map_err(|e| e.to_string())?;
-                let mount =
-                    forkd_lazyfs::mount_source(r.clone(), &text, &at).map_err(|e| e.to_string())?;
+                let root = forkd_lazyfs::mounts_dir(store.home());
+                let mount = forkd_lazyfs::mount_in(&root, "record", r.clone(), &text)
+                    .map_err(|e| e.to_string())?;
                 Ok(Recording { recorder: r, mount })
             });
-        match made {
-            Ok(r) => Some(r),
-            Err(e) => {
-                let _ = std::fs::remove_dir(&at);
-                tracing::warn!("no working set is recorded for this image: {e}");
-                None
-            }
-        }
+        made.inspect_err(|e| tracing::warn!("no working set is recorded for this image: {e}"))
+            .ok()
     }
 }
 

@@ -57,7 +57,7 @@ pub fn ensure(
         return Ok(tag.as_str().to_string());
     }
     let one = mgr.lazy_start_lock(tag.as_str());
-    let _one = one.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = crate::sandbox::lock(&one);
     if have(mgr) {
         return Ok(tag.as_str().to_string());
     }
@@ -217,7 +217,7 @@ impl LazyPull {
     /// Bytes downloaded so far, and the image's whole download size.
     pub fn downloaded(&self) -> (u64, u64) {
         match &self.image {
-            Some(i) => (i.downloaded() + i.resumed(), i.image().stored_size()),
+            Some(i) => (i.fetched(), i.image().stored_size()),
             None => (0, 0),
         }
     }
@@ -261,21 +261,8 @@ impl LazyPull {
 impl Drop for LazyPull {
     fn drop(&mut self) {
         // Not finished: the pull goes on only as long as its caller; stop serving reads.
-        if let Some(i) = &self.image {
-            i.abandon("the fork that pulled it ended");
-        }
+        self.abandon("the fork that pulled it ended");
     }
-}
-
-/// Where lazy mounts live: `$FORKD_HOME/cache/lazy/<12 hex>-<pid>`, in a directory private to
-/// this user (the mount itself lets any user read that reaches it).
-fn mount_root(store: &Store) -> std::path::PathBuf {
-    store.home().cache_dir().join("lazy")
-}
-
-/// Unmount and remove the lazy mounts left by processes that died.
-pub fn sweep_lazy_mounts(store: &Store) {
-    forkd_lazyfs::sweep(&mount_root(store));
 }
 
 /// Start pulling `reference` as `tag`, and return as soon as its files can be read: the
@@ -293,7 +280,6 @@ pub fn start_lazy(
     progress: Arc<dyn Progress>,
 ) -> Result<LazyPull> {
     let (transport, opts) = prepare(store, reference, tag.clone(), cfg)?;
-    sweep_lazy_mounts(store);
     let (tx, rx) = tokio::sync::oneshot::channel();
     let reporter = progress.clone();
     let lazy = forkd_hub::pull::LazyOptions {
@@ -340,12 +326,12 @@ pub fn start_lazy(
         done: None,
     };
     let hex = ready.digest.trim_start_matches("sha256:");
-    let mounted = forkd_lazyfs::mount_point(&mount_root(store), &hex[..12.min(hex.len())])
-        .and_then(|dir| {
-            forkd_lazyfs::mount(ready.image, &ready.manifest_toml, &dir).inspect_err(|_| {
-                let _ = std::fs::remove_dir(&dir);
-            })
-        });
+    let mounted = forkd_lazyfs::mount_in(
+        &forkd_lazyfs::mounts_dir(store.home()),
+        &hex[..12.min(hex.len())],
+        ready.image,
+        &ready.manifest_toml,
+    );
     let mount = match mounted {
         Ok(m) => m,
         Err(e) => {
@@ -356,9 +342,7 @@ pub fn start_lazy(
                 "warning: cannot fork while downloading ({e}); pulling the whole image first"
             ));
             let tag = pull.snapshot.tag.clone();
-            if let Some(i) = &pull.image {
-                i.abandon("no lazy mount");
-            }
+            pull.abandon("no lazy mount");
             let stopped = pull.job.take().map(|j| j.join());
             let out = match stopped {
                 Some(Ok(Ok(out))) => out,

@@ -4,6 +4,7 @@
 //! drives children that outlive it, as `forkd fork --keep` left them).
 
 use crate::error::{Result, SandboxError};
+use crate::sandbox::lock;
 use crate::sandbox::{Meta, Sandbox, SandboxInfo, Vm, load_meta, save_meta};
 use forkd_engine::Interrupt;
 use forkd_engine::child::{ChildReport, Work};
@@ -84,10 +85,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct Manager {
     inner: Arc<Inner>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn now_unix() -> u64 {

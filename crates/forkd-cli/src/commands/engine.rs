@@ -544,7 +544,7 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
                     if let Some(pb) = &pb {
                         pb.inc(1);
                     }
-                    clock.first_child(meter.as_ref().map(|m| m.downloaded() + m.resumed()));
+                    clock.first_child(meter.as_ref().map(|m| m.fetched()));
                 }) as forkd_engine::fork::OnChild
             }),
             layers: forkd_engine::branch::layers(&store, &snap)?,
@@ -569,22 +569,21 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let pulled_err;
     let (pull_json, pull_result) = match pulled {
         Some((json, result)) => (Some(json), result),
         None => (None, Ok(())),
     };
-    let report = match (result, pull_result) {
-        (Ok(r), pull_result) => {
-            pulled_err = pull_result.err();
-            r
-        }
+    let report = match result {
+        Ok(r) => r,
         // The pull's error says which chunk and why; the fork's is what that did to it.
-        (Err(fork), Err(pull)) if pull.chain().any(is_abandoned) => return Err(fork),
-        (Err(fork), Err(pull)) => {
-            return Err(pull.context(format!("cannot fork {} ({fork:#})", a.tag)));
+        Err(fork) => {
+            return Err(match pull_result {
+                Err(pull) if !pull.chain().any(is_abandoned) => {
+                    pull.context(format!("cannot fork {} ({fork:#})", a.tag))
+                }
+                _ => fork,
+            });
         }
-        (Err(e), Ok(())) => return Err(e),
     };
     if a.json {
         let mut v = serde_json::to_value(&report)?;
@@ -595,9 +594,7 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
     } else {
         print_report(&report);
     }
-    if let Some(e) = pulled_err {
-        return Err(e);
-    }
+    pull_result?;
     children_outcome(
         report.requested,
         report.requested - report.alive,
