@@ -126,6 +126,21 @@ fn chunk_digests(im: &serde_json::Value) -> BTreeSet<String> {
         .collect()
 }
 
+/// Each chunk's digest and the blob that holds it (its pack, or itself).
+fn chunk_places(im: &serde_json::Value) -> BTreeMap<String, String> {
+    im["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|f| f["chunks"].as_array().unwrap())
+        .map(|c| {
+            let d = c["digest"].as_str().unwrap().to_string();
+            let blob = c["pack"].as_str().map_or(d.clone(), str::to_string);
+            (d, blob)
+        })
+        .collect()
+}
+
 /// A publisher with a key, the image `tiny` and its branch `tiny-b`; a fresh consumer.
 struct World {
     _p: tempfile::TempDir,
@@ -233,8 +248,8 @@ fn push_of_a_branch_uploads_only_its_own_chunks_when_the_parent_is_on_the_hub() 
         "the parent's tag was rewritten"
     );
 
-    // The new blobs are exactly the branch's own chunks (and its image manifest), and what
-    // was uploaded is exactly their bytes.
+    // The new blobs are the packs of exactly the branch's own chunks (and its image
+    // manifest), and what was uploaded is exactly their bytes.
     let after = blobs(&root);
     let new: BTreeSet<String> = after
         .keys()
@@ -248,12 +263,27 @@ fn push_of_a_branch_uploads_only_its_own_chunks_when_the_parent_is_on_the_hub() 
         .cloned()
         .collect();
     assert!(!own.is_empty());
-    let mut expected = own.clone();
-    expected.insert(bdigest.clone());
-    assert_eq!(new, expected, "blobs uploaded besides the branch's own");
-    let own_bytes: u64 = own.iter().map(|d| after[d]).sum();
+    let places = chunk_places(&bim);
+    let in_new: BTreeSet<String> = places
+        .iter()
+        .filter(|(_, blob)| new.contains(*blob))
+        .map(|(d, _)| d.clone())
+        .collect();
+    assert_eq!(in_new, own, "chunks stored anew besides the branch's own");
+    assert!(
+        places.values().all(|b| after.contains_key(b)),
+        "a chunk names a blob the hub lacks"
+    );
+    let packs: BTreeSet<String> = new.iter().filter(|d| **d != bdigest).cloned().collect();
+    assert!(packs.iter().all(|p| places.values().any(|b| b == p)));
+    let own_bytes: u64 = packs.iter().map(|d| after[d]).sum();
     assert_eq!(out["uploaded_bytes"].as_u64().unwrap(), own_bytes, "{out}");
-    let parent_bytes: u64 = chunk_digests(&pim).iter().map(|d| after[d]).sum();
+    let parent_bytes: u64 = chunk_places(&pim)
+        .values()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .map(|d| after[d])
+        .sum();
     assert!(
         own_bytes * 4 < parent_bytes,
         "the branch ({own_bytes} bytes) should cost far less than its parent ({parent_bytes})"

@@ -474,22 +474,17 @@ fn pull_killed_with_sigkill_resumes() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Bytes of the hub blobs that the pull's journal records as verified and written.
+    // Bytes of the chunks the pull verified and kept in the local chunk store (a chunk is
+    // kept there before the journal records it, so the store counts every chunk a resumed
+    // pull will not download again).
     let cached = || -> u64 {
-        let Ok(rd) = std::fs::read_dir(c.path().join("cache/partial")) else {
+        let Ok(rd) = std::fs::read_dir(c.path().join("cache/chunks")) else {
             return 0;
         };
-        rd.filter_map(|d| std::fs::read_to_string(d.unwrap().path().join(".journal")).ok())
-            .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
-            .filter_map(|l| {
-                let hex = l.split_once(" sha256:")?.1.to_string();
-                (hex.len() == 64).then_some(hex)
-            })
-            .map(|hex| {
-                std::fs::metadata(p.root.join(layout::blob_key(&hex)))
-                    .unwrap()
-                    .len()
-            })
+        rd.flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+            .map(|e| e.unwrap())
+            .filter(|e| !e.file_name().to_string_lossy().starts_with(".tmp-"))
+            .map(|e| e.metadata().unwrap().len())
             .sum()
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

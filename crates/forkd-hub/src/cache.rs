@@ -27,7 +27,7 @@ pub struct Partial {
     path: PathBuf,
 }
 
-fn io_err(what: String) -> impl FnOnce(rustix::io::Errno) -> HubError {
+pub(crate) fn io_err(what: String) -> impl FnOnce(rustix::io::Errno) -> HubError {
     move |e| HubError::Io {
         what,
         source: e.into(),
@@ -36,7 +36,7 @@ fn io_err(what: String) -> impl FnOnce(rustix::io::Errno) -> HubError {
 
 /// Open (creating it if missing) the directory `name` under `parent` without following a
 /// link; anything else found there is removed first.
-fn open_dir_at(parent: &impl AsFd, name: &str, shown: &Path) -> Result<OwnedFd> {
+pub(crate) fn open_dir_at(parent: &impl AsFd, name: &str, shown: &Path) -> Result<OwnedFd> {
     let err = || format!("cannot open the cache directory {}", shown.display());
     if let Ok(st) = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)
         && FileType::from_raw_mode(st.st_mode) != FileType::Directory

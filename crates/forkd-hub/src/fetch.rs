@@ -8,10 +8,10 @@
 //! resumed, is checked against the manifest without a second pass.
 
 use crate::cache::Partial;
+use crate::chunks::{self, ChunkStore};
 use crate::error::{HubError, Result};
 use crate::layout::{self, Chunk, ImageManifest};
 use crate::progress::Progress;
-use crate::remote::{get_retry, transport_err};
 use crate::transport::Transport;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -30,6 +30,8 @@ pub struct Limits {
 pub struct Fetched {
     pub downloaded: u64,
     pub resumed: u64,
+    /// Stored bytes taken from the local chunk store instead of the hub.
+    pub cached: u64,
 }
 
 pub(crate) const JOURNAL: &str = ".journal";
@@ -133,45 +135,99 @@ pub(crate) fn check_hashes(
     Ok(())
 }
 
+/// Split chunks (flat indices into `chunks`, in the order given) into batches of neighbours:
+/// each batch's chunks lie next to each other in one blob (see [`chunks::adjacent`]), so what
+/// a batch downloads is one ranged GET.
+pub(crate) fn batches(
+    chunks: &[&Chunk],
+    order: impl IntoIterator<Item = usize>,
+) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut start = 0;
+    for i in order {
+        if let Some(b) = out.last_mut()
+            && let Some(&last) = b.last()
+            && last + 1 == i
+            && chunks::adjacent(chunks[last], chunks[i], start)
+        {
+            b.push(i);
+            continue;
+        }
+        start = chunks[i].location().1.start;
+        out.push(vec![i]);
+    }
+    out
+}
+
+/// Verify, decompress and write the chunks of a batch (flat index, chunk) whose stored bytes
+/// are `got` (from [`chunks::get_chunks`]); keep the downloaded ones in the chunk store, and
+/// journal each. Returns each chunk's raw bytes. Blocking.
+pub(crate) fn land(
+    batch: &[(usize, Chunk)],
+    got: Vec<(Bytes, bool)>,
+    file: &std::fs::File,
+    store: Option<&ChunkStore>,
+    journal: &Mutex<std::fs::File>,
+) -> Result<Vec<Bytes>> {
+    let mut out = Vec::with_capacity(batch.len());
+    for ((i, c), (data, cached)) in batch.iter().zip(got) {
+        let raw = unpack_chunk(&data, c)?;
+        forkd_store::sparse::write_sparse_at(file, &raw, c.offset)
+            .map_err(HubError::io("cannot write the pulled snapshot"))?;
+        if !cached && let Some(s) = store {
+            s.put(&c.digest, &data)?;
+        }
+        let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
+        writeln!(j, "{i} {}", c.digest)
+            .map_err(HubError::io("cannot write the download journal"))?;
+        out.push(Bytes::from(raw));
+    }
+    Ok(out)
+}
+
+/// Every chunk of `image` with the file it belongs to, files in order and each by offset:
+/// the flat numbering of the journal and of `working_set`.
+pub(crate) fn flat_chunks(image: &ImageManifest) -> (Vec<usize>, Vec<&Chunk>) {
+    image
+        .files
+        .iter()
+        .enumerate()
+        .flat_map(|(f, e)| e.chunks.iter().map(move |c| (f, c)))
+        .unzip()
+}
+
 pub async fn fetch(
     hub: Arc<dyn Transport>,
     image: &ImageManifest,
     dir: &Partial,
+    store: Option<&Arc<ChunkStore>>,
     opts: &Limits,
     progress: &dyn Progress,
 ) -> Result<Fetched> {
     let (journal, done, files) = open_partial(image, dir)?;
-    let journal = Arc::new(Mutex::new(journal));
-
-    struct Work {
-        idx: usize,
-        file_idx: usize,
-        chunk: Chunk,
-    }
-    let work: Vec<Work> = image
-        .files
-        .iter()
-        .enumerate()
-        .flat_map(|(i, f)| f.chunks.iter().map(move |c| (i, c.clone())))
-        .enumerate()
-        .map(|(idx, (file_idx, chunk))| Work {
-            idx,
-            file_idx,
-            chunk,
-        })
-        .collect();
-    let total: u64 = work.iter().map(|w| w.chunk.stored_size).sum();
-    let resumed: u64 = work
-        .iter()
-        .filter(|w| done.contains(&w.idx))
-        .map(|w| w.chunk.stored_size)
-        .sum();
+    let (file_of, chunks) = flat_chunks(image);
+    let total: u64 = chunks.iter().map(|c| c.stored_size).sum();
+    let resumed: u64 = done.iter().map(|&i| chunks[i].stored_size).sum();
     if resumed > 0 {
         progress.message(&format!(
             "resuming: {} of {} bytes are already here",
             resumed, total
         ));
     }
+    // A batch never spans two files (the hasher takes each file's bytes in order).
+    let work: Vec<Vec<usize>> = batches(&chunks, 0..chunks.len())
+        .into_iter()
+        .flat_map(|b| {
+            let mut parts: Vec<Vec<usize>> = Vec::new();
+            for i in b {
+                match parts.last_mut() {
+                    Some(p) if file_of[p[0]] == file_of[i] => p.push(i),
+                    _ => parts.push(vec![i]),
+                }
+            }
+            parts
+        })
+        .collect();
 
     // Every downloaded blob is checked against its digest in the (verified) image manifest,
     // and zstd decodes it into exactly `len` bytes. The whole-file sha256 is computed as well
@@ -179,64 +235,71 @@ pub async fn fetch(
     // add up to the files manifest.toml describes (a publisher could list chunks of other
     // content), and a resumed pull's bytes that predate this process.
     let sizes: Vec<u64> = image.files.iter().map(|f| f.size).collect();
-    let (tx, rx) = tokio::sync::mpsc::channel::<(usize, u64, Bytes)>(opts.jobs.max(1) * 2);
+    let (tx, rx) = tokio::sync::mpsc::channel::<(usize, u64, Bytes)>(opts.jobs.max(1) * 8);
     let hasher = std::thread::spawn(move || crate::hasher::run(sizes, rx));
 
     progress.start("pulling", total);
     let downloaded = AtomicU64::new(0);
-    let done = &done;
+    let journal = Arc::new(Mutex::new(journal));
+    let (done, chunks, downloaded) = (&done, &chunks, &downloaded);
     let result: Result<()> = futures::stream::iter(work)
-        .map(|w| {
+        .map(|ids| {
             let hub = hub.clone();
-            let file = files[w.file_idx].clone();
+            let fi = file_of[ids[0]];
+            let file = files[fi].clone();
             let journal = journal.clone();
-            let downloaded = &downloaded;
+            let store = store.cloned();
             async move {
-                let c = w.chunk;
-                if done.contains(&w.idx) {
-                    progress.advance(c.stored_size);
-                    let raw = tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; c.len as usize];
-                        file.read_exact_at(&mut buf, c.offset)
-                            .map(|()| (w.file_idx, c.offset, Bytes::from(buf)))
-                    })
-                    .await
-                    .map_err(|e| HubError::Invalid(e.to_string()))?
-                    .map_err(HubError::io("cannot read back a resumed chunk"))?;
-                    return Ok(raw);
-                }
-                let key = layout::blob_key(&c.digest);
-                let data = get_retry(hub.as_ref(), &key, c.stored_size, opts.attempts, progress)
-                    .await
-                    .map_err(transport_err(
-                        hub.as_ref(),
-                        format!("cannot download blob {}", c.digest),
-                    ))?;
-                downloaded.fetch_add(data.len() as u64, Ordering::Relaxed);
-                progress.advance(c.stored_size);
-                let offset = c.offset;
-                let raw = tokio::task::spawn_blocking(move || -> Result<Bytes> {
-                    let digest = &c.digest;
-                    let raw = unpack_chunk(&data, &c)?;
-                    forkd_store::sparse::write_sparse_at(&file, &raw, c.offset)
-                        .map_err(HubError::io("cannot write the pulled snapshot"))?;
-                    let mut j = journal.lock().expect("journal lock");
-                    writeln!(j, "{} {digest}", w.idx)
-                        .map_err(HubError::io("cannot write the download journal"))?;
-                    Ok(Bytes::from(raw))
+                let want: Vec<(usize, Chunk)> = ids
+                    .iter()
+                    .filter(|i| !done.contains(i))
+                    .map(|&i| (i, chunks[i].clone()))
+                    .collect();
+                let batch: Vec<&Chunk> = want.iter().map(|(_, c)| c).collect();
+                let (got, n) = chunks::get_chunks(
+                    hub.as_ref(),
+                    store.as_deref(),
+                    &batch,
+                    opts.attempts,
+                    progress,
+                )
+                .await?;
+                downloaded.fetch_add(n, Ordering::Relaxed);
+                progress.advance(ids.iter().map(|&i| chunks[i].stored_size).sum());
+                let all: Vec<(usize, Chunk)> =
+                    ids.iter().map(|&i| (i, chunks[i].clone())).collect();
+                let done: Vec<bool> = ids.iter().map(|i| done.contains(i)).collect();
+                tokio::task::spawn_blocking(move || -> Result<Vec<(usize, u64, Bytes)>> {
+                    let mut landed =
+                        land(&want, got, &file, store.as_deref(), &journal)?.into_iter();
+                    let mut out = Vec::with_capacity(all.len());
+                    for ((_, c), resumed) in all.iter().zip(done) {
+                        let raw = if resumed {
+                            let mut buf = vec![0u8; c.len as usize];
+                            file.read_exact_at(&mut buf, c.offset)
+                                .map_err(HubError::io("cannot read back a resumed chunk"))?;
+                            Bytes::from(buf)
+                        } else {
+                            landed.next().expect("landed in order")
+                        };
+                        out.push((fi, c.offset, raw));
+                    }
+                    Ok(out)
                 })
                 .await
-                .map_err(|e| HubError::Invalid(e.to_string()))??;
-                Ok::<_, HubError>((w.file_idx, offset, raw))
+                .map_err(|e| HubError::Invalid(e.to_string()))?
             }
         })
         .buffered(opts.jobs.max(1))
-        .try_for_each(|item| {
+        .try_for_each(|raws| {
             let tx = tx.clone();
             async move {
-                tx.send(item)
-                    .await
-                    .map_err(|_| HubError::Invalid("hasher stopped".into()))
+                for r in raws {
+                    tx.send(r)
+                        .await
+                        .map_err(|_| HubError::Invalid("hasher stopped".into()))?;
+                }
+                Ok(())
             }
         })
         .await;
@@ -252,7 +315,8 @@ pub async fn fetch(
     }
     check_hashes(image, hashes, dir)?;
     Ok(Fetched {
-        downloaded: downloaded.into_inner(),
+        downloaded: downloaded.load(Ordering::Relaxed),
         resumed,
+        cached: store.map_or(0, |s| s.hits()),
     })
 }

@@ -6,8 +6,20 @@ use sha2::{Digest as _, Sha256};
 
 /// The hub layout version this client reads and writes.
 pub const LAYOUT: u32 = 1;
-/// Chunk size used by this client when pushing (recorded per image manifest).
+/// Chunk size of `fixed` chunking, which layout 1 clients wrote (4 MiB). Still read.
 pub const CHUNK_SIZE: u64 = 4 << 20;
+/// Content-defined chunking of every file a push writes (`fastcdc`, FastCDC 2020): cuts where
+/// the content says, so equal data at different offsets of two ext4 images, or of two builds,
+/// makes equal chunks. The sizes come from bench/chunks.py on images built here (RESULTS.md,
+/// "chunks"): 64 KiB on average shares 56% of python-numpy's rootfs with another recipe's,
+/// where fixed 4 MiB chunks share nothing, and 16 KiB..256 KiB bounds keep the manifest and
+/// the per-chunk work small.
+pub const CDC_MIN: u32 = 16 << 10;
+pub const CDC_AVG: u32 = 64 << 10;
+pub const CDC_MAX: u32 = 256 << 10;
+/// A push packs new chunks into blobs of about this many stored bytes; readers fetch ranges of
+/// them, so a small chunk costs no round trip of its own.
+pub const PACK_TARGET: u64 = 16 << 20;
 pub const MEDIA_TYPE: &str = "application/vnd.forkd.image.v1+json";
 
 pub const HUB_INFO_KEY: &str = "forkd-hub.json";
@@ -79,6 +91,25 @@ pub struct Chunk {
     /// sha256 of the stored (compressed) bytes; also the blob's address.
     pub digest: String,
     pub stored_size: u64,
+    /// The blob that holds the stored bytes, at `pack_offset` (a pack of chunks). Absent: the
+    /// chunk is a blob of its own, addressed by `digest` (layout 1 pushes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack_offset: Option<u64>,
+}
+
+impl Chunk {
+    /// Where the stored bytes are on the hub: a blob key and a byte range of it.
+    pub fn location(&self) -> (String, std::ops::Range<u64>) {
+        match &self.pack {
+            Some(p) => {
+                let at = self.pack_offset.unwrap_or(0);
+                (blob_key(p), at..at.saturating_add(self.stored_size))
+            }
+            None => (blob_key(&self.digest), 0..self.stored_size),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,9 +135,27 @@ impl FileEntry {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Chunking {
-    /// `fixed` in layout 1; other values are refused until a client knows them.
+    /// `fixed` (cut every `size` bytes) or `fastcdc` (content-defined: FastCDC 2020 with
+    /// `min`, average `size` and `max`). Other values are refused until a client knows them.
+    /// Readers use only each chunk's `offset` and `len`; this records how a pusher cut.
     pub algorithm: String,
     pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u64>,
+}
+
+impl Chunking {
+    /// The chunking this client pushes with.
+    pub fn fastcdc() -> Chunking {
+        Chunking {
+            algorithm: "fastcdc".into(),
+            size: CDC_AVG.into(),
+            min: Some(CDC_MIN.into()),
+            max: Some(CDC_MAX.into()),
+        }
+    }
 }
 
 /// The image manifest blob.

@@ -12,14 +12,13 @@
 //! thread. The fetching side runs on the pull's tokio runtime ([`LazyImage::run`]).
 
 use crate::cache::Partial;
+use crate::chunks::ChunkStore;
 use crate::error::{HubError, Result};
-use crate::layout::{self, Chunk, ImageManifest};
+use crate::layout::{Chunk, ImageManifest};
 use crate::progress::Progress;
-use crate::remote::{get_retry, transport_err};
 use crate::transport::Transport;
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -70,8 +69,14 @@ pub enum LazyError {
 const QUIET_AFTER_DEMAND: Duration = Duration::from_secs(2);
 const BACKGROUND_WHILE_DEMANDED: usize = 1;
 
+/// Most stored bytes a demanded chunk brings along: the chunks right after it in the same
+/// pack that are not here yet. A guest that faults on a page reads on (the kernel's
+/// read-around asks for 1 MiB around it), so the next chunks are usually the next reads.
+const DEMAND_SPAN: u64 = 1 << 20;
+
 enum Pick {
-    Chunk(usize, Kind),
+    /// Chunks to fetch together: neighbours in one blob, so one ranged GET.
+    Batch(Vec<usize>, Kind),
     /// Nothing to start now (readers are waiting and the background must give way, or a
     /// demand worker has no demand).
     Wait,
@@ -124,6 +129,9 @@ pub struct LazyImage {
     demanded_bytes: AtomicU64,
     /// How many entries at the front of the background order are the image's working set.
     working_set: usize,
+    /// Whether each chunk is in the working set (a working-set batch takes only those).
+    in_working_set: Vec<bool>,
+    store: Option<Arc<ChunkStore>>,
     resumed: u64,
     read_timeout: Duration,
     opened: Instant,
@@ -142,6 +150,7 @@ impl LazyImage {
         dir: &Partial,
         first: &[usize],
         read_timeout: Duration,
+        store: Option<Arc<ChunkStore>>,
     ) -> Result<LazyImage> {
         let (journal, done, files) = crate::fetch::open_partial(image, dir)?;
         let starts = image.chunk_starts();
@@ -185,6 +194,10 @@ impl LazyImage {
             }
         }
         let resumed = done.iter().map(|&i| chunks[i].1.stored_size).sum();
+        let mut in_working_set = vec![false; chunks.len()];
+        for &i in &order[..working_set] {
+            in_working_set[i] = true;
+        }
         Ok(LazyImage {
             image: image.clone(),
             first: starts,
@@ -207,6 +220,8 @@ impl LazyImage {
             downloaded: AtomicU64::new(0),
             demanded_bytes: AtomicU64::new(0),
             working_set,
+            in_working_set,
+            store,
             resumed,
             read_timeout,
             opened: Instant::now(),
@@ -333,8 +348,36 @@ impl LazyImage {
         Ok(buf)
     }
 
-    /// The next chunk to fetch: a demanded one, else (unless `demand_only`) the next in the
-    /// background order, unless readers are waiting (see [`Pick::Wait`]).
+    /// Mark chunk `i` and the missing chunks right after it that lie next to it in the same
+    /// blob (at most `span` stored bytes in all, and only those `take` allows) as fetching.
+    fn claim(
+        &self,
+        st: &mut State,
+        i: usize,
+        span: u64,
+        take: impl Fn(usize) -> bool,
+    ) -> Vec<usize> {
+        st.status[i] = Status::Fetching;
+        let mut batch = vec![i];
+        let start = self.chunks[i].1.location().1.start;
+        let mut last = i;
+        while last + 1 < self.chunks.len()
+            && st.status[last + 1] == Status::Missing
+            && self.chunks[last + 1].0 == self.chunks[i].0
+            && take(last + 1)
+            && crate::chunks::adjacent(&self.chunks[last].1, &self.chunks[last + 1].1, start)
+            && self.chunks[last + 1].1.location().1.end - start <= span
+        {
+            last += 1;
+            st.status[last] = Status::Fetching;
+            batch.push(last);
+        }
+        batch
+    }
+
+    /// The next chunks to fetch: a demanded one, else (unless `demand_only`) the next in the
+    /// background order, unless readers are waiting (see [`Pick::Wait`]); each with the
+    /// neighbours that come in the same ranged GET.
     fn pick(&self, demand_only: bool) -> Pick {
         let mut st = lock(&self.state);
         if st.fatal.is_some() {
@@ -342,10 +385,10 @@ impl LazyImage {
         }
         while let Some(i) = st.demanded.pop_front() {
             if st.status[i] == Status::Missing {
-                st.status[i] = Status::Fetching;
+                let batch = self.claim(&mut st, i, DEMAND_SPAN, |_| true);
                 st.demand_inflight += 1;
                 st.last_demand = Some(Instant::now());
-                return Pick::Chunk(i, Kind::Demand);
+                return Pick::Batch(batch, Kind::Demand);
             }
         }
         if demand_only {
@@ -368,9 +411,12 @@ impl LazyImage {
             let i = st.order[st.cursor];
             st.cursor += 1;
             if st.status[i] == Status::Missing {
-                st.status[i] = Status::Fetching;
+                let ws = self.in_working_set[i];
+                let batch = self.claim(&mut st, i, crate::chunks::MAX_SPAN, |j| {
+                    !ws || self.in_working_set[j]
+                });
                 st.bg_inflight += 1;
-                return Pick::Chunk(i, Kind::Background);
+                return Pick::Batch(batch, Kind::Background);
             }
         }
         Pick::Done
@@ -391,44 +437,39 @@ impl LazyImage {
         self.wake.notify_waiters();
     }
 
-    async fn fetch_one(
+    async fn fetch_batch(
         self: &Arc<Self>,
-        i: usize,
+        ids: &[usize],
         hub: &dyn Transport,
         attempts: u32,
         progress: &dyn Progress,
-    ) -> Result<()> {
-        let (_, c) = self.chunks[i].clone();
-        let key = layout::blob_key(&c.digest);
-        let data = get_retry(hub, &key, c.stored_size, attempts, progress)
-            .await
-            .map_err(transport_err(
-                hub,
-                format!("cannot download blob {}", c.digest),
-            ))?;
-        self.downloaded
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        progress.advance(c.stored_size);
+    ) -> Result<u64> {
+        let batch: Vec<(usize, Chunk)> =
+            ids.iter().map(|&i| (i, self.chunks[i].1.clone())).collect();
+        let refs: Vec<&Chunk> = batch.iter().map(|(_, c)| c).collect();
+        let (got, n) =
+            crate::chunks::get_chunks(hub, self.store.as_deref(), &refs, attempts, progress)
+                .await?;
+        self.downloaded.fetch_add(n, Ordering::Relaxed);
+        let stored: u64 = refs.iter().map(|c| c.stored_size).sum();
+        progress.advance(stored);
         let me = self.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let raw = crate::fetch::unpack_chunk(&data, &c)?;
-            let file = &me.files[me.chunks[i].0];
-            forkd_store::sparse::write_sparse_at(file, &raw, c.offset)
-                .map_err(HubError::io("cannot write the pulled snapshot"))?;
-            let mut j = me.journal.lock().unwrap_or_else(|p| p.into_inner());
-            writeln!(j, "{i} {}", c.digest)
-                .map_err(HubError::io("cannot write the download journal"))?;
+            let file = &me.files[me.chunks[batch[0].0].0];
+            crate::fetch::land(&batch, got, file, me.store.as_deref(), &me.journal)?;
             Ok(())
         })
         .await
         .map_err(|e| HubError::Invalid(e.to_string()))??;
         let mut st = lock(&self.state);
-        st.status[i] = Status::Present;
-        st.present += 1;
+        for &i in ids {
+            st.status[i] = Status::Present;
+        }
+        st.present += ids.len();
         drop(st);
         self.arrived.notify_all();
         self.wake.notify_waiters();
-        Ok(())
+        Ok(n)
     }
 
     async fn worker(
@@ -442,22 +483,29 @@ impl LazyImage {
             // Registered before looking, so a demand made in between is not missed.
             let woken = self.wake.notified();
             match self.pick(demand_only) {
-                Pick::Chunk(i, kind) => {
-                    let r = self.fetch_one(i, hub.as_ref(), attempts, progress).await;
+                Pick::Batch(ids, kind) => {
+                    let r = self
+                        .fetch_batch(&ids, hub.as_ref(), attempts, progress)
+                        .await;
                     let mut st = lock(&self.state);
                     match kind {
                         Kind::Demand => {
                             st.demand_inflight -= 1;
-                            if r.is_ok() {
-                                self.demanded_bytes
-                                    .fetch_add(self.chunks[i].1.stored_size, Ordering::Relaxed);
+                            if let Ok(n) = r {
+                                self.demanded_bytes.fetch_add(n, Ordering::Relaxed);
                             }
                         }
                         Kind::Background => st.bg_inflight -= 1,
                     }
+                    if r.is_err() {
+                        // The others of the batch are missing again; the first names the error.
+                        for &i in &ids[1..] {
+                            st.status[i] = Status::Missing;
+                        }
+                    }
                     drop(st);
                     if let Err(e) = r {
-                        self.stop(i, e.to_string());
+                        self.stop(ids[0], e.to_string());
                         return Err(e);
                     }
                 }
@@ -522,6 +570,7 @@ impl LazyImage {
         Ok(crate::fetch::Fetched {
             downloaded: self.downloaded(),
             resumed: self.resumed,
+            cached: self.store.as_ref().map_or(0, |s| s.hits()),
         })
     }
 
@@ -548,15 +597,13 @@ impl LazyImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout;
 
     fn manifest(chunks: &[(u64, u64)], size: u64) -> ImageManifest {
         ImageManifest {
             layout: 1,
             media_type: layout::MEDIA_TYPE.into(),
-            chunking: layout::Chunking {
-                algorithm: "fixed".into(),
-                size: 4,
-            },
+            chunking: layout::Chunking::fastcdc(),
             compression: "zstd".into(),
             manifest_toml: String::new(),
             files: vec![layout::FileEntry {
@@ -570,6 +617,8 @@ mod tests {
                         len,
                         digest: format!("sha256:{offset}"),
                         stored_size: 1,
+                        pack: None,
+                        pack_offset: None,
                     })
                     .collect(),
             }],
@@ -587,7 +636,7 @@ mod tests {
             .unwrap();
         // Chunks at 0..4, 8..12, 12..16; 4..8 is a hole.
         let m = manifest(&[(0, 4), (8, 4), (12, 4)], 16);
-        let img = LazyImage::open(&m, &dir, &[2], Duration::from_secs(1)).unwrap();
+        let img = LazyImage::open(&m, &dir, &[2], Duration::from_secs(1), None).unwrap();
         assert_eq!(img.covering(0, 0, 1), 0..1);
         assert_eq!(img.covering(0, 3, 2), 0..1, "3..5 ends in the hole");
         assert_eq!(img.covering(0, 4, 4), 1..1, "the hole alone needs no chunk");

@@ -15,6 +15,7 @@ pub use reference::{Reference, Target};
 pub use transport::{HubOptions, Transport, TransportError};
 
 pub mod cache;
+pub mod chunks;
 pub mod compat;
 pub mod error;
 pub mod fetch;

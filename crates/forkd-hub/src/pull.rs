@@ -475,18 +475,30 @@ async fn install(
     }
 
     let partial = cache.partial(&r.digest)?;
+    // The local chunk store: chunks other images brought are taken from there. Without it
+    // (it cannot be opened), everything is downloaded.
+    let chunks = match crate::chunks::ChunkStore::open(store.home()) {
+        Ok(s) => Some(Arc::new(s)),
+        Err(e) => {
+            tracing::warn!("not using the local chunk store: {e}");
+            None
+        }
+    };
     let limits = crate::fetch::Limits {
         jobs: opts.jobs,
         attempts: opts.attempts,
     };
     let fetched = match lazy {
-        None => crate::fetch::fetch(hub, &r.image, &partial, &limits, progress).await?,
+        None => {
+            crate::fetch::fetch(hub, &r.image, &partial, chunks.as_ref(), &limits, progress).await?
+        }
         Some(lazy) => {
             let image = Arc::new(crate::lazy::LazyImage::open(
                 &r.image,
                 &partial,
                 &r.image.working_set(),
                 lazy.read_timeout,
+                chunks.clone(),
             )?);
             let _ = lazy.ready.send(LazyReady {
                 image: image.clone(),
@@ -517,7 +529,7 @@ async fn install(
         }
     };
     outcome.downloaded_bytes = fetched.downloaded;
-    outcome.cached_bytes = fetched.resumed;
+    outcome.cached_bytes = fetched.resumed + fetched.cached;
     tracing::debug!("fetched and verified in {:?}", t0.elapsed());
 
     if let Err(e) = check_engine(opts.check, partial.path(), &r.manifest, reference) {
@@ -530,6 +542,13 @@ async fn install(
         partial.move_out(&f.name, &staging.dir().join(&f.name))?;
     }
     keep_working_set(&r.image, staging.dir());
+    // Remembered before the image appears, so that `forkd gc` never sees an installed image
+    // whose chunks it does not know.
+    if let Some(c) = &chunks
+        && let Err(e) = c.remember(&r.digest, &r.body)
+    {
+        tracing::warn!("the chunk store will not keep this image's chunks: {e}");
+    }
     tokio::task::block_in_place(|| staging.commit_pulled(tag, &r.manifest, origin, overwrite))?;
     partial.remove();
     tracing::debug!("installed in {:?}", t0.elapsed());

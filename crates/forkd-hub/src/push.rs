@@ -1,19 +1,24 @@
-//! `forkd push`: cut each file of a local snapshot into fixed-size chunks, compress each data
-//! chunk as one zstd frame (several at once), upload only the blobs the hub lacks, then the
-//! image manifest, then the tag files, then the catalogue entry. Blobs always land before the
-//! tag that names them, so a reader never sees a tag whose blobs are missing.
+//! `forkd push`: cut each file of a local snapshot into content-defined chunks (FastCDC),
+//! compress each data chunk as one zstd frame (several at once), pack the chunks the hub does
+//! not hold yet into blobs of about 16 MiB and upload those, then the image manifest, then the
+//! tag files, then the catalogue entry. Blobs always land before the tag that names them, so a
+//! reader never sees a tag whose blobs are missing.
+//!
+//! What the hub holds is learnt from the image manifests it lists (section 5 of
+//! docs/HUB-LAYOUT.md): a chunk one of them already places is named at its place, not stored
+//! again. A hub that lies about them can only make pulls of this image fail their digest
+//! checks, never give them other bytes.
 
 use crate::error::ChainProblem;
 use crate::error::{HubError, Result};
-use crate::layout::{self, CHUNK_SIZE, Chunk, Chunking, ImageManifest, ParentRef, TagFile};
+use crate::layout::{self, Chunk, Chunking, ImageManifest, ParentRef, TagFile};
 use crate::progress::Progress;
 use crate::reference::{Reference, Target};
 use crate::remote::{DOCUMENT_ATTEMPTS, check_layout, fetch_catalog, get_retry, transport_err};
 use crate::transport::{Transport, TransportError};
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use minisign::SecretKey;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 pub struct PushOptions {
@@ -51,40 +56,139 @@ pub struct PushedParent {
 /// The longest chain of parents a push or a pull follows.
 pub const MAX_CHAIN: usize = 16;
 
-struct Job {
-    file: Arc<std::fs::File>,
-    /// Index of the file in the manifest's order (for the whole-file hash).
-    file_idx: usize,
-    name: String,
-    offset: u64,
-    len: u64,
+/// Most image manifests of the hub a push reads to learn which chunks the hub holds: every
+/// version of the image being pushed first, then the newest of each other image.
+const MAX_KNOWN_MANIFESTS: usize = 32;
+
+/// Where a chunk already is on the hub: its pack and offset there, or a blob of its own.
+type Place = (Option<String>, Option<u64>);
+
+/// The chunks the hub already holds, by digest, from the image manifests it lists.
+async fn known_chunks(
+    hub: &dyn Transport,
+    image: &str,
+) -> Result<std::collections::HashMap<String, Place>> {
+    let catalog = fetch_catalog(hub).await?;
+    let mut digests: Vec<String> = Vec::new();
+    if let Some(own) = catalog.images.iter().find(|i| i.name == image) {
+        let mut v = own.versions.clone();
+        v.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        digests.extend(v.into_iter().map(|v| v.digest));
+    }
+    for i in catalog.images.iter().filter(|i| i.name != image) {
+        if let Some(v) = i
+            .versions
+            .iter()
+            .max_by(|a, b| a.created_at.cmp(&b.created_at))
+        {
+            digests.push(v.digest.clone());
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    digests.retain(|d| crate::reference::digest_hex(d).is_some() && seen.insert(d.clone()));
+    digests.truncate(MAX_KNOWN_MANIFESTS);
+    let mut known = std::collections::HashMap::new();
+    for d in digests {
+        let body = match get_retry(
+            hub,
+            &layout::blob_key(&d),
+            layout::MAX_MANIFEST_BYTES,
+            DOCUMENT_ATTEMPTS,
+            &crate::Silent,
+        )
+        .await
+        {
+            Ok(b) => b,
+            Err(TransportError::NotFound { .. }) => continue,
+            Err(e) => {
+                return Err(transport_err(
+                    hub,
+                    format!("cannot read the image manifest {d}"),
+                )(e));
+            }
+        };
+        if layout::sha256_digest(&body) != d {
+            continue;
+        }
+        let Ok(im) = serde_json::from_slice::<ImageManifest>(&body) else {
+            continue;
+        };
+        for c in im.files.iter().flat_map(|f| &f.chunks) {
+            let place_ok = match (&c.pack, c.pack_offset) {
+                (None, None) => true,
+                (Some(p), Some(_)) => crate::reference::digest_hex(p).is_some(),
+                _ => false,
+            };
+            if place_ok && crate::reference::digest_hex(&c.digest).is_some() {
+                known
+                    .entry(c.digest.clone())
+                    .or_insert((c.pack.clone(), c.pack_offset));
+            }
+        }
+    }
+    Ok(known)
 }
 
-/// What one chunk became: its raw bytes (for the whole-file hash) and, unless it is all
-/// zeros (a hole in the hub), its compressed blob.
-type Encoded = (Bytes, Option<(String, Bytes)>);
+/// A chunk cut from a file: (file index, offset, raw bytes).
+type Cut = (usize, u64, Vec<u8>);
 
-/// A chunk pushed: its file's name and, unless it is a hole, the chunk and the bytes uploaded.
-type Uploaded = (String, Option<(Chunk, u64)>);
-
-/// Read + compress one chunk.
-fn encode(job: &Job, level: i32) -> Result<Encoded> {
-    let mut buf = vec![0u8; job.len as usize];
-    job.file
-        .read_exact_at(&mut buf, job.offset)
-        .map_err(HubError::io(format!(
-            "cannot read {} at offset {}",
-            job.name, job.offset
-        )))?;
-    if forkd_store::sparse::is_zero(&buf) {
-        return Ok((Bytes::new(), None));
+/// Cut every file with FastCDC, in order, into `tx` (blocking; holes are read as zeros).
+fn cut_files(files: Vec<(String, std::fs::File)>, tx: tokio::sync::mpsc::Sender<Result<Cut>>) {
+    for (fi, (name, file)) in files.into_iter().enumerate() {
+        let reader = std::io::BufReader::with_capacity(1 << 20, file);
+        let cdc = fastcdc::v2020::StreamCDC::new(
+            reader,
+            layout::CDC_MIN as usize,
+            layout::CDC_AVG as usize,
+            layout::CDC_MAX as usize,
+        );
+        for c in cdc {
+            let item = c.map(|c| (fi, c.offset, c.data)).map_err(|e| HubError::Io {
+                what: format!("cannot read {name}"),
+                source: std::io::Error::other(e.to_string()),
+            });
+            let stop = item.is_err();
+            if tx.blocking_send(item).is_err() || stop {
+                return;
+            }
+        }
     }
-    let stored = zstd::bulk::compress(&buf, level)
-        .map_err(HubError::io(format!("cannot compress {}", job.name)))?;
+}
+
+/// One compressed chunk: raw bytes, and unless it is all zeros (a hole on the hub), its
+/// digest and stored bytes.
+type Encoded = (usize, u64, Bytes, Option<(String, Bytes)>);
+
+fn encode((fi, offset, raw): Cut, level: i32) -> Result<Encoded> {
+    if forkd_store::sparse::is_zero(&raw) {
+        return Ok((fi, offset, Bytes::from(raw), None));
+    }
+    let stored =
+        zstd::bulk::compress(&raw, level).map_err(HubError::io("cannot compress a chunk"))?;
     Ok((
-        Bytes::from(buf),
+        fi,
+        offset,
+        Bytes::from(raw),
         Some((layout::sha256_digest(&stored), Bytes::from(stored))),
     ))
+}
+
+/// Upload one sealed pack unless the hub has it; returns the bytes uploaded.
+async fn upload_pack(hub: Arc<dyn Transport>, digest: String, data: Bytes) -> Result<u64> {
+    let key = layout::blob_key(&digest);
+    let what = || format!("cannot upload {key}");
+    if hub
+        .exists(&key)
+        .await
+        .map_err(transport_err(hub.as_ref(), what()))?
+    {
+        return Ok(0);
+    }
+    let n = data.len() as u64;
+    hub.put(&key, data)
+        .await
+        .map_err(transport_err(hub.as_ref(), what()))?;
+    Ok(n)
 }
 
 /// Push `snapshot` as `reference`. A branch's parents (found in `store` by their content
@@ -379,8 +483,8 @@ async fn push_one(
     let manifest_toml =
         fs_err::read_to_string(&mpath).map_err(HubError::io("cannot read the local manifest"))?;
 
-    let mut jobs = Vec::new();
-    for (file_idx, (name, entry)) in snapshot.manifest.files.iter().enumerate() {
+    let mut open_files = Vec::new();
+    for (name, entry) in snapshot.manifest.files.iter() {
         let path = snapshot.path(name);
         let file = forkd_store::open_nofollow(&path)
             .map_err(HubError::io(format!("cannot open {}", path.display())))?;
@@ -395,86 +499,107 @@ async fn push_one(
                 actual: format!("{size} bytes"),
             });
         }
-        let file = Arc::new(file);
-        let mut offset = 0;
-        while offset < entry.size {
-            let len = CHUNK_SIZE.min(entry.size - offset);
-            jobs.push(Job {
-                file: file.clone(),
-                file_idx,
-                name: name.clone(),
-                offset,
-                len,
-            });
-            offset += len;
-        }
+        open_files.push((name.clone(), file));
     }
+    let known = known_chunks(hub_ref, &reference.repository()).await?;
     progress.start("pushing", snapshot.manifest.total_size());
     // Each file's sha256 is computed from the very bytes that are compressed and uploaded (in
     // offset order, on a thread of its own, holes as zeros), and checked against the manifest
     // before the manifest and the tag are written: a corrupt image never becomes visible.
     let sizes: Vec<u64> = snapshot.manifest.files.values().map(|f| f.size).collect();
-    let (tx, rx) = tokio::sync::mpsc::channel::<(usize, u64, Bytes)>(opts.jobs.max(1) * 2);
+    let (tx, rx) = tokio::sync::mpsc::channel::<(usize, u64, Bytes)>(opts.jobs.max(1) * 8);
     let hasher = std::thread::spawn(move || crate::hasher::run(sizes, rx));
+    let (ctx, mut crx) = tokio::sync::mpsc::channel::<Result<Cut>>(opts.jobs.max(1) * 4);
+    let cutter = tokio::task::spawn_blocking(move || cut_files(open_files, ctx));
     let level = opts.zstd_level;
-    let results: Result<Vec<Uploaded>> = futures::stream::iter(jobs)
-        .map(|job| {
-            let hub = hub.clone();
-            async move {
-                let name = job.name.clone();
-                let (file_idx, offset, len) = (job.file_idx, job.offset, job.len);
-                let (raw, enc) = tokio::task::spawn_blocking(move || encode(&job, level))
+    let mut encoded = std::pin::pin!(
+        futures::stream::poll_fn(move |cx| crx.poll_recv(cx))
+            .map(|cut| async move {
+                let cut = cut?;
+                tokio::task::spawn_blocking(move || encode(cut, level))
                     .await
-                    .map_err(|e| HubError::Invalid(format!("compression task failed: {e}")))??;
-                progress.advance(len);
-                let raw = (file_idx, offset, raw);
-                let Some((digest, data)) = enc else {
-                    return Ok((name, None, raw));
-                };
-                let key = layout::blob_key(&digest);
-                let what = || format!("cannot upload {key}");
-                let present = hub
-                    .exists(&key)
-                    .await
-                    .map_err(transport_err(hub.as_ref(), what()))?;
-                let stored_size = data.len() as u64;
-                let uploaded = if present {
-                    0
-                } else {
-                    hub.put(&key, data)
-                        .await
-                        .map_err(transport_err(hub.as_ref(), what()))?;
-                    stored_size
-                };
-                let chunk = Chunk {
-                    offset,
-                    len,
-                    digest,
-                    stored_size,
-                };
-                Ok::<_, HubError>((name, Some((chunk, uploaded)), raw))
-            }
-        })
-        .buffered(opts.jobs.max(1))
-        .and_then(|(name, chunk, raw)| {
-            let tx = tx.clone();
-            async move {
-                if !raw.2.is_empty() {
-                    tx.send(raw)
-                        .await
-                        .map_err(|_| HubError::Invalid("hasher stopped".into()))?;
+                    .map_err(|e| HubError::Invalid(format!("compression task failed: {e}")))?
+            })
+            .buffered(opts.jobs.max(1))
+    );
+    // Each file's chunks; a chunk in a pack not sealed yet names it by its index in `packs`.
+    let nfiles = snapshot.manifest.files.len();
+    let mut chunks: Vec<Vec<(Chunk, Option<usize>)>> = vec![Vec::new(); nfiles];
+    let mut this_push: std::collections::HashMap<String, (usize, u64)> = Default::default();
+    let mut pack: Vec<u8> = Vec::new();
+    let mut packs: Vec<String> = Vec::new();
+    let mut uploads = tokio::task::JoinSet::new();
+    let (mut uploaded_bytes, mut reused_bytes) = (0u64, 0u64);
+    let seal = |pack: &mut Vec<u8>,
+                packs: &mut Vec<String>,
+                uploads: &mut tokio::task::JoinSet<Result<u64>>| {
+        let data = Bytes::from(std::mem::take(pack));
+        let digest = layout::sha256_digest(&data);
+        packs.push(digest.clone());
+        uploads.spawn(upload_pack(hub.clone(), digest, data));
+    };
+    let result: Result<()> = async {
+        while let Some(item) = encoded.next().await {
+            let (fi, offset, raw, enc) = item?;
+            let len = raw.len() as u64;
+            progress.advance(len);
+            let Some((digest, data)) = enc else {
+                continue;
+            };
+            tx.send((fi, offset, raw))
+                .await
+                .map_err(|_| HubError::Invalid("hasher stopped".into()))?;
+            let stored_size = data.len() as u64;
+            let mut chunk = Chunk {
+                offset,
+                len,
+                digest: digest.clone(),
+                stored_size,
+                pack: None,
+                pack_offset: None,
+            };
+            let sealed_as = if let Some((p, at)) = known.get(&digest) {
+                reused_bytes += stored_size;
+                (chunk.pack, chunk.pack_offset) = (p.clone(), *at);
+                None
+            } else if let Some(&(p, at)) = this_push.get(&digest) {
+                chunk.pack_offset = Some(at);
+                Some(p)
+            } else {
+                let p = packs.len();
+                let at = pack.len() as u64;
+                pack.extend_from_slice(&data);
+                this_push.insert(digest, (p, at));
+                chunk.pack_offset = Some(at);
+                if pack.len() as u64 >= layout::PACK_TARGET {
+                    seal(&mut pack, &mut packs, &mut uploads);
                 }
-                Ok((name, chunk))
+                Some(p)
+            };
+            chunks[fi].push((chunk, sealed_as));
+            // At most a few packs in the air: each is 16 MiB of memory.
+            while uploads.len() >= opts.jobs.clamp(1, 4) {
+                if let Some(r) = uploads.join_next().await {
+                    uploaded_bytes += r.map_err(|e| HubError::Invalid(e.to_string()))??;
+                }
             }
-        })
-        .try_collect()
-        .await;
+        }
+        if !pack.is_empty() {
+            seal(&mut pack, &mut packs, &mut uploads);
+        }
+        while let Some(r) = uploads.join_next().await {
+            uploaded_bytes += r.map_err(|e| HubError::Invalid(e.to_string()))??;
+        }
+        Ok(())
+    }
+    .await;
     drop(tx);
+    let _ = cutter.await;
     let hashes = hasher
         .join()
         .map_err(|_| HubError::Invalid("hasher thread panicked".into()))?;
     progress.finish();
-    let results = results?;
+    result?;
     for ((name, entry), actual) in snapshot.manifest.files.iter().zip(hashes) {
         if actual != entry.sha256 {
             return Err(HubError::Corrupt {
@@ -488,40 +613,30 @@ async fn push_one(
         }
     }
 
-    let mut files: Vec<layout::FileEntry> = snapshot
+    let files: Vec<layout::FileEntry> = snapshot
         .manifest
         .files
         .iter()
-        .map(|(name, e)| layout::FileEntry {
+        .zip(chunks)
+        .map(|((name, e), cs)| layout::FileEntry {
             name: name.clone(),
             size: e.size,
             sha256: e.sha256.clone(),
-            chunks: vec![],
+            chunks: cs
+                .into_iter()
+                .map(|(mut c, p)| {
+                    if let Some(p) = p {
+                        c.pack = Some(packs[p].clone());
+                    }
+                    c
+                })
+                .collect(),
         })
         .collect();
-    let (mut uploaded_bytes, mut reused_bytes) = (0, 0);
-    for (name, r) in results {
-        if let Some((chunk, up)) = r {
-            if up > 0 {
-                uploaded_bytes += up
-            } else {
-                reused_bytes += chunk.stored_size
-            }
-            files
-                .iter_mut()
-                .find(|f| f.name == name)
-                .expect("listed file")
-                .chunks
-                .push(chunk);
-        }
-    }
     let mut manifest = ImageManifest {
         layout: layout::LAYOUT,
         media_type: layout::MEDIA_TYPE.into(),
-        chunking: Chunking {
-            algorithm: "fixed".into(),
-            size: CHUNK_SIZE,
-        },
+        chunking: Chunking::fastcdc(),
         compression: "zstd".into(),
         manifest_toml,
         files,

@@ -30,10 +30,35 @@ pub async fn get_retry(
     attempts: u32,
     progress: &dyn crate::progress::Progress,
 ) -> Result<Bytes, TransportError> {
+    retry(key, attempts, progress, || hub.get(key, max)).await
+}
+
+/// [`get_retry`] for a byte range of a blob.
+pub async fn get_range_retry(
+    hub: &dyn Transport,
+    key: &str,
+    range: std::ops::Range<u64>,
+    attempts: u32,
+    progress: &dyn crate::progress::Progress,
+) -> Result<Bytes, TransportError> {
+    retry(key, attempts, progress, || {
+        hub.get_range(key, range.clone())
+    })
+    .await
+}
+
+/// Run `get` until it succeeds, fails for good, or `attempts` transient failures, waiting
+/// 250 ms, 500 ms, ... (at most 5 s) between them.
+async fn retry<F: std::future::Future<Output = Result<Bytes, TransportError>>>(
+    key: &str,
+    attempts: u32,
+    progress: &dyn crate::progress::Progress,
+    get: impl Fn() -> F,
+) -> Result<Bytes, TransportError> {
     let mut delay = std::time::Duration::from_millis(250);
     let mut n = 1;
     loop {
-        match hub.get(key, max).await {
+        match get().await {
             Err(e) if e.is_transient() && n < attempts => {
                 progress.message(&format!("retrying {key} in {delay:?} ({e})"));
                 tracing::debug!("attempt {n} for {key} failed: {e}");

@@ -14,6 +14,8 @@ pub const MAX_CHUNK: u64 = 64 << 20;
 
 pub struct Resolved {
     pub digest: String,
+    /// The image manifest blob as read (its sha256 is `digest`).
+    pub body: bytes::Bytes,
     pub image: ImageManifest,
     pub manifest: Manifest,
     /// `None` when verified; the reason when accepted unsigned/unverified with --insecure.
@@ -127,6 +129,7 @@ pub async fn resolve(
     })?;
     Ok(Resolved {
         digest: tag.digest,
+        body: body.clone(),
         image,
         manifest,
         unverified,
@@ -143,7 +146,7 @@ fn validate(im: &ImageManifest) -> Result<Manifest, String> {
             layout::LAYOUT
         ));
     }
-    if im.chunking.algorithm != "fixed" || im.compression != "zstd" {
+    if !matches!(im.chunking.algorithm.as_str(), "fixed" | "fastcdc") || im.compression != "zstd" {
         return Err(format!(
             "unknown chunking {:?} or compression {:?}; upgrade forkd",
             im.chunking.algorithm, im.compression
@@ -176,7 +179,15 @@ fn validate(im: &ImageManifest) -> Result<Manifest, String> {
                     f.name, c.offset
                 ));
             }
-            if digest_hex(&c.digest).is_none() || c.stored_size > MAX_CHUNK + (1 << 20) {
+            let bad_pack = match (&c.pack, c.pack_offset) {
+                (None, None) => false,
+                (Some(p), Some(at)) => {
+                    digest_hex(p).is_none() || at.checked_add(c.stored_size).is_none()
+                }
+                _ => true,
+            };
+            if digest_hex(&c.digest).is_none() || c.stored_size > MAX_CHUNK + (1 << 20) || bad_pack
+            {
                 return Err(format!(
                     "{}: chunk at {} has a bad digest or size",
                     f.name, c.offset

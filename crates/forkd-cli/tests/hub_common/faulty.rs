@@ -123,11 +123,32 @@ fn handle(
         }
     };
     let is_data_blob = rel.starts_with("blobs/") && !data.starts_with(b"{");
-    write!(
-        conn,
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        data.len()
-    )?;
+    // One byte range, `bytes=A-B` (what forkd asks for packs of chunks): 206 with the slice.
+    let range = text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        let (a, b) = v.trim().strip_prefix("bytes=")?.split_once('-')?;
+        let (a, b): (usize, usize) = (a.parse().ok()?, b.parse().ok()?);
+        (k.eq_ignore_ascii_case("range") && a <= b && b < data.len()).then_some((a, b))
+    });
+    let data = match range {
+        Some((a, b)) => {
+            write!(
+                conn,
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {a}-{b}/{}\r\nConnection: close\r\n\r\n",
+                b + 1 - a,
+                data.len()
+            )?;
+            data[a..=b].to_vec()
+        }
+        None => {
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                data.len()
+            )?;
+            data
+        }
+    };
     if method == "HEAD" {
         return Ok(());
     }
