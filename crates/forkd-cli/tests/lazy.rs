@@ -141,9 +141,16 @@ fn lazy_fork_runs_children_then_installs_the_image_as_a_pull_would() {
         "no read waited for a chunk ({demanded} of {total} bytes demanded): the fork was not lazy"
     );
     assert!(pull["first_child_ms"].as_u64().is_some(), "{v}");
-    // Every byte was served once.
-    assert_eq!(pull["downloaded_bytes"].as_u64().unwrap(), total, "{v}");
-    assert!(server.bytes() <= total, "{} > {total}", server.bytes());
+    // Every byte was served about once: a chunk the image lists twice can be fetched twice
+    // when two reads want it at the same moment, and a ranged GET may span a chunk that is
+    // already here (at most 64 KiB): a few percent, never a second copy of the image.
+    let downloaded = pull["downloaded_bytes"].as_u64().unwrap();
+    assert!(downloaded >= total, "{v}");
+    assert!(
+        server.bytes() <= total * 21 / 20,
+        "{} > {total}",
+        server.bytes()
+    );
     // Installed exactly as a pull leaves it: the publisher's files, and a pull is a no-op.
     assert_eq!(hub_common::tag_hashes(home.path(), "tiny"), h.hashes);
     assert_clean(home.path());
@@ -272,8 +279,9 @@ fn two_lazy_forks_of_one_image_download_it_once() {
         .filter_map(|o| json(&String::from_utf8_lossy(&o.stdout))["pull"]["image_bytes"].as_u64())
         .max()
         .unwrap();
+    // One download: a second would double it (see the first test for the few percent).
     assert!(
-        server.bytes() <= total,
+        server.bytes() <= total * 21 / 20,
         "{} bytes served for an image of {total}",
         server.bytes()
     );

@@ -281,10 +281,14 @@ impl ParentRef {
 }
 
 impl ImageManifest {
+    /// Bytes a pull of the image downloads at most: each distinct chunk once (a chunk listed
+    /// twice, at two offsets or in two files, is fetched once).
     pub fn stored_size(&self) -> u64 {
+        let mut seen = std::collections::HashSet::new();
         self.files
             .iter()
             .flat_map(|f| &f.chunks)
+            .filter(|c| seen.insert(c.digest.as_str()))
             .map(|c| c.stored_size)
             .sum()
     }

@@ -19,6 +19,7 @@ pub mod chunks;
 pub mod compat;
 pub mod error;
 pub mod fetch;
+pub mod gc;
 mod hasher;
 pub mod lazy;
 pub mod progress;

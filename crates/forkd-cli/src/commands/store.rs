@@ -1,4 +1,4 @@
-//! Local store commands: images, rmi, inspect, verify, pack, unpack.
+//! Local store commands: images, rmi, inspect, verify, pack, unpack, gc.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -92,6 +92,24 @@ pub enum Cmd {
         #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
         threads: u32,
     },
+    /// Remove downloaded chunks and partial downloads no installed image needs
+    #[command(
+        long_about = "Give back the disk the download cache holds for nothing: chunks in the local \
+                      chunk store ($FORKD_HOME/cache/chunks) that no installed image lists, the \
+                      remembered manifests of images that were removed, unfinished chunk writes, \
+                      and partial downloads that no pull is working on. Installed images are never \
+                      touched. A partial download is what lets an interrupted pull resume: after gc, \
+                      that pull starts over (taking what it can from the chunk store).",
+        after_help = "Examples:\n  forkd gc --dry-run        # what would go, and how much\n  forkd rmi python-numpy && forkd gc\n  forkd gc --json | jq .chunk_bytes_freed"
+    )]
+    Gc {
+        /// Count what would be removed; remove nothing
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+        /// Print JSON instead of a sentence
+        #[arg(long)]
+        json: bool,
+    },
     /// Install an image from a .forkd-snapshot.tar.zst file
     #[command(
         long_about = "Install an image from a .forkd-snapshot.tar.zst file. The pack is treated as \
@@ -134,6 +152,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> anyhow::Result<()> {
         Cmd::Rmi { tags, force } => rmi(ctx, &tags, force),
         Cmd::Inspect { tag, json } => inspect(ctx, &tag, json),
         Cmd::Verify { tag, json } => verify(ctx, &tag, json),
+        Cmd::Gc { dry_run, json } => gc(ctx, dry_run, json),
         Cmd::Pack {
             tag,
             output,
@@ -386,6 +405,28 @@ fn inspect(ctx: &Ctx, tag: &ImageName, json: bool) -> anyhow::Result<()> {
         }
         out(&text)
     }
+}
+
+fn gc(ctx: &Ctx, dry_run: bool, json: bool) -> anyhow::Result<()> {
+    let store = ctx.store()?;
+    let r =
+        forkd_hub::gc::collect(&store, dry_run).context("cannot collect the cache's garbage")?;
+    if json {
+        return out(&format!("{}\n", serde_json::to_string_pretty(&r)?));
+    }
+    if !ctx.quiet {
+        let verb = if dry_run { "would remove" } else { "removed" };
+        eprintln!(
+            "{verb} {} chunk(s), {} manifest(s) and {} partial download(s): {} freed; {} chunk(s), {}, kept for installed images",
+            r.chunks_removed,
+            r.manifests_removed,
+            r.partials_removed,
+            human_bytes(r.bytes_freed()),
+            r.chunks_kept,
+            human_bytes(r.chunk_bytes_kept),
+        );
+    }
+    Ok(())
 }
 
 fn verify(ctx: &Ctx, tag: &ImageName, json: bool) -> anyhow::Result<()> {

@@ -27,6 +27,8 @@ pub struct Faulty {
     pub url: String,
     pub mode: Arc<Mutex<Mode>>,
     pub blob_bytes: Arc<AtomicU64>,
+    /// GET requests for data blobs (whole or a range).
+    pub blob_requests: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -36,11 +38,13 @@ impl Faulty {
         let url = format!("http://{}/", listener.local_addr().unwrap());
         let mode = Arc::new(Mutex::new(mode));
         let blob_bytes = Arc::new(AtomicU64::new(0));
+        let blob_requests = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (root, m, b, s) = (
+        let (root, m, b, r, s) = (
             root.to_path_buf(),
             mode.clone(),
             blob_bytes.clone(),
+            blob_requests.clone(),
             stop.clone(),
         );
         std::thread::spawn(move || {
@@ -49,9 +53,9 @@ impl Faulty {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (root, m, b) = (root.clone(), m.clone(), b.clone());
+                let (root, m, b, r) = (root.clone(), m.clone(), b.clone(), r.clone());
                 std::thread::spawn(move || {
-                    let _ = handle(conn, &root, &m, &b);
+                    let _ = handle(conn, &root, &m, &b, &r);
                 });
             }
         });
@@ -59,6 +63,7 @@ impl Faulty {
             url,
             mode,
             blob_bytes,
+            blob_requests,
             stop,
         }
     }
@@ -84,6 +89,7 @@ fn handle(
     root: &Path,
     mode: &Mutex<Mode>,
     counter: &AtomicU64,
+    requests: &AtomicU64,
 ) -> std::io::Result<()> {
     let mut req = Vec::new();
     let mut buf = [0u8; 4096];
@@ -151,6 +157,9 @@ fn handle(
     };
     if method == "HEAD" {
         return Ok(());
+    }
+    if is_data_blob {
+        requests.fetch_add(1, Ordering::SeqCst);
     }
     if !is_data_blob {
         return conn.write_all(&data);
