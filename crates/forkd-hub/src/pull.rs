@@ -478,6 +478,7 @@ async fn install(
     // The local chunk store: chunks other images brought are taken from there. Without it
     // (it cannot be opened), everything is downloaded.
     let chunks = match crate::chunks::ChunkStore::open(store.home()) {
+        _ if std::env::var_os("FORKD_CHUNK_STORE").is_some_and(|v| v == "0") => None,
         Ok(s) => Some(Arc::new(s)),
         Err(e) => {
             tracing::warn!("not using the local chunk store: {e}");

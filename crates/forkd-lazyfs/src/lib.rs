@@ -159,7 +159,31 @@ impl LazyFs {
     }
 }
 
+/// The read-ahead the kernel may do on these files, which is also how much a page fault in a
+/// mapped file reads around the faulting page. The kernel's default took 1 MiB per fault
+/// (bench/lazy.sh, python-numpy: 112 reads of 1 MiB for a working set spread over most of the
+/// guest's memory), and each of those bytes must cross the link before the guest goes on.
+/// `FORKD_LAZY_READAHEAD_KB` overrides it (a knob for benchmarks; 0 keeps the kernel's).
+pub const READAHEAD: u32 = 128 << 10;
+
+fn readahead() -> Option<u32> {
+    match std::env::var("FORKD_LAZY_READAHEAD_KB").ok().map(|v| v.parse::<u32>()) {
+        Some(Ok(0)) => None,
+        Some(Ok(kb)) if (4..=16384).contains(&kb) => Some(kb << 10),
+        _ => Some(READAHEAD),
+    }
+}
+
 impl Filesystem for LazyFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        if let Some(want) = readahead()
+            && let Err(nearest) = config.set_max_readahead(want)
+        {
+            let _ = config.set_max_readahead(nearest);
+        }
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if u64::from(parent) != ROOT {
             return reply.error(Errno::ENOENT);
