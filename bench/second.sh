@@ -39,7 +39,7 @@ cleanup() {
 }
 trap cleanup EXIT
 # A copy: a rebuild of target/ while the recipes build must not change the binary under test.
-cp target/release/forkd "$W/forkd"
+cp target/release/forkd target/x86_64-unknown-linux-gnu/release/forkd-agent "$W/"
 FORKD="$W/forkd"
 PUBLISHER_HOME="${PUBLISHER_HOME:-$FORKD_CACHE/bench-publisher}"
 export FORKD_ASSETS="${FORKD_ASSETS:-$FORKD_CACHE/assets}"

@@ -58,6 +58,8 @@ pub struct VmGuard {
     die_with_spawner: bool,
     /// The child's network back end (stopped after QEMU).
     net: Option<Box<crate::net::NetLink>>,
+    /// A seccomp filter QEMU gets before exec (see [`crate::lazymem`]).
+    filter: Option<seccompiler::BpfProgram>,
 }
 
 /// Unix socket paths are limited to 108 bytes.
@@ -79,6 +81,7 @@ impl VmGuard {
             cgroup: None,
             pass: Vec::new(),
             die_with_spawner: true,
+            filter: None,
             net: None,
         };
         if g.agent_sock.as_os_str().len() > MAX_SOCK_PATH {
@@ -119,6 +122,18 @@ impl VmGuard {
             .stderr(log2)
             .process_group(0);
         let join = self.confine_command(&mut cmd)?;
+        if let Some(prog) = self.filter.clone() {
+            // SAFETY: the hook only calls prctl(2) and seccomp(2) (async-signal-safe) on a
+            // program built before the fork; it allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    seccompiler::apply_filter(&prog).map_err(|e| match e {
+                        seccompiler::Error::Prctl(e) | seccompiler::Error::Seccomp(e) => e,
+                        _ => std::io::ErrorKind::Other.into(),
+                    })
+                });
+            }
+        }
         let child = cmd.spawn().at("cannot start", qemu)?;
         if self.die_with_spawner {
             // A confined QEMU loses its parent-death signal when it changes user.
@@ -154,6 +169,15 @@ impl VmGuard {
             .as_ref()
             .map(|c| c.dirs().to_vec())
             .unwrap_or_default()
+    }
+
+    /// The child's memory is served lazily: its QEMU must fault it in without huge-page
+    /// read-around ([`crate::lazymem`]). Call before [`VmGuard::spawn`].
+    pub fn lazy_memory(&mut self) -> Result<()> {
+        let prog = crate::lazymem::no_hugepage_filter()
+            .map_err(|e| EngineError::Seccomp(e.to_string()))?;
+        self.filter = Some(prog);
+        Ok(())
     }
 
     /// Hand `file` to QEMU at spawn as an inherited descriptor; returns its number there.
@@ -480,6 +504,9 @@ fn life(
     // The device state goes in as an open descriptor: a sandboxed QEMU may not exec `cat`,
     // and need not be able to open the store's files itself.
     let vmstate = std::fs::File::open(plan.vmstate).at("cannot open", plan.vmstate)?;
+    if crate::lazymem::on_fuse(plan.vmstate) {
+        guard.lazy_memory()?;
+    }
     let uri = format!("fd:{}", guard.pass_fd(vmstate));
     guard.spawn(plan.qemu, &args)?;
     let qmp_sock = guard.qmp_sock.clone();

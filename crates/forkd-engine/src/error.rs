@@ -105,6 +105,8 @@ pub enum EngineError {
     Chain(String),
     #[error("network: {0}")]
     Net(String),
+    #[error("cannot build the seccomp filter of a lazily served child: {0}")]
+    Seccomp(String),
     #[error(
         "host port {port} is already in use; expose the guest port on another host port, or \
          give only the guest port to get a free one"

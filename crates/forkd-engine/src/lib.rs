@@ -25,6 +25,7 @@ pub mod fork;
 mod gate;
 mod guestmem;
 pub mod image;
+pub mod lazymem;
 mod memory;
 pub mod mux;
 pub mod net;

@@ -159,19 +159,18 @@ impl LazyFs {
     }
 }
 
-/// The read-ahead the kernel may do on these files, which is also how much a page fault in a
-/// mapped file reads around the faulting page. The kernel's default took 1 MiB per fault
-/// (bench/lazy.sh, python-numpy: 112 reads of 1 MiB for a working set spread over most of the
-/// guest's memory), and each of those bytes must cross the link before the guest goes on.
-/// `FORKD_LAZY_READAHEAD_KB` overrides it (a knob for benchmarks; 0 keeps the kernel's).
-pub const READAHEAD: u32 = 128 << 10;
-
+/// The kernel's read-ahead on these files is left as it is, unless `FORKD_LAZY_READAHEAD_KB`
+/// (a knob for benchmarks, 4..16384) sets it. Measured with bench/lazy.sh (python-numpy):
+/// 128 KiB changed nothing, because a guest's page fault does not read around by read-ahead.
+/// QEMU marks guest RAM `MADV_HUGEPAGE`, and a fault in such a file mapping reads the aligned
+/// 4 MiB around it (the recorded working set is 4 MiB groups of 1 MiB reads, 1 MiB being
+/// FUSE's largest request); `PR_SET_THP_DISABLE` on QEMU did not change that either.
 fn readahead() -> Option<u32> {
-    match std::env::var("FORKD_LAZY_READAHEAD_KB").ok().map(|v| v.parse::<u32>()) {
-        Some(Ok(0)) => None,
-        Some(Ok(kb)) if (4..=16384).contains(&kb) => Some(kb << 10),
-        _ => Some(READAHEAD),
-    }
+    std::env::var("FORKD_LAZY_READAHEAD_KB")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|kb| (4..=16384).contains(kb))
+        .map(|kb| kb << 10)
 }
 
 impl Filesystem for LazyFs {
