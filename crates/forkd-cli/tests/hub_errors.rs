@@ -474,17 +474,22 @@ fn pull_killed_with_sigkill_resumes() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Bytes of the chunks the pull verified and kept in the local chunk store (a chunk is
-    // kept there before the journal records it, so the store counts every chunk a resumed
-    // pull will not download again).
+    // Bytes of the chunks the pull verified and kept in the local chunk store (listed in a
+    // segment's index: a chunk is listed there before the journal records it, so the store
+    // counts every chunk a resumed pull will not download again).
     let cached = || -> u64 {
         let Ok(rd) = std::fs::read_dir(c.path().join("cache/chunks")) else {
             return 0;
         };
-        rd.flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
-            .map(|e| e.unwrap())
-            .filter(|e| !e.file_name().to_string_lossy().starts_with(".tmp-"))
-            .map(|e| e.metadata().unwrap().len())
+        rd.map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "idx"))
+            .flat_map(|p| {
+                std::fs::read_to_string(p)
+                    .unwrap()
+                    .lines()
+                    .filter_map(|l| l.split(' ').nth(2)?.parse::<u64>().ok())
+                    .collect::<Vec<_>>()
+            })
             .sum()
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

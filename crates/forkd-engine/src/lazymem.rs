@@ -22,6 +22,8 @@ const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
 /// Whether `path` is on a FUSE file system (a lazy or recording mount).
 pub fn on_fuse(path: &Path) -> bool {
+    // `f_type` is a C long: i64 here, narrower on other targets.
+    #[allow(clippy::unnecessary_cast)]
     rustix::fs::statfs(path).is_ok_and(|s| s.f_type as i64 == FUSE_SUPER_MAGIC)
 }
 
@@ -29,8 +31,7 @@ pub fn on_fuse(path: &Path) -> bool {
 /// other system call is left to QEMU's own filter.
 pub fn no_hugepage_filter() -> Result<seccompiler::BpfProgram, seccompiler::BackendError> {
     use seccompiler::{
-        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-        SeccompRule,
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
     };
     let rule = SeccompRule::new(vec![SeccompCondition::new(
         2,
@@ -125,8 +126,14 @@ mod tests {
             libc::write(down[1], b"x".as_ptr().cast(), 1);
             libc::waitpid(pid, std::ptr::null_mut(), 0);
         }
-        assert_eq!(msg[1], 1, "the filter did not apply, or madvise did not report success");
-        assert!(!flags.contains(" hg"), "the mapping was still marked: {flags}");
+        assert_eq!(
+            msg[1], 1,
+            "the filter did not apply, or madvise did not report success"
+        );
+        assert!(
+            !flags.contains(" hg"),
+            "the mapping was still marked: {flags}"
+        );
         assert!(!on_fuse(Path::new("/")));
     }
 }

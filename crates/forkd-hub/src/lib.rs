@@ -16,6 +16,7 @@ pub use transport::{HubOptions, Transport, TransportError};
 
 pub mod cache;
 pub mod chunks;
+pub mod chunkstore;
 pub mod compat;
 pub mod error;
 pub mod fetch;
