@@ -405,3 +405,74 @@ fn a_full_disk_fails_the_fork_cleanly_and_leaves_the_store_as_it_was() {
     assert!(partial.is_empty(), "partial downloads left: {partial:?}");
     assert_clean(&home);
 }
+
+/// The `VmFlags` of the memory.bin mapping of the first running QEMU whose memory file is
+/// under `under`, waiting for one to appear (None if none did within `wait`).
+fn memory_vm_flags(under: &Path, wait: Duration) -> Option<String> {
+    let deadline = Instant::now() + wait;
+    let under = under.display().to_string();
+    while Instant::now() < deadline {
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(smaps) = std::fs::read_to_string(e.path().join("smaps")) else {
+                continue;
+            };
+            let mut lines = smaps.lines();
+            while let Some(l) = lines.next() {
+                if l.contains(&under) && l.ends_with("memory.bin") {
+                    let flags = lines.by_ref().find(|l| l.starts_with("VmFlags:"));
+                    if let Some(f) = flags {
+                        return Some(f.to_string());
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn a_lazily_served_child_faults_its_memory_in_without_huge_page_read_around() {
+    let h = hub();
+    let server = Faulty::start(&h.root, Mode::Normal);
+    let home = new_home();
+    // A lazy child: QEMU's madvise(MADV_HUGEPAGE) on guest RAM must not have marked the mapping.
+    let (flags, out) = std::thread::scope(|s| {
+        let fork = s.spawn(|| {
+            lazy_fork(
+                home.path(),
+                &server.url,
+                &["-n", "1", "--exec", "sleep 4"],
+                &[],
+            )
+        });
+        let flags = memory_vm_flags(&home.path().join("cache/lazy"), Duration::from_secs(60));
+        (flags, fork.join().unwrap())
+    });
+    assert!(out.status.success(), "{}", text(&out));
+    let flags = flags.expect("no lazily served QEMU was seen");
+    assert!(
+        !flags.contains(" hg"),
+        "the lazy child's memory is huge-page advised: {flags}"
+    );
+    // A child of the installed image keeps huge pages (so the check above can fail).
+    let (flags, out) = std::thread::scope(|s| {
+        let fork = s.spawn(|| {
+            cmd_in(home.path())
+                .args([
+                    "-q", "fork", "--tag", "tiny", "-n", "1", "--exec", "sleep 4",
+                ])
+                .output()
+                .unwrap()
+        });
+        let flags = memory_vm_flags(&home.path().join("images"), Duration::from_secs(60));
+        (flags, fork.join().unwrap())
+    });
+    assert!(out.status.success(), "{}", text(&out));
+    let flags = flags.expect("no QEMU of the installed image was seen");
+    assert!(
+        flags.contains(" hg"),
+        "an installed image's child lost huge pages: {flags}"
+    );
+    assert_clean(home.path());
+}
