@@ -71,7 +71,21 @@ pub(crate) fn unpack_chunk(data: &[u8], c: &Chunk) -> Result<Vec<u8>> {
             actual,
         });
     }
-    let raw = zstd::bulk::decompress(data, c.len as usize).map_err(|e| HubError::Corrupt {
+    // One decompression context per thread: an image is some 20 000 chunks, and a context
+    // made for each costs more than decompressing a small chunk.
+    thread_local! {
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let raw = DCTX
+        .with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new()?);
+            }
+            d.as_mut().expect("made above").decompress(data, c.len as usize)
+        })
+        .map_err(|e| HubError::Corrupt {
         what: format!("blob {digest}"),
         expected: format!("a zstd frame of {} bytes", c.len),
         actual: e.to_string(),

@@ -163,8 +163,21 @@ fn encode((fi, offset, raw): Cut, level: i32) -> Result<Encoded> {
     if forkd_store::sparse::is_zero(&raw) {
         return Ok((fi, offset, Bytes::from(raw), None));
     }
-    let stored =
-        zstd::bulk::compress(&raw, level).map_err(HubError::io("cannot compress a chunk"))?;
+    // One compression context per thread and level: a context made for each of an image's
+    // some 20 000 chunks costs more than compressing a small one.
+    thread_local! {
+        static CCTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let stored = CCTX
+        .with(|c| {
+            let mut c = c.borrow_mut();
+            if c.as_ref().is_none_or(|(l, _)| *l != level) {
+                *c = Some((level, zstd::bulk::Compressor::new(level)?));
+            }
+            c.as_mut().expect("made above").1.compress(&raw)
+        })
+        .map_err(HubError::io("cannot compress a chunk"))?;
     Ok((
         fi,
         offset,
