@@ -272,7 +272,10 @@ fn hub_answering_a_tag_with_an_endless_body_fails_fast_in_little_memory() {
     assert!(store_state(c.path()).is_empty(), "the store changed");
 }
 
-/// A data blob is read up to its `stored_size` from the (signed) image manifest, no further.
+/// A data blob is read up to what the (signed) image manifest says is there, no further: a
+/// whole blob up to its `stored_size`, a range of a pack up to the range's end (a server that
+/// ignores `Range` and sends an endless body is cut there, and its bytes fail the chunk's
+/// digest).
 #[test]
 fn hub_answering_a_blob_with_an_endless_body_is_cut_at_its_stored_size() {
     let p = Published::new(8, 31);
@@ -304,7 +307,10 @@ fn hub_answering_a_blob_with_an_endless_body_is_cut_at_its_stored_size() {
         rss_kib / 1024
     );
     assert_eq!(code, Some(1), "stderr: {err}");
-    assert!(err.contains("bytes expected"), "{err}");
+    assert!(
+        err.contains("bytes expected") || err.contains("is corrupt: expected sha256:"),
+        "{err}"
+    );
     assert!(took < Duration::from_secs(20), "took {took:?}");
     assert!(rss_kib < 200 << 10, "peak RSS {rss_kib} KiB");
     assert!(store_state(c.path()).is_empty(), "the store changed");
