@@ -257,6 +257,10 @@ fn fresh_pull_refuses_files_that_do_not_match_the_manifest() {
     std::fs::write(&bpath, &blob).unwrap();
     chunk["digest"] = bd.into();
     chunk["stored_size"] = (blob.len() as u64).into();
+    // A blob of its own, not a place in a pack.
+    let c = chunk.as_object_mut().unwrap();
+    c.remove("pack");
+    c.remove("pack_offset");
     let body = serde_json::to_vec_pretty(&im).unwrap();
     let md = layout::sha256_digest(&body);
     let mpath = root.join(layout::blob_key(&md));

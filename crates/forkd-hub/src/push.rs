@@ -665,7 +665,9 @@ async fn push_one(
         Ok(None) => {}
         Err(e) => progress.message(&format!("warning: ignoring the working set: {e}")),
     }
-    let body = serde_json::to_vec_pretty(&manifest).expect("serialisable");
+    // Compact: the manifest of an image of some thousands of chunks is read before any child
+    // of a lazy fork starts, and indentation made it a third larger (1.4 MB for python-numpy).
+    let body = serde_json::to_vec(&manifest).expect("serialisable");
     let digest = layout::sha256_digest(&body);
     let key = layout::blob_key(&digest);
     hub.put(&key, Bytes::from(body.clone()))
