@@ -83,13 +83,15 @@ pub(crate) fn unpack_chunk(data: &[u8], c: &Chunk) -> Result<Vec<u8>> {
             if d.is_none() {
                 *d = Some(zstd::bulk::Decompressor::new()?);
             }
-            d.as_mut().expect("made above").decompress(data, c.len as usize)
+            d.as_mut()
+                .expect("made above")
+                .decompress(data, c.len as usize)
         })
         .map_err(|e| HubError::Corrupt {
-        what: format!("blob {digest}"),
-        expected: format!("a zstd frame of {} bytes", c.len),
-        actual: e.to_string(),
-    })?;
+            what: format!("blob {digest}"),
+            expected: format!("a zstd frame of {} bytes", c.len),
+            actual: e.to_string(),
+        })?;
     if raw.len() as u64 != c.len {
         return Err(HubError::Corrupt {
             what: format!("blob {digest}"),
