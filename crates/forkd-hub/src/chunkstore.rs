@@ -34,6 +34,7 @@
 use crate::cache::{io_err, open_dir_at};
 use crate::error::{HubError, Result};
 use crate::layout::{self, Chunk, ImageManifest};
+use crate::reference::digest_hex as hex_of;
 use bytes::Bytes;
 use forkd_store::Home;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -88,15 +89,6 @@ impl std::fmt::Debug for ChunkStore {
             .field("path", &self.path)
             .finish()
     }
-}
-
-fn hex_of(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    .then_some(hex)
 }
 
 fn key_of(digest: &str) -> Option<[u8; 32]> {
