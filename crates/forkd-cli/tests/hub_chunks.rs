@@ -311,3 +311,37 @@ fn gc_removes_what_no_installed_image_needs() {
     let again = gc(&[]);
     assert_eq!(again["chunks_removed"], 0, "{again}");
 }
+
+#[test]
+fn a_push_whose_upload_fails_ends_with_the_error_and_does_not_hang() {
+    // A hub that serves its documents but takes no upload (every PUT is answered 404): the
+    // first pack fails while the chunker still has most of the image to cut.
+    let p = Published::new(8, 41);
+    make_snapshot(&p.home, "snap2", 2048, 42);
+    let server = Faulty::start(&p.root, Mode::Normal);
+    let t = std::time::Instant::now();
+    let mut child = std::process::Command::new(FORKD)
+        .args(["push", "snap2", "acme/other:1", "--hub", &server.url])
+        .env("FORKD_HOME", &p.home)
+        .env("FORKD_HUB_TOKEN", "some-token")
+        .env("FORKD_HUB_ATTEMPTS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the push hung after its upload failed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("cannot upload"), "{err}");
+    assert!(!p.root.join("tags/acme/other").exists());
+}

@@ -31,9 +31,13 @@ pub const MAX_HUB_INFO_BYTES: u64 = 64 << 10;
 pub const MAX_TAG_BYTES: u64 = 64 << 10;
 /// Largest catalogue a client reads or `hub serve` stores (tens of thousands of versions).
 pub const MAX_CATALOG_BYTES: u64 = 16 << 20;
-/// Largest image manifest blob a client reads: about 300 000 chunks, i.e. more than 1 TiB of
-/// snapshot at 4 MiB chunks.
-pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+/// Largest image manifest blob a client reads: about a million chunks of about 240 bytes of
+/// JSON each, i.e. some 60 GiB of non-zero data at 64 KiB chunks (more than 1 TiB at 4 MiB).
+pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+/// Largest pack offset a reader follows: `pack_offset + stored_size` must be within it. forkd
+/// writes packs of about 16 MiB; this bounds what a ranged GET can ask for (and what a server
+/// that ignores `Range` makes the client read and drop).
+pub const MAX_PACK: u64 = 1 << 30;
 
 /// `blobs/sha256/<2 hex>/<64 hex>` for a `sha256:<hex>` digest (validated by the caller).
 pub fn blob_key(digest: &str) -> String {

@@ -57,58 +57,94 @@ pub struct PushedParent {
 pub const MAX_CHAIN: usize = 16;
 
 /// Most image manifests of the hub a push reads to learn which chunks the hub holds: every
-/// version of the image being pushed first, then the newest of each other image.
+/// version of the image being pushed first, then the newest of each other image of its OWNER.
 const MAX_KNOWN_MANIFESTS: usize = 32;
 
 /// Where a chunk already is on the hub: its pack and offset there, or a blob of its own.
 type Place = (Option<String>, Option<u64>);
 
-/// The chunks the hub already holds, by digest, from the image manifests it lists.
+/// The chunks the hub already holds, by digest, from image manifests that this publisher put
+/// there: images of the same OWNER whose tag verifies with the pushing key (any image of the
+/// OWNER when the push is unsigned). A place is signed into the new image, so it is taken only
+/// from images the signer already vouched for: another tenant of the hub could list common
+/// chunks at places that do not hold them, and break every image that named those places.
 async fn known_chunks(
     hub: &dyn Transport,
-    image: &str,
+    reference: &Reference,
+    key: Option<&SecretKey>,
 ) -> Result<std::collections::HashMap<String, Place>> {
     let catalog = fetch_catalog(hub).await?;
-    let mut digests: Vec<String> = Vec::new();
+    let image = reference.repository();
+    let prefix = format!("{}/", reference.owner);
+    // (image, version) pairs, this image's versions newest first, then the others' newest.
+    let mut wanted: Vec<(String, String)> = Vec::new();
     if let Some(own) = catalog.images.iter().find(|i| i.name == image) {
         let mut v = own.versions.clone();
         v.sort_by(|a, b| b.created_at.cmp(&a.created_at));
-        digests.extend(v.into_iter().map(|v| v.digest));
+        wanted.extend(v.into_iter().map(|v| (image.clone(), v.version)));
     }
-    for i in catalog.images.iter().filter(|i| i.name != image) {
+    for i in catalog
+        .images
+        .iter()
+        .filter(|i| i.name != image && i.name.starts_with(&prefix))
+    {
         if let Some(v) = i
             .versions
             .iter()
             .max_by(|a, b| a.created_at.cmp(&b.created_at))
         {
-            digests.push(v.digest.clone());
+            wanted.push((i.name.clone(), v.version.clone()));
         }
     }
-    let mut seen = std::collections::HashSet::new();
-    digests.retain(|d| crate::reference::digest_hex(d).is_some() && seen.insert(d.clone()));
-    digests.truncate(MAX_KNOWN_MANIFESTS);
+    wanted.truncate(MAX_KNOWN_MANIFESTS);
+    let own_key = match key {
+        Some(sk) => Some(crate::sign::TrustedKey {
+            key: minisign::PublicKey::from_secret_key(sk)
+                .map_err(|e| HubError::Invalid(format!("bad signing key: {e}")))?,
+            scope: crate::sign::Scope::Own,
+        }),
+        None => None,
+    };
     let mut known = std::collections::HashMap::new();
-    for d in digests {
-        let body = match get_retry(
-            hub,
-            &layout::blob_key(&d),
-            layout::MAX_MANIFEST_BYTES,
-            DOCUMENT_ATTEMPTS,
-            &crate::Silent,
-        )
-        .await
-        {
-            Ok(b) => b,
-            Err(TransportError::NotFound { .. }) => continue,
-            Err(e) => {
-                return Err(transport_err(
-                    hub,
-                    format!("cannot read the image manifest {d}"),
-                )(e));
+    for (name, version) in wanted {
+        let Some((owner, short)) = name.split_once('/') else {
+            continue;
+        };
+        let get = |k: String, max: u64| async move {
+            match get_retry(hub, &k, max, DOCUMENT_ATTEMPTS, &crate::Silent).await {
+                Ok(b) => Ok(Some(b)),
+                Err(TransportError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(transport_err(hub, format!("cannot read {k}"))(e)),
             }
         };
-        if layout::sha256_digest(&body) != d {
+        let tag_key = layout::version_tag_key(owner, short, &version);
+        let Some(tag_body) = get(tag_key, layout::MAX_TAG_BYTES).await? else {
             continue;
+        };
+        let Ok(tag) = serde_json::from_slice::<TagFile>(&tag_body) else {
+            continue;
+        };
+        if crate::reference::digest_hex(&tag.digest).is_none() {
+            continue;
+        }
+        let Some(body) = get(layout::blob_key(&tag.digest), layout::MAX_MANIFEST_BYTES).await?
+        else {
+            continue;
+        };
+        if layout::sha256_digest(&body) != tag.digest {
+            continue;
+        }
+        if let Some(own) = &own_key {
+            let expected = crate::sign::Expected {
+                image: &name,
+                owner,
+                version: Some(&version),
+                digest: &tag.digest,
+            };
+            let own = [own.clone()];
+            if crate::sign::verify(tag.signature.as_deref(), &body, &expected, &own).is_err() {
+                continue;
+            }
         }
         let Ok(im) = serde_json::from_slice::<ImageManifest>(&body) else {
             continue;
@@ -116,7 +152,12 @@ async fn known_chunks(
         for c in im.files.iter().flat_map(|f| &f.chunks) {
             let place_ok = match (&c.pack, c.pack_offset) {
                 (None, None) => true,
-                (Some(p), Some(_)) => crate::reference::digest_hex(p).is_some(),
+                (Some(p), Some(at)) => {
+                    crate::reference::digest_hex(p).is_some()
+                        && at
+                            .checked_add(c.stored_size)
+                            .is_some_and(|end| end <= layout::MAX_PACK)
+                }
                 _ => false,
             };
             if place_ok && crate::reference::digest_hex(&c.digest).is_some() {
@@ -514,7 +555,7 @@ async fn push_one(
         }
         open_files.push((name.clone(), file));
     }
-    let known = known_chunks(hub_ref, &reference.repository()).await?;
+    let known = known_chunks(hub_ref, reference, opts.key.as_ref()).await?;
     progress.start("pushing", snapshot.manifest.total_size());
     // Each file's sha256 is computed from the very bytes that are compressed and uploaded (in
     // offset order, on a thread of its own, holes as zeros), and checked against the manifest
@@ -525,7 +566,7 @@ async fn push_one(
     let (ctx, mut crx) = tokio::sync::mpsc::channel::<Result<Cut>>(opts.jobs.max(1) * 4);
     let cutter = tokio::task::spawn_blocking(move || cut_files(open_files, ctx));
     let level = opts.zstd_level;
-    let mut encoded = std::pin::pin!(
+    let mut encoded = Box::pin(
         futures::stream::poll_fn(move |cx| crx.poll_recv(cx))
             .map(|cut| async move {
                 let cut = cut?;
@@ -533,7 +574,7 @@ async fn push_one(
                     .await
                     .map_err(|e| HubError::Invalid(format!("compression task failed: {e}")))?
             })
-            .buffered(opts.jobs.max(1))
+            .buffered(opts.jobs.max(1)),
     );
     // Each file's chunks; a chunk in a pack not sealed yet names it by its index in `packs`.
     let nfiles = snapshot.manifest.files.len();
@@ -607,6 +648,9 @@ async fn push_one(
     }
     .await;
     drop(tx);
+    // The cutter may be blocked on a full channel (an upload failed and nothing reads it):
+    // dropping its receiver lets it stop.
+    drop(encoded);
     let _ = cutter.await;
     let hashes = hasher
         .join()

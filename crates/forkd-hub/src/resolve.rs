@@ -182,7 +182,10 @@ fn validate(im: &ImageManifest) -> Result<Manifest, String> {
             let bad_pack = match (&c.pack, c.pack_offset) {
                 (None, None) => false,
                 (Some(p), Some(at)) => {
-                    digest_hex(p).is_none() || at.checked_add(c.stored_size).is_none()
+                    digest_hex(p).is_none()
+                        || at
+                            .checked_add(c.stored_size)
+                            .is_none_or(|end| end > layout::MAX_PACK)
                 }
                 _ => true,
             };

@@ -111,9 +111,11 @@ enum Over {
 
 /// Read a response body, never holding more than `max` bytes: a declared Content-Length above
 /// `max` is refused before any byte is read, and the stream is cut as soon as it goes over.
+/// The first `skip` bytes are read and dropped (a server that ignored Range sends them).
 async fn read_capped(
     key: &str,
     mut resp: reqwest::Response,
+    skip: u64,
     max: u64,
     over: Over,
 ) -> TResult<Bytes> {
@@ -124,9 +126,23 @@ async fn read_capped(
     if over == Over::Refuse && resp.content_length().is_some_and(|n| n > max) {
         return Err(too_large());
     }
-    let hint = resp.content_length().unwrap_or(0).min(max).min(64 << 20);
+    let hint = resp
+        .content_length()
+        .unwrap_or(0)
+        .saturating_sub(skip)
+        .min(max)
+        .min(64 << 20);
     let mut buf = bytes::BytesMut::with_capacity(hint as usize);
-    while let Some(chunk) = resp.chunk().await.map_err(|e| req_err(key, e))? {
+    let mut skip = skip;
+    while let Some(mut chunk) = resp.chunk().await.map_err(|e| req_err(key, e))? {
+        if skip > 0 {
+            let n = skip.min(chunk.len() as u64);
+            skip -= n;
+            chunk = chunk.slice(n as usize..);
+            if chunk.is_empty() {
+                continue;
+            }
+        }
         let room = max - buf.len() as u64;
         if chunk.len() as u64 > room {
             if over == Over::Refuse {
@@ -172,13 +188,11 @@ impl HttpTransport {
         if let Some(r) = &range
             && status != StatusCode::PARTIAL_CONTENT
         {
-            // The server ignored Range: read up to the end we asked for, keep the slice.
-            let all = read_capped(key, resp, r.end, Over::Truncate).await?;
-            let end = usize::try_from(r.end).unwrap_or(usize::MAX).min(all.len());
-            let start = usize::try_from(r.start).unwrap_or(usize::MAX).min(end);
-            return Ok(all.slice(start..end));
+            // The server ignored Range: drop what comes before the range, keep the range, and
+            // stop reading at its end (memory stays at the range's length).
+            return read_capped(key, resp, r.start, r.end - r.start, Over::Truncate).await;
         }
-        read_capped(key, resp, max, Over::Refuse).await
+        read_capped(key, resp, 0, max, Over::Refuse).await
     }
 }
 
