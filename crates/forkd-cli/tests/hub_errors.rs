@@ -213,7 +213,7 @@ fn tampered_manifest_blob_is_corrupt() {
         .root
         .join(layout::blob_key(tag["digest"].as_str().unwrap()));
     let text = std::fs::read_to_string(&mblob).unwrap();
-    std::fs::write(&mblob, text.replacen("\"size\": ", "\"size\": 1", 1)).unwrap();
+    std::fs::write(&mblob, text.replacen("\"size\":", "\"size\":1", 1)).unwrap();
     let c = consumer();
     pull_fails(
         c.path(),

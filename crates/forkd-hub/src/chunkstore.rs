@@ -50,6 +50,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 /// Largest index file read (about 750 000 chunks).
 const MAX_INDEX_BYTES: u64 = 64 << 20;
+/// Largest chunk the store lists (a hub chunk's stored size is at most 65 MiB).
+const MAX_STORED: u64 = 65 << 20;
 /// A writer starts a new segment past this size.
 const SEGMENT_BYTES: u64 = 1 << 30;
 
@@ -81,6 +83,8 @@ pub struct ChunkStore {
     /// This process's segment name prefix, `<pid>-<start>-`.
     me: String,
     hits: AtomicU64,
+    /// Set after a write failed: the store is a cache, and a pull goes on without it.
+    disabled: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ChunkStore {
@@ -120,18 +124,22 @@ fn read_index(dir: &impl AsFd, stem: &str) -> Vec<Entry> {
     ) else {
         return Vec::new();
     };
-    let mut text = String::new();
-    if f.take(MAX_INDEX_BYTES).read_to_string(&mut text).is_err() {
+    let mut bytes = Vec::new();
+    if f.take(MAX_INDEX_BYTES).read_to_end(&mut bytes).is_err() {
         return Vec::new();
     }
-    text.lines()
+    // Line by line: garbage in one line (a torn write) loses that line only.
+    bytes
+        .split(|&b| b == b'\n')
         .filter_map(|l| {
+            let l = std::str::from_utf8(l).ok()?;
             let mut it = l.split(' ');
             let mut k = [0u8; 32];
             hex::decode_to_slice(it.next()?, &mut k).ok()?;
-            let off = it.next()?.parse().ok()?;
-            let len = it.next()?.parse().ok()?;
-            it.next().is_none().then_some((k, off, len))
+            let off: u64 = it.next()?.parse().ok()?;
+            let len: u64 = it.next()?.parse().ok()?;
+            let sane = len > 0 && len <= MAX_STORED && off.checked_add(len).is_some();
+            (it.next().is_none() && sane).then_some((k, off, len))
         })
         .collect()
 }
@@ -185,6 +193,7 @@ impl ChunkStore {
             writer: Mutex::new(None),
             me,
             hits: AtomicU64::new(0),
+            disabled: Default::default(),
         })
     }
 
@@ -255,6 +264,9 @@ impl ChunkStore {
                     let mut ix = self.index.write().unwrap_or_else(|p| p.into_inner());
                     if let Some(v) = ix.by_digest.get_mut(&k) {
                         v.retain(|l| *l != loc);
+                        if v.is_empty() {
+                            ix.by_digest.remove(&k);
+                        }
                     }
                 }
             }
@@ -284,18 +296,28 @@ impl ChunkStore {
     }
 
     /// Keep the stored bytes of a chunk whose digest the caller verified: written, then listed
-    /// in the index, so a reader never finds part of a chunk.
-    pub fn put(&self, digest: &str, data: &[u8]) -> Result<()> {
+    /// in the index, so a reader never finds part of a chunk. Never fails: the store is a
+    /// cache, so after a write error (a full disk, a store made by another user) it warns once
+    /// and keeps nothing more, and the pull goes on without it.
+    pub fn put(&self, digest: &str, data: &[u8]) {
         let Some(k) = key_of(digest) else {
-            return Ok(());
+            return;
         };
+        if self.disabled.load(Ordering::Relaxed) {
+            return;
+        }
         {
             let ix = self.index.read().unwrap_or_else(|p| p.into_inner());
-            if ix.by_digest.contains_key(&k) {
-                return Ok(());
+            // A place that was found damaged is gone from the list: store the good bytes.
+            if ix.by_digest.get(&k).is_some_and(|v| !v.is_empty()) {
+                return;
             }
         }
-        self.append(k, data)
+        if let Err(e) = self.append(k, data)
+            && !self.disabled.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!("not keeping chunks in the local chunk store any more: {e}");
+        }
     }
 
     /// Write a chunk's stored bytes to this process's segment and list them.
@@ -350,10 +372,17 @@ impl ChunkStore {
     }
 
     /// Remove every chunk that none of the image manifests `keep` (by digest) lists, every
-    /// remembered manifest not in `keep`, and every file that is not a segment. A segment
-    /// whose writer still runs is left alone; a segment with chunks to keep and to drop is
-    /// written again without the dropped ones. `dry_run` counts without removing.
-    pub fn gc(&self, keep: &HashSet<String>, dry_run: bool) -> Result<GcCount> {
+    /// remembered manifest not in `keep` (unless a pull holds its lock in `locks`), and every
+    /// file that is not part of a segment. A segment whose writer still runs is left alone. In
+    /// a segment with chunks to keep and to drop, the dropped ones are punched out (their
+    /// blocks freed in place, the index written again without them): gc needs no free space,
+    /// which is when it is run. `dry_run` counts without removing.
+    pub fn gc(
+        &self,
+        keep: &HashSet<String>,
+        locks: &std::path::Path,
+        dry_run: bool,
+    ) -> Result<GcCount> {
         let mut count = GcCount::default();
         let mut wanted: HashSet<[u8; 32]> = HashSet::new();
         for (name, _) in list(&self.manifests)? {
@@ -361,15 +390,26 @@ impl ChunkStore {
                 .strip_suffix(".json")
                 .filter(|h| hex_of(&format!("sha256:{h}")).is_some());
             let Some(hex) = hex else {
-                if !name.starts_with(&format!(".tmp-{}", self.me)) {
+                // `.tmp-<pid>-<start>-<hex>` of a live writer is about to be renamed.
+                let live = name.strip_prefix(".tmp-").is_some_and(writer_alive);
+                if !live {
                     remove(&self.manifests, &name, dry_run);
                 }
                 continue;
             };
             if !keep.contains(&format!("sha256:{hex}")) {
-                count.manifests += 1;
-                remove(&self.manifests, &name, dry_run);
-                continue;
+                // A pull holds its image's lock from before it remembers the manifest until
+                // the image is installed: then `keep` did not know it yet.
+                let lock = locks.join(format!("{hex}.lock"));
+                let held = lock.exists()
+                    && forkd_store::FileLock::try_exclusive(&lock)
+                        .map(|l| l.is_none())
+                        .unwrap_or(true);
+                if !held {
+                    count.manifests += 1;
+                    remove(&self.manifests, &name, dry_run);
+                    continue;
+                }
             }
             match read_manifest(&self.manifests, &name) {
                 Some(m) => wanted.extend(
@@ -382,13 +422,15 @@ impl ChunkStore {
                 }
             }
         }
+        let live = |stem: &str| stem.starts_with(&self.me) || writer_alive(stem);
         let stems = stems(&self.dir)?;
-        // Anything else in the directory: old layouts, strays, halves of a segment.
+        // Anything else in the directory: old layouts, strays, halves of a dead segment.
         for (name, _) in list(&self.dir)? {
             let stem = name
                 .strip_suffix(".pack")
                 .or_else(|| name.strip_suffix(".idx"));
-            if stem.is_none_or(|s| !stems.iter().any(|t| t == s)) {
+            let part_of_segment = stem.is_some_and(|s| stems.iter().any(|t| t == s) || live(s));
+            if !part_of_segment {
                 count.chunks += 1;
                 count.bytes += allocated(&self.dir, &name);
                 remove(&self.dir, &name, dry_run);
@@ -398,48 +440,68 @@ impl ChunkStore {
         for stem in stems {
             let entries = read_index(&self.dir, &stem);
             let pack_name = format!("{stem}.pack");
+            let idx_name = format!("{stem}.idx");
             let size = allocated(&self.dir, &pack_name);
-            if stem.starts_with(&self.me) || writer_alive(&stem) {
+            if live(&stem) {
                 count.kept_chunks += entries.len() as u64;
                 count.kept_bytes += size;
                 seen.extend(entries.iter().map(|e| e.0));
                 continue;
             }
             // Kept: the first place of each wanted chunk.
-            let (kept, dropped): (Vec<&Entry>, Vec<_>) = entries
-                .iter()
+            let (kept, dropped): (Vec<Entry>, Vec<Entry>) = entries
+                .into_iter()
                 .partition(|(k, _, _)| wanted.contains(k) && seen.insert(*k));
+            let kept_bytes = kept.iter().fold(0u64, |a, e| a.saturating_add(e.2));
+            count.kept_chunks += kept.len() as u64;
+            count.kept_bytes += kept_bytes.min(size);
+            if kept.is_empty() {
+                // Nothing to keep (or an index with nothing valid in it): the whole segment.
+                count.chunks += dropped.len() as u64;
+                count.bytes += size + allocated(&self.dir, &idx_name);
+                // The index goes first: a pack without one is a stray, never half read.
+                remove(&self.dir, &idx_name, dry_run);
+                remove(&self.dir, &pack_name, dry_run);
+                continue;
+            }
             if dropped.is_empty() {
-                count.kept_chunks += kept.len() as u64;
-                count.kept_bytes += size;
                 continue;
             }
             count.chunks += dropped.len() as u64;
-            let kept_bytes: u64 = kept.iter().map(|e| e.2).sum();
-            count.kept_chunks += kept.len() as u64;
-            count.kept_bytes += kept_bytes;
             count.bytes += size.saturating_sub(kept_bytes);
             if dry_run {
                 continue;
             }
-            if !kept.is_empty() {
-                let pack = open_at(&self.dir, &pack_name, OFlags::RDONLY | OFlags::NONBLOCK)
-                    .map_err(io_err(format!(
-                        "cannot read {}",
-                        self.path.join(&pack_name).display()
-                    )))?;
-                for &(k, off, len) in kept {
-                    let mut buf = vec![0u8; len as usize];
-                    if pack.read_exact_at(&mut buf, off).is_ok()
-                        && Sha256::digest(&buf)[..] == k[..]
-                    {
-                        self.append(k, &buf)?;
-                    }
+            // The index without the dropped chunks replaces the old one (renamed into place),
+            // then their bytes are punched out of the pack.
+            let tmp = format!(".tmp-{}{stem}.idx", self.me);
+            let mut text = String::new();
+            for (k, off, len) in &kept {
+                text.push_str(&format!("{} {off} {len}\n", hex::encode(k)));
+            }
+            let shown = || format!("cannot rewrite {}", self.path.join(&idx_name).display());
+            let _ = rustix::fs::unlinkat(&self.dir, tmp.as_str(), AtFlags::empty());
+            let mut f = open_at(
+                &self.dir,
+                &tmp,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+            )
+            .map_err(io_err(shown()))?;
+            f.write_all(text.as_bytes())
+                .map_err(HubError::io(shown()))?;
+            rustix::fs::renameat(&self.dir, tmp.as_str(), &self.dir, idx_name.as_str())
+                .map_err(io_err(shown()))?;
+            if let Ok(pack) = open_at(&self.dir, &pack_name, OFlags::RDWR | OFlags::NONBLOCK) {
+                for (_, off, len) in &dropped {
+                    let _ = rustix::fs::fallocate(
+                        &pack,
+                        rustix::fs::FallocateFlags::PUNCH_HOLE
+                            | rustix::fs::FallocateFlags::KEEP_SIZE,
+                        *off,
+                        *len,
+                    );
                 }
             }
-            // The index goes first: a segment without one is ignored, never half read.
-            remove(&self.dir, &format!("{stem}.idx"), false);
-            remove(&self.dir, &pack_name, false);
         }
         Ok(count)
     }
@@ -562,9 +624,9 @@ mod tests {
         let s = ChunkStore::open(&home).unwrap();
         let (a, b) = (chunk(b"hello chunk"), chunk(b"another one"));
         assert!(s.get(&a).is_none());
-        s.put(&a.digest, b"hello chunk").unwrap();
-        s.put(&b.digest, b"another one").unwrap();
-        s.put(&a.digest, b"hello chunk").unwrap();
+        s.put(&a.digest, b"hello chunk");
+        s.put(&b.digest, b"another one");
+        s.put(&a.digest, b"hello chunk");
         assert!(s.contains(&a));
         assert_eq!(&s.get(&a).unwrap()[..], b"hello chunk");
         assert_eq!(s.hits(), 11);
@@ -603,8 +665,8 @@ mod tests {
         let home = Home::new(t.path());
         let s = ChunkStore::open(&home).unwrap();
         let (a, b) = (chunk(b"kept"), chunk(b"dropped"));
-        s.put(&a.digest, b"kept").unwrap();
-        s.put(&b.digest, b"dropped").unwrap();
+        s.put(&a.digest, b"kept");
+        s.put(&b.digest, b"dropped");
         let m = ImageManifest {
             layout: layout::LAYOUT,
             media_type: layout::MEDIA_TYPE.into(),
@@ -637,16 +699,37 @@ mod tests {
         .unwrap();
         let s = ChunkStore::open(&home).unwrap();
         let keep = HashSet::from([d.clone()]);
-        let dry = s.gc(&keep, true).unwrap();
+        let dry = s.gc(&keep, &t.path().join("cache/locks"), true).unwrap();
         assert_eq!((dry.chunks, dry.manifests, dry.kept_chunks), (1, 1, 1));
         assert!(s.contains(&b), "a dry run removes nothing");
-        let n = s.gc(&keep, false).unwrap();
+        let n = s.gc(&keep, &t.path().join("cache/locks"), false).unwrap();
         assert_eq!((n.chunks, n.manifests, n.kept_chunks), (1, 1, 1));
         drop(s);
         let s = ChunkStore::open(&home).unwrap();
         assert!(s.get(&a).is_some() && !s.contains(&b));
-        // This process's own segment (the rewritten one) is live: a gc leaves it.
-        let n = s.gc(&HashSet::new(), false).unwrap();
-        assert_eq!((n.chunks, n.manifests, n.kept_chunks), (0, 1, 1));
+        // The dropped chunk's bytes were punched out in place (it was stored after "kept").
+        let pack = t.path().join(format!("cache/chunks/{dead}.pack"));
+        let bytes = std::fs::read(&pack).unwrap();
+        assert_eq!(&bytes[..4], b"kept");
+        assert_eq!(&bytes[4..], &[0u8; 7], "the dropped chunk's bytes are still there");
+        // A manifest whose pull holds its lock is kept though no installed image names it.
+        std::fs::create_dir_all(t.path().join("cache/locks")).unwrap();
+        let hex = d.strip_prefix("sha256:").unwrap();
+        let lock = forkd_store::FileLock::exclusive(
+            &t.path().join(format!("cache/locks/{hex}.lock")),
+            |_| {},
+        )
+        .unwrap();
+        let n = s
+            .gc(&HashSet::new(), &t.path().join("cache/locks"), false)
+            .unwrap();
+        assert_eq!((n.chunks, n.manifests, n.kept_chunks), (0, 0, 1), "{n:?}");
+        // Without the lock, nothing is kept: the segment goes whole.
+        drop(lock);
+        let n = s
+            .gc(&HashSet::new(), &t.path().join("cache/locks"), false)
+            .unwrap();
+        assert_eq!((n.chunks, n.manifests, n.kept_chunks), (1, 1, 0), "{n:?}");
+        assert!(!pack.exists());
     }
 }

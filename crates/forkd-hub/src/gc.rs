@@ -44,30 +44,19 @@ pub fn collect(store: &Store, dry_run: bool) -> Result<GcReport> {
             keep.insert(o.digest);
         }
     }
-    let chunks = ChunkStore::open(store.home())?;
-    let GcCount {
-        chunks: n,
-        bytes,
-        manifests,
-        kept_chunks,
-        kept_bytes,
-        ..
-    } = chunks.gc(&keep, dry_run)?;
-    let mut report = GcReport {
-        dry_run,
-        chunks_removed: n,
-        chunk_bytes_freed: bytes,
-        manifests_removed: manifests,
-        chunks_kept: kept_chunks,
-        chunk_bytes_kept: kept_bytes,
-        ..Default::default()
-    };
     let cache = Cache::new(store.home());
     let partial_root = cache.root().join("partial");
-    let Ok(entries) = std::fs::read_dir(&partial_root) else {
-        return Ok(report);
+    let mut report = GcReport {
+        dry_run,
+        ..Default::default()
     };
-    for e in entries.flatten() {
+    // Partial downloads first: they need nothing to be removed, and free the most on a full
+    // disk.
+    for e in std::fs::read_dir(&partial_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         let digest = format!("sha256:{name}");
         if crate::reference::digest_hex(&digest).is_none() {
@@ -104,5 +93,18 @@ pub fn collect(store: &Store, dry_run: bool) -> Result<GcReport> {
             r.map_err(HubError::io(format!("cannot remove {}", dir.display())))?;
         }
     }
+    let chunks = ChunkStore::open(store.home())?;
+    let GcCount {
+        chunks: n,
+        bytes,
+        manifests,
+        kept_chunks,
+        kept_bytes,
+    } = chunks.gc(&keep, &cache.root().join("locks"), dry_run)?;
+    report.chunks_removed = n;
+    report.chunk_bytes_freed = bytes;
+    report.manifests_removed = manifests;
+    report.chunks_kept = kept_chunks;
+    report.chunk_bytes_kept = kept_bytes;
     Ok(report)
 }
