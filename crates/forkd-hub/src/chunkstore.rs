@@ -711,7 +711,11 @@ mod tests {
         let pack = t.path().join(format!("cache/chunks/{dead}.pack"));
         let bytes = std::fs::read(&pack).unwrap();
         assert_eq!(&bytes[..4], b"kept");
-        assert_eq!(&bytes[4..], &[0u8; 7], "the dropped chunk's bytes are still there");
+        assert_eq!(
+            &bytes[4..],
+            &[0u8; 7],
+            "the dropped chunk's bytes are still there"
+        );
         // A manifest whose pull holds its lock is kept though no installed image names it.
         std::fs::create_dir_all(t.path().join("cache/locks")).unwrap();
         let hex = d.strip_prefix("sha256:").unwrap();
