@@ -1,6 +1,8 @@
 //! The engine through the `forkd` binary, with real QEMU under TCG: build-tiny, fork, keep,
 //! ps / exec / kill, doctor, and the CLI's errors.
 
+mod cli_common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -12,10 +14,12 @@ fn repo() -> PathBuf {
 fn home() -> &'static Path {
     static H: OnceLock<tempfile::TempDir> = OnceLock::new();
     H.get_or_init(|| {
-        tempfile::Builder::new()
+        let d = tempfile::Builder::new()
             .prefix("fkc")
             .tempdir_in("/tmp")
-            .unwrap()
+            .unwrap();
+        cli_common::remove_at_exit(d.path());
+        d
     })
     .path()
 }

@@ -32,6 +32,7 @@ fn hub() -> &'static Hub {
             "lazy fork needs /dev/fuse (the fuse kernel module: modprobe fuse)"
         );
         let dir = new_home();
+        cli_common::remove_at_exit(dir.path());
         let home = dir.path().to_path_buf();
         build_tiny_in(&home);
         let o = cmd_in(&home)

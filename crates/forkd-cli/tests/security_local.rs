@@ -84,6 +84,7 @@ fn shared() -> &'static Path {
     static P: OnceLock<Place> = OnceLock::new();
     &P.get_or_init(|| {
         let p = Place::new();
+        cli_common::remove_at_exit(p._tmp.path());
         build_tiny(&p.home, 0o022);
         p
     })

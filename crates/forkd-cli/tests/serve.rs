@@ -2,6 +2,8 @@
 //! docs/API.md, and the daemon's life (SIGTERM stops every child; after `kill -9` a restart
 //! adopts what is left).
 
+mod cli_common;
+
 use base64::Engine as _;
 use forkd_server::client::{Client, ClientError};
 use hyper::Method;
@@ -179,6 +181,7 @@ fn shared() -> &'static (tempfile::TempDir, std::sync::Mutex<Daemon>) {
     static D: OnceLock<(tempfile::TempDir, std::sync::Mutex<Daemon>)> = OnceLock::new();
     D.get_or_init(|| {
         let home = home_with_tiny("fsv");
+        cli_common::remove_at_exit(home.path());
         // Spawned from a thread that lives as long as the process: the daemon's parent-death
         // signal then fires when the test process exits, not when this test's thread ends.
         let (tx, rx) = std::sync::mpsc::channel();

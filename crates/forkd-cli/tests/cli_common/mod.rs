@@ -12,10 +12,36 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// This test binary's store.
+/// Remove `dir` (and what is in it) when the test binary exits. A `TempDir` held in a
+/// `static` is never dropped, so a per-binary store would otherwise stay in /tmp after every
+/// run (hundreds of MiB each: CI filled the disk with them).
+pub fn remove_at_exit(dir: &Path) {
+    static DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    extern "C" fn cleanup() {
+        let dirs = std::mem::take(&mut *DIRS.lock().unwrap_or_else(|p| p.into_inner()));
+        for d in dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    DIRS.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(dir.to_path_buf());
+    // SAFETY: `cleanup` is a plain function that stays valid for the life of the process.
+    REGISTER.call_once(|| unsafe {
+        libc::atexit(cleanup);
+    });
+}
+
+/// This test binary's store (removed when the binary exits).
 pub fn home() -> &'static Path {
     static H: OnceLock<tempfile::TempDir> = OnceLock::new();
-    H.get_or_init(new_home).path()
+    H.get_or_init(|| {
+        let d = new_home();
+        remove_at_exit(d.path());
+        d
+    })
+    .path()
 }
 
 /// A fresh, empty store directory under /tmp (short paths: sockets live in it).

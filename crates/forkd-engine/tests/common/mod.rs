@@ -69,14 +69,33 @@ pub fn tiny_options() -> SnapshotOptions {
     }
 }
 
+/// Remove `dir` when the test binary exits: a `TempDir` in a `static` is never dropped, and
+/// each run left its scratch directory (about 900 MiB) in /tmp.
+fn remove_at_exit(dir: PathBuf) {
+    static DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    extern "C" fn cleanup() {
+        for d in std::mem::take(&mut *DIRS.lock().unwrap_or_else(|p| p.into_inner())) {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    DIRS.lock().unwrap_or_else(|p| p.into_inner()).push(dir);
+    // SAFETY: `cleanup` is a plain function valid for the life of the process; registered
+    // once (scratch() is initialised once).
+    unsafe {
+        libc::atexit(cleanup);
+    }
+}
+
 /// A scratch directory that lives as long as the test binary (short path: sockets).
 pub fn scratch() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
-        tempfile::Builder::new()
+        let d = tempfile::Builder::new()
             .prefix("fke")
             .tempdir_in("/tmp")
-            .expect("tempdir")
+            .expect("tempdir");
+        remove_at_exit(d.path().to_path_buf());
+        d
     })
     .path()
 }
