@@ -54,13 +54,8 @@ done
 [ -f "$PUBLISHER_HOME/keys/forkd.pub" ] || pub key generate >/dev/null
 KEY="$PUBLISHER_HOME/keys/forkd.pub"
 
-head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$W/token"
-"$FORKD" --home "$W/server" hub serve --listen 127.0.0.1:0 --root "$W/hub" \
-    --token-file "$W/token" > "$W/serve.out" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 100); do grep -q http:// "$W/serve.out" 2>/dev/null && break; sleep 0.1; done
-direct="$(grep -o 'http://[^ ]*' "$W/serve.out" | head -n1)"
-[ -n "$direct" ] || die "forkd hub serve did not start: $(cat "$W/serve.out")"
+direct="$(start_hub_serve "$FORKD" "$W")"
+pids+=("$(cat "$W/serve.pid")")
 hostport="${direct#http://}"; hostport="${hostport%/}"
 python3 bench/shape.py --to "$hostport" --mbit 100 --rtt-ms 20 > "$W/shape.out" 2>&1 &
 pids+=($!)

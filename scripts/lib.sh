@@ -32,3 +32,19 @@ apt_install() {
 need_cargo() {
     command -v cargo >/dev/null || die "cargo not found: install Rust from https://rustup.rs"
 }
+
+# start_hub_serve FORKD DIR: `forkd hub serve` on 127.0.0.1 (a free port) over DIR/hub, with a
+# fresh token in DIR/token, in the background (its pid in DIR/serve.pid, to kill); prints its
+# URL once it listens.
+start_hub_serve() {
+    local forkd="$1" dir="$2"
+    head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/token"
+    "$forkd" --home "$dir/server" hub serve --listen 127.0.0.1:0 --root "$dir/hub" \
+        --token-file "$dir/token" > "$dir/serve.out" 2>&1 &
+    echo $! > "$dir/serve.pid"
+    for _ in $(seq 1 100); do grep -q http:// "$dir/serve.out" 2>/dev/null && break; sleep 0.1; done
+    local url
+    url="$(grep -o 'http://[^ ]*' "$dir/serve.out" | head -n1)"
+    [ -n "$url" ] || die "forkd hub serve did not start: $(cat "$dir/serve.out")"
+    echo "$url"
+}
