@@ -17,7 +17,7 @@ say "Garage S3 server"
 bash scripts/garage-install.sh
 GARAGE_ENV="$(mktemp -d)/garage.env"
 bash scripts/garage-start.sh "$GARAGE_ENV"
-trap 'bash scripts/garage-stop.sh "$GARAGE_ENV" || true' EXIT
+trap 'bash scripts/garage-stop.sh "$GARAGE_ENV" || true; rm -rf "$(dirname "$GARAGE_ENV")"' EXIT
 export FORKD_TEST_S3_ENV="$GARAGE_ENV"
 
 say "format and lint gates"
