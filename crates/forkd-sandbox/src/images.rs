@@ -179,7 +179,9 @@ pub fn pull(
 pub struct LazyPull {
     reference: Reference,
     snapshot: forkd_store::Snapshot,
-    mount: Option<forkd_lazyfs::Mount>,
+    /// Shared with the sandboxes being forked from it ([`LazyPull::pin`]): the mount is
+    /// detached when the last holder lets go, never under a fork that is opening its files.
+    mount: Option<Arc<forkd_lazyfs::Mount>>,
     image: Option<Arc<forkd_hub::lazy::LazyImage>>,
     job: Option<std::thread::JoinHandle<Result<forkd_hub::pull::PullOutcome>>>,
     /// The outcome, when the pull already ended before anything was mounted.
@@ -212,6 +214,12 @@ impl LazyPull {
     /// Whether children read the image through the lazy mount.
     pub fn is_lazy(&self) -> bool {
         self.mount.is_some()
+    }
+
+    /// A hold on the lazy mount: while it lives the mount stays attached, so a fork that
+    /// resolved the image to the mount can open its files even if the pull ends meanwhile.
+    pub fn pin(&self) -> Option<Arc<forkd_lazyfs::Mount>> {
+        self.mount.clone()
     }
 
     /// Bytes downloaded so far, and the image's whole download size.
@@ -352,7 +360,7 @@ pub fn start_lazy(
         }
     };
     pull.snapshot.dir = mount.dir().to_path_buf();
-    pull.mount = Some(mount);
+    pull.mount = Some(Arc::new(mount));
     Ok(pull)
 }
 

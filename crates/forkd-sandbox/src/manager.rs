@@ -75,10 +75,18 @@ struct Inner {
     sandboxes: RwLock<BTreeMap<String, Arc<Sandbox>>>,
     /// Images being pulled lazily, by local tag: their files in a lazy mount until installed
     /// ([`crate::images::ensure`]).
-    lazy: Mutex<BTreeMap<String, forkd_store::Snapshot>>,
+    lazy: Mutex<BTreeMap<String, Served>>,
     /// One lock per tag, held while a lazy pull of it starts, so one image is started once
     /// (and a slow start of one image does not hold up another's).
     lazy_start: Mutex<BTreeMap<String, Arc<Mutex<()>>>>,
+}
+
+/// An image served from a lazy mount while it is pulled.
+#[derive(Clone)]
+struct Served {
+    snapshot: forkd_store::Snapshot,
+    /// Keeps the mount attached while a fork that resolved the image to it starts.
+    pin: Option<Arc<forkd_lazyfs::Mount>>,
 }
 
 /// Cheap to clone; every clone sees the same sandboxes.
@@ -169,7 +177,7 @@ impl Manager {
 
     /// The image `tag` while it is being pulled lazily: its files in the lazy mount.
     pub fn lazy_image(&self, tag: &str) -> Option<forkd_store::Snapshot> {
-        lock(&self.inner.lazy).get(tag).cloned()
+        lock(&self.inner.lazy).get(tag).map(|s| s.snapshot.clone())
     }
 
     /// The lock to hold while a lazy pull of `tag` is started (one start per image).
@@ -187,7 +195,11 @@ impl Manager {
         let tag = pull.snapshot().tag.as_str().to_string();
         // In the table before the thread can end (it removes the entry when it does); out of
         // it again if the thread cannot start (the pull is then dropped, and abandoned).
-        lock(&self.inner.lazy).insert(tag.clone(), pull.snapshot().clone());
+        let served = Served {
+            snapshot: pull.snapshot().clone(),
+            pin: pull.pin(),
+        };
+        lock(&self.inner.lazy).insert(tag.clone(), served);
         let inner = Arc::downgrade(&self.inner);
         let gone = tag.clone();
         let spawned = std::thread::Builder::new()
@@ -209,14 +221,23 @@ impl Manager {
 
     /// Look up the image for a tag (its manifest gives the machine's memory).
     pub fn image(&self, tag: &str) -> Result<forkd_store::Snapshot> {
+        Ok(self.resolve(tag)?.snapshot)
+    }
+
+    /// [`Manager::image`], with a hold on its lazy mount when it is served from one.
+    fn resolve(&self, tag: &str) -> Result<Served> {
         let t = Tag::parse(tag).map_err(|e| SandboxError::BadRequest {
             field: "image",
             reason: e.to_string(),
         })?;
         match self.inner.store.get(&t) {
-            Ok(s) => Ok(s),
-            Err(forkd_store::StoreError::NotFound(_)) => self
-                .lazy_image(tag)
+            Ok(snapshot) => Ok(Served {
+                snapshot,
+                pin: None,
+            }),
+            Err(forkd_store::StoreError::NotFound(_)) => lock(&self.inner.lazy)
+                .get(tag)
+                .cloned()
                 .ok_or_else(|| SandboxError::NoSuchImage(tag.to_string())),
             Err(e) => Err(e.into()),
         }
@@ -225,6 +246,10 @@ impl Manager {
     /// Check `req` as [`Manager::create`] does before it starts a child: the fields, the image,
     /// its engine files, and whether `count` children fit on this host. Returns the image.
     pub fn admit(&self, req: &CreateRequest) -> Result<forkd_store::Snapshot> {
+        Ok(self.admit_served(req)?.snapshot)
+    }
+
+    fn admit_served(&self, req: &CreateRequest) -> Result<Served> {
         if req.count == 0 || req.count > MAX_COUNT {
             return Err(SandboxError::BadRequest {
                 field: "count",
@@ -253,7 +278,8 @@ impl Manager {
                 ),
             });
         }
-        let snap = self.image(&req.tag)?;
+        let served = self.resolve(&req.tag)?;
+        let snap = &served.snapshot;
         let mem = snap.manifest.memory_mib;
         if let Some(m) = req.memory_mib
             && m != mem
@@ -267,21 +293,26 @@ impl Manager {
                 ),
             });
         }
-        forkd_engine::image::check_consistent(&snap)
+        forkd_engine::image::check_consistent(snap)
             .map_err(|e| SandboxError::Image(Box::new(e)))?;
         if let Some(n) = &req.network {
             let fixed = crate::network::fixed_ports(&n.config()?);
             forkd_engine::net::check_fixed_ports(&fixed, req.count)?;
         }
         forkd_engine::fork::admit(&snap.dir, req.count)?;
-        Ok(snap)
+        Ok(served)
     }
 
     /// Fork `req.count` sandboxes. Admission (capacity) is checked before any child starts;
     /// after that each child succeeds or fails on its own. `on_child` sees each child as it
     /// comes up.
     pub fn create(&self, req: &CreateRequest, on_child: Option<OnChild>) -> Result<CreateOutcome> {
-        let snap = self.admit(req)?;
+        // `pin` holds the lazy mount (if the image is served from one) until the children
+        // have opened its files: the pull may end, and detach it, while they start.
+        let Served {
+            snapshot: snap,
+            pin,
+        } = self.admit_served(req)?;
         let mem = snap.manifest.memory_mib;
         let qemu = Qemu::locate(self.inner.qemu_path.as_deref())?;
         let opts = ForkOptions {
@@ -311,22 +342,29 @@ impl Manager {
         };
         // A child of a lazily pulled image is recorded with the image's place in the store:
         // the mount goes away, and the installed image has the same bytes (what `forkd rm`
-        // checks for running children, and where a branch finds its parent's files). Decided
-        // before the fork: the pull may end, and leave the table, while it runs.
-        let lazy = self.lazy_image(&req.tag).is_some_and(|l| l.dir == snap.dir);
-        let (report, guards) = forkd_engine::fork::fork_owned(&snap.dir, &qemu, &opts)?;
-        let (record_dir, memory_file) = if lazy {
-            let mem = forkd_engine::spec::VmSpec::load(&snap.dir)
-                .ok()
-                .and_then(|spec| std::fs::metadata(snap.dir.join(spec.memory)).ok())
-                .map(|m| {
-                    use std::os::unix::fs::MetadataExt;
-                    [m.dev(), m.ino()]
-                });
-            (self.inner.store.home().images_dir().join(&req.tag), mem)
-        } else {
-            (snap.dir.clone(), None)
+        // checks for running children, and where a branch finds its parent's files), and with
+        // the identity of the memory file it maps, which a branch looks for. Both are taken
+        // before the fork, while `pin` keeps the mount attached.
+        let (record_dir, memory_file) = match &pin {
+            Some(_) => {
+                let spec = forkd_engine::spec::VmSpec::load(&snap.dir)
+                    .map_err(|e| SandboxError::Image(Box::new(e.into())))?;
+                let mem_path = snap.dir.join(&spec.memory);
+                let m = std::fs::metadata(&mem_path).map_err(|source| SandboxError::Io {
+                    what: "cannot read the lazily pulled memory file",
+                    path: mem_path,
+                    source,
+                })?;
+                use std::os::unix::fs::MetadataExt;
+                (
+                    self.inner.store.home().images_dir().join(&req.tag),
+                    Some([m.dev(), m.ino()]),
+                )
+            }
+            None => (snap.dir.clone(), None),
         };
+        let (report, guards) = forkd_engine::fork::fork_owned(&snap.dir, &qemu, &opts)?;
+        drop(pin);
         let created = now_unix();
         let mut results = Vec::with_capacity(report.children.len());
         for (child, guard) in report.children.iter().zip(guards) {
