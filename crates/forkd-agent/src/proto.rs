@@ -46,8 +46,10 @@ pub mod feature {
     pub const SIGNAL: &str = "signal";
     /// The file ops (`file_*`, `mkdir`, `remove`).
     pub const FILES: &str = "files";
+    /// The `zero_free` op.
+    pub const ZERO_FREE: &str = "zero_free";
     /// Everything this build supports.
-    pub const ALL: &[&str] = &[CONCURRENT, EXEC_STREAM, SIGNAL, FILES];
+    pub const ALL: &[&str] = &[CONCURRENT, EXEC_STREAM, SIGNAL, FILES, ZERO_FREE];
 }
 
 /// One request from the host: `{"v":1,"id":7,"op":"exec",...}`.
@@ -114,6 +116,10 @@ pub enum Op {
         #[serde(default)]
         recursive: bool,
     },
+    /// Zero the guest's free memory (taken and given back, leaving a margin), so that a saved
+    /// parent holds no stale bytes: answered with [`Reply::ZeroFree`]. Sent by `forkd build`
+    /// before the parent is saved.
+    ZeroFree,
 }
 
 /// Send `signal` to the process group of the running `exec` whose command has pid `pid`.
@@ -139,6 +145,7 @@ pub const OPS: &[&str] = &[
     "file_stat",
     "mkdir",
     "remove",
+    "zero_free",
 ];
 
 /// Run a program. Exactly one of `argv` and `shell` must be given.
@@ -528,6 +535,10 @@ pub enum Reply {
         entry: FileEntry,
     },
     Done,
+    /// Bytes of free memory the agent took (zeroed) and gave back.
+    ZeroFree {
+        zeroed: u64,
+    },
 }
 
 /// Metadata of one path (from `lstat`: a symlink is reported as itself).

@@ -205,6 +205,21 @@ pub fn take(
     }
     // Sync the guest's page cache to its disk so the saved rootfs is complete on its own.
     agent.shell("sync", Duration::from_secs(120))?;
+    // Zero what the guest freed (boot, warm-up), so the saved RAM holds only live bytes: the
+    // rest are holes, never pushed or fetched, and two builds of a recipe differ less. An
+    // agent without the op (an image built before it) is saved as it is.
+    if hello.has(forkd_agent::feature::ZERO_FREE) {
+        let t = Instant::now();
+        match agent.call_timeout(forkd_agent::Op::ZeroFree, Duration::from_secs(600)) {
+            Ok(forkd_agent::Reply::ZeroFree { zeroed }) => tracing::info!(
+                "zeroed {} MiB of free guest memory in {} ms",
+                zeroed >> 20,
+                t.elapsed().as_millis()
+            ),
+            Ok(other) => tracing::warn!("zero_free answered {other:?}; saving as it is"),
+            Err(e) => tracing::warn!("cannot zero free guest memory ({e}); saving as it is"),
+        }
+    }
     if interrupt.is_set() {
         return Err(EngineError::Interrupted);
     }
@@ -226,6 +241,14 @@ pub fn take(
     if !vmstate.is_file() {
         return Err(EngineError::MissingFile(vmstate));
     }
+    // QEMU wrote guest RAM through a shared mapping: pages the guest zeroed take disk blocks.
+    let memory = out.join(MEMORY_FILE);
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&memory)
+        .and_then(|f| forkd_store::sparse::punch_zero_blocks(&f))
+        .at("cannot punch the zero pages of", &memory)?;
     spec.save(out)?;
     let mut files = vec![
         (KERNEL_FILE.to_string(), "kernel"),

@@ -406,3 +406,65 @@ fn one_connection_to_a_kept_child_carries_concurrent_streams_and_files() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A parent is saved with only its live memory: what the guest freed is zero (holes in
+/// memory.bin), not left over. The warm-up fills 48 MiB of a tmpfs with random bytes and
+/// deletes it; without zeroing, those pages would stay in memory.bin.
+#[test]
+fn a_parent_is_saved_without_the_bytes_its_guest_freed() {
+    let q = qemu();
+    let out = scratch().join("snap-freed");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut opts = tiny_options();
+    opts.warmup = Some(
+        "head -c 50331648 /dev/urandom > /run/garbage && sync && rm /run/garbage && \
+         echo warmed > /run/forkd-warm"
+            .into(),
+    );
+    forkd_engine::snapshot::take(
+        &q,
+        &opts,
+        &out,
+        &scratch().join("parent-freed"),
+        &forkd_engine::Interrupt::never(),
+    )
+    .unwrap_or_else(|e| panic!("snapshot failed: {e}"));
+
+    let run = scratch().join("run-freed");
+    let report = forkd_engine::fork::fork(
+        &out,
+        &q,
+        &fork_options(1, Some("grep MemFree /proc/meminfo"), &run),
+    )
+    .expect("fork");
+    let x = report.children[0].exec.as_ref().expect("exec result");
+    let free_kib: u64 = x
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MemFree in {:?}", x.stdout));
+
+    let mem = std::fs::File::open(out.join("memory.bin")).unwrap();
+    let size = mem.metadata().unwrap().len();
+    let nonzero: u64 = forkd_store::sparse::nonzero_extents(&mem, size)
+        .unwrap()
+        .iter()
+        .map(|r| r.end - r.start)
+        .sum();
+    let used = size - free_kib * 1024;
+    // What the agent leaves free (16 MiB on this guest) may keep old bytes; 8 MiB of slack.
+    assert!(
+        nonzero <= used + (24 << 20),
+        "memory.bin holds {} MiB of non-zero bytes, the guest uses {} MiB",
+        nonzero >> 20,
+        used >> 20
+    );
+    // And the zeroed pages are holes, not zero-filled blocks.
+    use std::os::unix::fs::MetadataExt;
+    let on_disk = mem.metadata().unwrap().blocks() * 512;
+    assert!(
+        on_disk <= nonzero + (1 << 20),
+        "memory.bin takes {on_disk} bytes on disk for {nonzero} non-zero"
+    );
+}

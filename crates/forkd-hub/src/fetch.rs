@@ -186,19 +186,60 @@ pub(crate) fn land(
     journal: &Mutex<std::fs::File>,
 ) -> Result<Vec<Bytes>> {
     let mut out = Vec::with_capacity(batch.len());
+    // The batch's journal lines, written together once its chunks are: a line only ever
+    // follows its chunk's bytes, and one write per batch instead of a few per chunk.
+    let mut lines = String::new();
+    let flush = |lines: &str| -> Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
+        j.write_all(lines.as_bytes())
+            .map_err(HubError::io("cannot write the download journal"))
+    };
     for ((i, c), (data, cached)) in batch.iter().zip(got) {
-        let raw = unpack_chunk(&data, c)?;
-        forkd_store::sparse::write_sparse_at(file, &raw, c.offset)
-            .map_err(HubError::io("cannot write the pulled snapshot"))?;
+        let raw = match unpack_chunk(&data, c) {
+            Ok(raw) => raw,
+            Err(e) => {
+                flush(&lines)?;
+                return Err(e);
+            }
+        };
+        if let Err(e) = forkd_store::sparse::write_sparse_at(file, &raw, c.offset) {
+            flush(&lines)?;
+            return Err(HubError::io("cannot write the pulled snapshot")(e));
+        }
         if !cached && let Some(s) = store {
             s.put(&c.digest, &data);
         }
-        let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
-        writeln!(j, "{i} {}", c.digest)
-            .map_err(HubError::io("cannot write the download journal"))?;
+        lines.push_str(&format!("{i} {}\n", c.digest));
         out.push(Bytes::from(raw));
     }
+    if let (Some(lo), Some(hi)) = (
+        batch.iter().map(|(_, c)| c.offset).min(),
+        batch.iter().map(|(_, c)| c.offset + c.len).max(),
+    ) {
+        start_writeback(file, lo, hi - lo);
+    }
+    flush(&lines)?;
     Ok(out)
+}
+
+/// Start writing `len` bytes of `file` at `offset` back to disk, without waiting for it. The
+/// pull fsyncs every file before it installs the image; started as each batch lands, that
+/// writeback overlaps the download and the hashing instead of all coming at the end (the
+/// fsync of bench/pull.sh's 640 MiB took about 0.4 s of a 2.4 s pull). A hint only: an error
+/// is ignored, and the fsync still decides.
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range only reads its arguments; the descriptor is open for the
+    // duration of the call (borrowed from `file`).
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
 }
 
 /// Every chunk of `image` with the file it belongs to, files in order and each by offset:

@@ -131,6 +131,30 @@ pub fn nonzero_extents(file: &File, len: u64) -> io::Result<Vec<Range<u64>>> {
     Ok(extents)
 }
 
+/// Turn every all-zero 4 KiB block of `file` into a hole (its content is unchanged). For a
+/// file that was written whole, such as a guest's RAM, where zeroed pages took up disk.
+pub fn punch_zero_blocks(file: &File) -> io::Result<()> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    let len = file.metadata()?.len();
+    let mut pos = 0u64;
+    let punch = |start: u64, end: u64| -> io::Result<()> {
+        if end > start {
+            fallocate(
+                file,
+                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                start,
+                end - start,
+            )?;
+        }
+        Ok(())
+    };
+    for r in nonzero_extents(file, len)? {
+        punch(pos, r.start)?;
+        pos = r.end;
+    }
+    punch(pos, len)
+}
+
 /// Writes a stream of logical content into a new, empty file, leaving every all-zero 4 KiB
 /// block as a hole, and hashes the content as it goes.
 pub struct SparseWriter {

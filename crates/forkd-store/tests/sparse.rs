@@ -145,3 +145,41 @@ fn write_sparse_at_skips_zero_blocks() {
     let ranges = data_ranges(&f, 1 << 20).unwrap();
     assert!(ranges.iter().all(|r| !r.contains(&8192)), "{ranges:?}");
 }
+
+#[test]
+fn punching_zero_blocks_frees_their_disk_and_keeps_the_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ram");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    // 8 MiB written whole: zeros, with data in three places (one unaligned, one at the end).
+    let mut content = vec![0u8; 8 << 20];
+    content[4096..8192].fill(7);
+    content[(3 << 20) + 100] = 1;
+    let n = content.len();
+    content[n - 1] = 9;
+    f.write_all_at(&content, 0).unwrap();
+    f.sync_all().unwrap();
+    let (before_len, before_hash) = hash_file(&f).unwrap();
+    assert!(f.metadata().unwrap().blocks() * 512 >= 8 << 20);
+
+    forkd_store::sparse::punch_zero_blocks(&f).unwrap();
+
+    assert_eq!(hash_file(&f).unwrap(), (before_len, before_hash));
+    let on_disk = f.metadata().unwrap().blocks() * 512;
+    assert!(on_disk <= 64 << 10, "{on_disk} bytes still allocated");
+    let extents = nonzero_extents(&f, before_len).unwrap();
+    assert_eq!(
+        extents,
+        vec![
+            4096..8192,
+            3 << 20..(3 << 20) + 4096,
+            (8 << 20) - 4096..8 << 20
+        ]
+    );
+}

@@ -17,6 +17,7 @@ mod port;
 mod reaper;
 mod tcpreset;
 mod warm;
+mod zerofree;
 
 use forkd_agent::{
     ErrorCode, Event, HelloReply, MAX_IN_FLIGHT, MAX_LINE, Op, PROTOCOL_VERSION, Reply, Request,
@@ -240,6 +241,7 @@ impl Agent {
             Op::FileStat { path } => files::stat(&path).map(|entry| Reply::FileStat { entry }),
             Op::Mkdir { path, parents } => files::mkdir(&path, parents).map(|()| Reply::Done),
             Op::Remove { path, recursive } => files::remove(&path, recursive).map(|()| Reply::Done),
+            Op::ZeroFree => zerofree::run().map(|zeroed| Reply::ZeroFree { zeroed }),
         };
         match result {
             Ok(reply) => Response::ok(id, reply),
