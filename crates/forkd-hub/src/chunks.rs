@@ -7,6 +7,7 @@ use crate::layout::Chunk;
 use crate::progress::Progress;
 use crate::transport::Transport;
 use bytes::Bytes;
+use std::sync::Arc;
 
 /// Chunks of one pack whose stored bytes lie at most this far apart are fetched in one ranged
 /// GET, the gap downloaded and dropped: a round trip (20 ms on the link bench/lazy.sh models)
@@ -39,16 +40,30 @@ pub fn adjacent(a: &Chunk, b: &Chunk, start: u64) -> bool {
 /// value is the number of bytes downloaded.
 pub(crate) async fn get_chunks(
     hub: &dyn Transport,
-    store: Option<&ChunkStore>,
+    store: Option<&Arc<ChunkStore>>,
     batch: &[&Chunk],
     attempts: u32,
     progress: &dyn Progress,
 ) -> Result<(Vec<(Bytes, bool)>, u64)> {
-    let mut out: Vec<Option<(Bytes, bool)>> = vec![None; batch.len()];
+    let mut out: Vec<Option<(Bytes, bool)>> = match store {
+        // Reading and hashing what the store holds is file I/O: not on a runtime thread,
+        // which the downloads of every other batch share.
+        Some(s) => {
+            let (s, wanted) = (
+                s.clone(),
+                batch.iter().map(|&c| c.clone()).collect::<Vec<_>>(),
+            );
+            tokio::task::spawn_blocking(move || {
+                wanted.iter().map(|c| s.get(c).map(|d| (d, true))).collect()
+            })
+            .await
+            .map_err(|e| HubError::Invalid(format!("the chunk store lookup failed: {e}")))?
+        }
+        None => vec![None; batch.len()],
+    };
     let mut spans: Vec<Span> = Vec::new();
     for (i, c) in batch.iter().enumerate() {
-        if let Some(data) = store.and_then(|s| s.get(c)) {
-            out[i] = Some((data, true));
+        if out[i].is_some() {
             continue;
         }
         let (key, r) = c.location();

@@ -315,7 +315,7 @@ pub async fn fetch(
                 let batch: Vec<&Chunk> = want.iter().map(|(_, c)| c).collect();
                 let (got, n) = chunks::get_chunks(
                     hub.as_ref(),
-                    store.as_deref(),
+                    store.as_ref(),
                     &batch,
                     opts.attempts,
                     progress,

@@ -448,8 +448,7 @@ impl LazyImage {
             ids.iter().map(|&i| (i, self.chunks[i].1.clone())).collect();
         let refs: Vec<&Chunk> = batch.iter().map(|(_, c)| c).collect();
         let (got, n) =
-            crate::chunks::get_chunks(hub, self.store.as_deref(), &refs, attempts, progress)
-                .await?;
+            crate::chunks::get_chunks(hub, self.store.as_ref(), &refs, attempts, progress).await?;
         self.downloaded.fetch_add(n, Ordering::Relaxed);
         let stored: u64 = refs.iter().map(|c| c.stored_size).sum();
         progress.advance(stored);
