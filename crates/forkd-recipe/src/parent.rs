@@ -279,6 +279,23 @@ impl Recording {
     }
 }
 
+/// How `forkd build` forks one child of the staged image to do `work`.
+fn build_child(tag: &Tag, accel: AccelChoice, store: &Store, work: Work) -> ForkOptions {
+    ForkOptions {
+        n: 1,
+        tag: tag.as_str().to_string(),
+        accel,
+        work,
+        keep: false,
+        run_root: store.home().run_dir(),
+        ready_timeout: Duration::from_secs(300),
+        interrupt: Interrupt::install(),
+        on_child: None,
+        layers: None,
+        net: None,
+    }
+}
+
 /// Fork one child from the snapshot in `dir`, give it no work, and let it go once it is ready.
 fn ready_child(
     dir: &Path,
@@ -287,23 +304,14 @@ fn ready_child(
     store: &Store,
     qemu: &Qemu,
 ) -> Result<(), String> {
-    let opts = ForkOptions {
-        n: 1,
-        tag: tag.as_str().to_string(),
-        accel,
-        work: Work::default(),
-        keep: false,
-        run_root: store.home().run_dir(),
-        ready_timeout: Duration::from_secs(300),
-        interrupt: Interrupt::install(),
-        on_child: None,
-        layers: None,
-        net: None,
-    };
+    let opts = build_child(tag, accel, store, Work::default());
     let report = forkd_engine::fork::fork(dir, qemu, &opts).map_err(|e| e.to_string())?;
     match report.children.first() {
         Some(c) if c.ok => Ok(()),
-        Some(c) => Err(c.error.clone().unwrap_or_else(|| "it did not come up".into())),
+        Some(c) => Err(c
+            .error
+            .clone()
+            .unwrap_or_else(|| "it did not come up".into())),
         None => Err("no child".into()),
     }
 }
@@ -331,19 +339,7 @@ fn smoke(
             run_code: check.run.clone(),
             ..Default::default()
         };
-        let opts = ForkOptions {
-            n: 1,
-            tag: tag.as_str().to_string(),
-            accel,
-            work,
-            keep: false,
-            run_root: store.home().run_dir(),
-            ready_timeout: Duration::from_secs(300),
-            interrupt: Interrupt::install(),
-            on_child: None,
-            layers: None,
-            net: None,
-        };
+        let opts = build_child(tag, accel, store, work);
         let report = forkd_engine::fork::fork(dir, qemu, &opts).map_err(|source| {
             ParentError::SmokeFork {
                 index,

@@ -17,16 +17,20 @@ impl Rng {
     }
 }
 
-/// A 64 MiB sparse file with data pages at some offsets and one explicitly written zero page.
-fn sample(dir: &std::path::Path) -> (File, Vec<u64>) {
-    let path = dir.join("mem");
-    let f = OpenOptions::new()
+/// A new, empty file open for reading and writing.
+fn new_file(path: &std::path::Path) -> File {
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
-        .open(&path)
-        .unwrap();
+        .open(path)
+        .unwrap()
+}
+
+/// A 64 MiB sparse file with data pages at some offsets and one explicitly written zero page.
+fn sample(dir: &std::path::Path) -> (File, Vec<u64>) {
+    let f = new_file(&dir.join("mem"));
     f.set_len(64 << 20).unwrap();
     let mut rng = Rng(42);
     let mut pages: Vec<u64> = (0..200).map(|_| rng.next() % (16384 - 1)).collect();
@@ -149,14 +153,7 @@ fn write_sparse_at_skips_zero_blocks() {
 #[test]
 fn punching_zero_blocks_frees_their_disk_and_keeps_the_content() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ram");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
+    let f = new_file(&dir.path().join("ram"));
     // 8 MiB written whole: zeros, with data in three places (one unaligned, one at the end).
     let mut content = vec![0u8; 8 << 20];
     content[4096..8192].fill(7);
