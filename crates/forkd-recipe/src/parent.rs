@@ -182,16 +182,6 @@ pub fn build_parent(
             .as_ref()
             .map(|r| r.mount.dir().to_path_buf())
             .unwrap_or_else(|| staged.dir().to_path_buf());
-        if recorder.is_some() {
-            // First a child with no work, so that the record starts with what a child reads
-            // until it is ready, in that order; the smoke checks' children then add what their
-            // work reads. Recorded from the smoke child alone, the browser image's record put
-            // those reads among the page load's, and a lazy fork's first child took 26 s to
-            // answer instead of 17 s (bench/lazy.sh). Only the order of a hint is at stake.
-            if let Err(e) = ready_child(&dir, tag, opts.accel, store, qemu) {
-                tracing::warn!("the working set starts with the smoke check's reads: {e}");
-            }
-        }
         smoke(lr, &dir, tag, opts.accel, store, qemu, progress)?;
         if let Some(r) = recorder {
             let ws = r.recorder.working_set();
@@ -279,43 +269,6 @@ impl Recording {
     }
 }
 
-/// How `forkd build` forks one child of the staged image to do `work`.
-fn build_child(tag: &Tag, accel: AccelChoice, store: &Store, work: Work) -> ForkOptions {
-    ForkOptions {
-        n: 1,
-        tag: tag.as_str().to_string(),
-        accel,
-        work,
-        keep: false,
-        run_root: store.home().run_dir(),
-        ready_timeout: Duration::from_secs(300),
-        interrupt: Interrupt::install(),
-        on_child: None,
-        layers: None,
-        net: None,
-    }
-}
-
-/// Fork one child from the snapshot in `dir`, give it no work, and let it go once it is ready.
-fn ready_child(
-    dir: &Path,
-    tag: &Tag,
-    accel: AccelChoice,
-    store: &Store,
-    qemu: &Qemu,
-) -> Result<(), String> {
-    let opts = build_child(tag, accel, store, Work::default());
-    let report = forkd_engine::fork::fork(dir, qemu, &opts).map_err(|e| e.to_string())?;
-    match report.children.first() {
-        Some(c) if c.ok => Ok(()),
-        Some(c) => Err(c
-            .error
-            .clone()
-            .unwrap_or_else(|| "it did not come up".into())),
-        None => Err("no child".into()),
-    }
-}
-
 /// Run every `[[smoke]]` check of the recipe in a child forked from the snapshot in `dir`.
 fn smoke(
     lr: &LoadedRecipe,
@@ -339,7 +292,19 @@ fn smoke(
             run_code: check.run.clone(),
             ..Default::default()
         };
-        let opts = build_child(tag, accel, store, work);
+        let opts = ForkOptions {
+            n: 1,
+            tag: tag.as_str().to_string(),
+            accel,
+            work,
+            keep: false,
+            run_root: store.home().run_dir(),
+            ready_timeout: Duration::from_secs(300),
+            interrupt: Interrupt::install(),
+            on_child: None,
+            layers: None,
+            net: None,
+        };
         let report = forkd_engine::fork::fork(dir, qemu, &opts).map_err(|source| {
             ParentError::SmokeFork {
                 index,
