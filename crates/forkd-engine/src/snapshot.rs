@@ -207,18 +207,34 @@ pub fn take(
     agent.shell("sync", Duration::from_secs(120))?;
     // Zero what the guest freed (boot, warm-up), so the saved RAM holds only live bytes: the
     // rest are holes, never pushed or fetched, and two builds of a recipe differ less. An
-    // agent without the op (an image built before it) is saved as it is.
-    if hello.has(forkd_agent::feature::ZERO_FREE) {
+    // agent without the op (an image built before it) is saved as it is, and so is a parent
+    // whose disk could not take its RAM whole: zeroing writes every free page through the
+    // shared mapping before the zero pages are punched out again.
+    let ram = opts.mem_mib << 20;
+    let room = rustix::fs::statvfs(out)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .unwrap_or(0);
+    if hello.has(forkd_agent::feature::ZERO_FREE) && room > ram + (ram >> 3) {
         let t = Instant::now();
-        match agent.call_timeout(forkd_agent::Op::ZeroFree, Duration::from_secs(600)) {
-            Ok(forkd_agent::Reply::ZeroFree { zeroed }) => tracing::info!(
+        // Any failure stops the build: an agent that did not answer may still hold most of
+        // the guest's memory, and every child would resume inside that.
+        match agent.call_timeout(forkd_agent::Op::ZeroFree, Duration::from_secs(600))? {
+            forkd_agent::Reply::ZeroFree { zeroed } => tracing::info!(
                 "zeroed {} MiB of free guest memory in {} ms",
                 zeroed >> 20,
                 t.elapsed().as_millis()
             ),
-            Ok(other) => tracing::warn!("zero_free answered {other:?}; saving as it is"),
-            Err(e) => tracing::warn!("cannot zero free guest memory ({e}); saving as it is"),
+            other => {
+                return Err(EngineError::Agent(format!("zero_free answered {other:?}")));
+            }
         }
+    } else if hello.has(forkd_agent::feature::ZERO_FREE) {
+        tracing::warn!(
+            "not zeroing free guest memory: {} MiB free for {} MiB of RAM in {}",
+            room >> 20,
+            ram >> 20,
+            out.display()
+        );
     }
     if interrupt.is_set() {
         return Err(EngineError::Interrupted);
@@ -242,13 +258,21 @@ pub fn take(
         return Err(EngineError::MissingFile(vmstate));
     }
     // QEMU wrote guest RAM through a shared mapping: pages the guest zeroed take disk blocks.
+    // A file system that cannot punch holes keeps them as zeros (they still are holes on the
+    // hub).
     let memory = out.join(MEMORY_FILE);
-    std::fs::OpenOptions::new()
+    match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&memory)
         .and_then(|f| forkd_store::sparse::punch_zero_blocks(&f))
-        .at("cannot punch the zero pages of", &memory)?;
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+            tracing::warn!("{} keeps its zero pages: {e}", memory.display());
+        }
+        Err(e) => return Err(e).at("cannot punch the zero pages of", &memory),
+    }
     spec.save(out)?;
     let mut files = vec![
         (KERNEL_FILE.to_string(), "kernel"),

@@ -198,15 +198,17 @@ pub(crate) fn land(
             .map_err(HubError::io("cannot write the download journal"))
     };
     for ((i, c), (data, cached)) in batch.iter().zip(got) {
+        // On an error the lines of the chunks already written are kept if they can be (a
+        // resumed pull then skips them); the error reported is the chunk's, not the journal's.
         let raw = match unpack_chunk(&data, c) {
             Ok(raw) => raw,
             Err(e) => {
-                flush(&lines)?;
+                let _ = flush(&lines);
                 return Err(e);
             }
         };
         if let Err(e) = forkd_store::sparse::write_sparse_at(file, &raw, c.offset) {
-            flush(&lines)?;
+            let _ = flush(&lines);
             return Err(HubError::io("cannot write the pulled snapshot")(e));
         }
         if !cached && let Some(s) = store {
@@ -215,14 +217,18 @@ pub(crate) fn land(
         lines.push_str(&format!("{i} {}\n", c.digest));
         out.push(Bytes::from(raw));
     }
+    flush(&lines)?;
+    Ok(out)
+}
+
+/// Start writing back the file range a batch of chunks covers ([`start_writeback`]).
+fn start_batch_writeback(file: &std::fs::File, batch: &[(usize, Chunk)]) {
     if let (Some(lo), Some(hi)) = (
         batch.iter().map(|(_, c)| c.offset).min(),
         batch.iter().map(|(_, c)| c.offset + c.len).max(),
     ) {
         start_writeback(file, lo, hi - lo);
     }
-    flush(&lines)?;
-    Ok(out)
 }
 
 /// Start writing `len` bytes of `file` at `offset` back to disk, without waiting for it. The
@@ -329,6 +335,8 @@ pub async fn fetch(
                 tokio::task::spawn_blocking(move || -> Result<Vec<(usize, u64, Bytes)>> {
                     let mut landed =
                         land(&want, got, &file, store.as_deref(), &journal)?.into_iter();
+                    // Not in `land`: a lazy pull's readers wait for it to return.
+                    start_batch_writeback(&file, &want);
                     let mut out = Vec::with_capacity(all.len());
                     for ((_, c), resumed) in all.iter().zip(done) {
                         let raw = if resumed {

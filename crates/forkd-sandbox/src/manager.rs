@@ -210,11 +210,15 @@ impl Manager {
                     Err(e) => tracing::warn!("the lazy pull of `{tag}` failed: {e}"),
                 }
                 if let Some(inner) = inner.upgrade() {
-                    lock(&inner.lazy).remove(&tag);
+                    // Dropped after the lock: it may be the mount's last holder, and
+                    // unmounting must not hold up every lookup.
+                    let served = lock(&inner.lazy).remove(&tag);
+                    drop(served);
                 }
             });
         if let Err(e) = spawned {
-            lock(&self.inner.lazy).remove(&gone);
+            let served = lock(&self.inner.lazy).remove(&gone);
+            drop(served);
             tracing::warn!("cannot start the thread that waits for a lazy pull: {e}");
         }
     }

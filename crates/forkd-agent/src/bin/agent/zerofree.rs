@@ -79,14 +79,42 @@ fn take() -> Option<Taken> {
     (p != libc::MAP_FAILED).then_some(Taken(p))
 }
 
+/// Counters in /proc/vmstat that move when the kernel reclaims memory or kills for it.
+fn reclaim_count() -> u64 {
+    let Ok(text) = read_proc("/proc/vmstat") else {
+        return 0;
+    };
+    reclaim_in(&text)
+}
+
+fn reclaim_in(vmstat: &str) -> u64 {
+    vmstat
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(k, _)| {
+            k.starts_with("pgscan_") || k.starts_with("allocstall") || *k == "oom_kill"
+        })
+        .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+        .fold(0u64, u64::saturating_add)
+}
+
 /// Take free memory down to the margin, then give it back. Returns the bytes zeroed.
+///
+/// The budget is `MemFree` less the margin, read once: part of `MemFree` is the zones'
+/// reserves, which an allocation cannot have, and taking past them makes the kernel reclaim
+/// page cache, which raises `MemFree` again. As a second guard it stops as soon as the kernel
+/// starts reclaiming (a populate that fails is not reported by mmap, so nothing else would).
 pub fn run() -> Result<u64, Failure> {
-    let keep = margin();
+    let budget = mem_free()?.saturating_sub(margin());
+    let reclaimed = reclaim_count();
     let mut held = Vec::new();
-    while mem_free()? > keep + STEP as u64 {
+    while ((held.len() + 1) * STEP) as u64 <= budget {
         match take() {
             Some(t) => held.push(t),
             None => break,
+        }
+        if reclaim_count() != reclaimed {
+            break;
         }
     }
     Ok((held.len() * STEP) as u64)
@@ -102,6 +130,14 @@ mod tests {
         assert_eq!(parse_mem_free(m), Some(147_896 * 1024));
         assert_eq!(parse_mem_free("MemTotal: 5 kB\n"), None);
         assert_eq!(parse_mem_free("MemFree: lots kB\n"), None);
+    }
+
+    #[test]
+    fn reclaim_counters_are_summed() {
+        let v = "nr_free_pages 100\npgscan_kswapd 3\npgscan_direct 4\nallocstall_normal 1\n\
+                 oom_kill 2\npgsteal_kswapd 50\n";
+        assert_eq!(reclaim_in(v), 10);
+        assert_eq!(reclaim_in(""), 0);
     }
 
     #[test]
