@@ -11,7 +11,7 @@
 use crate::Failure;
 use std::io::Read;
 
-/// Memory is taken this much at a time, re-reading `MemFree` in between.
+/// Memory is taken this much at a time, checking for reclaim in between.
 const STEP: usize = 4 << 20;
 /// Least memory left free: well above the kernel's reclaim watermarks on small guests.
 const MIN_MARGIN: u64 = 16 << 20;
