@@ -407,6 +407,52 @@ fn one_connection_to_a_kept_child_carries_concurrent_streams_and_files() {
     }
 }
 
+/// A parent boots without address randomisation (two builds then share more pages), but a
+/// process started in a child is randomised: two in a row get different stacks.
+#[test]
+fn a_child_randomises_what_it_starts_though_its_parent_was_built_without() {
+    let run = scratch().join("run-aslr");
+    let report = forkd_engine::fork::fork(
+        &tiny_snapshot(),
+        &qemu(),
+        &fork_options(
+            1,
+            Some(
+                "cat /proc/sys/kernel/randomize_va_space; cat /proc/cmdline; \
+                 grep stack /proc/self/maps; grep stack /proc/self/maps",
+            ),
+            &run,
+        ),
+    )
+    .expect("fork");
+    let out = &report.children[0]
+        .exec
+        .as_ref()
+        .expect("exec result")
+        .stdout;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines.first(),
+        Some(&"2"),
+        "randomize_va_space in a child: {out}"
+    );
+    let cmdline = lines.get(1).copied().unwrap_or_default();
+    assert!(
+        cmdline.contains("nokaslr") && cmdline.contains("norandmaps"),
+        "the parent booted with {cmdline:?}"
+    );
+    let stacks: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.contains("[stack]"))
+        .collect();
+    assert_eq!(stacks.len(), 2, "{out}");
+    assert_ne!(
+        stacks[0], stacks[1],
+        "two processes got one stack address: {out}"
+    );
+}
+
 /// A parent is saved with only its live memory: what the guest freed is zero (holes in
 /// memory.bin), not left over. The warm-up fills 48 MiB of a tmpfs with random bytes and
 /// deletes it; without zeroing, those pages would stay in memory.bin.
