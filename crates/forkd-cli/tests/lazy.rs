@@ -142,6 +142,14 @@ fn lazy_fork_runs_children_then_installs_the_image_as_a_pull_would() {
         "no read waited for a chunk ({demanded} of {total} bytes demanded): the fork was not lazy"
     );
     assert!(pull["first_child_ms"].as_u64().is_some(), "{v}");
+    // What the reads cost is reported: they read part of the image, and waited for it.
+    for reads in [&pull["reads"], &pull["reads_at_first_child"]] {
+        let read = reads["read_bytes"].as_u64().unwrap_or(0);
+        assert!(read > 0 && read <= total, "{v}");
+        let waited = reads["waited_for_requested_ms"].as_u64().unwrap_or(0)
+            + reads["waited_for_in_flight_ms"].as_u64().unwrap_or(0);
+        assert!(waited > 0, "no read waited behind a slow hub: {v}");
+    }
     // Every byte was served about once: a chunk the image lists twice can be fetched twice
     // when two reads want it at the same moment, and a ranged GET may span a chunk that is
     // already here (at most 64 KiB): a few percent, never a second copy of the image.

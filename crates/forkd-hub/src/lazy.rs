@@ -110,6 +110,9 @@ struct State {
     last_demand: Option<Instant>,
     /// Set when the pull gave up: every read of a chunk that is not here fails with it.
     fatal: Option<(usize, String)>,
+    /// Chunks a reader has read, and their stored bytes in all.
+    touched: Vec<bool>,
+    touched_bytes: u64,
 }
 
 /// One image being pulled lazily. Shared by the fetch workers and every reader.
@@ -127,6 +130,10 @@ pub struct LazyImage {
     downloaded: AtomicU64,
     /// Stored bytes of the chunks fetched because a reader waited for them.
     demanded_bytes: AtomicU64,
+    /// How long readers waited, in microseconds: for chunks they asked for, and for chunks
+    /// that were already on their way (a background download a reader caught up with).
+    waited_asking_us: AtomicU64,
+    waited_behind_us: AtomicU64,
     /// How many entries at the front of the background order are the image's working set.
     working_set: usize,
     /// Whether each chunk is in the working set (a working-set batch takes only those).
@@ -213,12 +220,16 @@ impl LazyImage {
                 demand_inflight: 0,
                 bg_inflight: 0,
                 last_demand: None,
+                touched: vec![false; chunks.len()],
+                touched_bytes: 0,
             }),
             chunks,
             arrived: Condvar::new(),
             wake: tokio::sync::Notify::new(),
             downloaded: AtomicU64::new(0),
             demanded_bytes: AtomicU64::new(0),
+            waited_asking_us: AtomicU64::new(0),
+            waited_behind_us: AtomicU64::new(0),
             working_set,
             in_working_set,
             store,
@@ -245,6 +256,18 @@ impl LazyImage {
     /// Bytes downloaded because a reader waited for them.
     pub fn demanded(&self) -> u64 {
         self.demanded_bytes.load(Ordering::Relaxed)
+    }
+
+    /// How long readers have waited so far: (for chunks they asked for, for chunks already
+    /// being downloaded when they came). Summed over readers, so it can exceed the wall clock.
+    pub fn waited(&self) -> (Duration, Duration) {
+        let us = |a: &AtomicU64| Duration::from_micros(a.load(Ordering::Relaxed));
+        (us(&self.waited_asking_us), us(&self.waited_behind_us))
+    }
+
+    /// Stored bytes of the distinct chunks readers have read so far.
+    pub fn touched(&self) -> u64 {
+        lock(&self.state).touched_bytes
     }
 
     /// Bytes that were already verified here by an earlier, interrupted pull.
@@ -278,6 +301,10 @@ impl LazyImage {
         let mut st = lock(&self.state);
         let mut asked = false;
         for i in range.clone() {
+            if !st.touched[i] {
+                st.touched[i] = true;
+                st.touched_bytes += self.chunks[i].1.stored_size;
+            }
             if st.status[i] == Status::Missing && !st.demanded.contains(&i) {
                 st.demanded.push_back(i);
                 asked = true;
@@ -287,17 +314,27 @@ impl LazyImage {
             self.wake.notify_waiters();
         }
         let t0 = Instant::now();
+        let mut waited = false;
         loop {
             let Some(missing) = range.clone().find(|&i| st.status[i] != Status::Present) else {
-                if asked {
+                if waited {
+                    let took = t0.elapsed();
+                    let sum = if asked {
+                        &self.waited_asking_us
+                    } else {
+                        &self.waited_behind_us
+                    };
+                    sum.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
                     tracing::debug!(
-                        "read of {} at {offset}+{len} waited {:?} for chunks {range:?}",
+                        "read of {} at {offset}+{len} waited {took:?} for chunks {range:?} \
+                         ({})",
                         self.image.files[file].name,
-                        t0.elapsed()
+                        if asked { "asked" } else { "in flight" }
                     );
                 }
                 return Ok(());
             };
+            waited = true;
             if let Some((at, why)) = &st.fatal {
                 let (digest, file, offset) = self.describe(missing);
                 let reason = if *at == missing {
@@ -407,6 +444,7 @@ impl LazyImage {
         if !in_working_set && busy && st.bg_inflight >= BACKGROUND_WHILE_DEMANDED {
             return Pick::Wait;
         }
+
         while st.cursor < st.order.len() {
             let i = st.order[st.cursor];
             st.cursor += 1;

@@ -544,7 +544,7 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
                     if let Some(pb) = &pb {
                         pb.inc(1);
                     }
-                    clock.first_child(meter.as_ref().map(|m| m.fetched()));
+                    clock.first_child(meter.as_deref());
                 }) as forkd_engine::fork::OnChild
             }),
             layers: forkd_engine::branch::layers(&store, &snap)?,
@@ -621,6 +621,8 @@ struct LazyClock {
     started: std::time::Instant,
     first_bytes: std::sync::atomic::AtomicU64,
     first_ms: std::sync::atomic::AtomicU64,
+    /// What the first child's reads had cost by its answer.
+    first_reads: std::sync::Mutex<Option<serde_json::Value>>,
     forked_ms: std::sync::atomic::AtomicU64,
 }
 
@@ -631,6 +633,7 @@ impl LazyClock {
             started,
             first_bytes: unset(),
             first_ms: unset(),
+            first_reads: std::sync::Mutex::new(None),
             forked_ms: unset(),
         }
     }
@@ -639,15 +642,16 @@ impl LazyClock {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn first_child(&self, downloaded: Option<u64>) {
+    fn first_child(&self, image: Option<&forkd_hub::lazy::LazyImage>) {
         use std::sync::atomic::Ordering::Relaxed;
         if self
             .first_ms
             .compare_exchange(u64::MAX, self.ms(), Relaxed, Relaxed)
             .is_ok()
-            && let Some(b) = downloaded
+            && let Some(m) = image
         {
-            self.first_bytes.store(b, Relaxed);
+            self.first_bytes.store(m.fetched(), Relaxed);
+            *self.first_reads.lock().unwrap_or_else(|p| p.into_inner()) = Some(reads_json(m));
         }
     }
 
@@ -655,6 +659,16 @@ impl LazyClock {
         self.forked_ms
             .store(self.ms(), std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// What the reads of a lazily served image have cost so far.
+fn reads_json(m: &forkd_hub::lazy::LazyImage) -> serde_json::Value {
+    let (asked, in_flight) = m.waited();
+    serde_json::json!({
+        "read_bytes": m.touched(),
+        "waited_for_requested_ms": asked.as_millis() as u64,
+        "waited_for_in_flight_ms": in_flight.as_millis() as u64,
+    })
 }
 
 /// The end of a lazy fork: wait for the image to be installed, and say what it cost. The
@@ -690,7 +704,15 @@ fn finish_lazy(
         "first_child_ms": get(&clock.first_ms),
         "children_done_ms": get(&clock.forked_ms),
         "finish_seconds": t.elapsed().as_secs_f64(),
-        "demanded_bytes": meter.map(|m| m.demanded()),
+        "demanded_bytes": meter.as_ref().map(|m| m.demanded()),
+        // How long the guests' reads waited for chunks (summed over reads: they overlap), and
+        // the stored bytes of the chunks they read; at the first answer and at the end.
+        "reads": meter.as_deref().map(reads_json),
+        "reads_at_first_child": clock
+            .first_reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(),
         "failed_reads": read_errors.as_ref().map(|e| e.count).unwrap_or(0),
         "first_read_error": read_errors.as_ref().and_then(|e| e.first.clone()),
     });
