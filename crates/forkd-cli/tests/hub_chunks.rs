@@ -345,3 +345,50 @@ fn a_push_whose_upload_fails_ends_with_the_error_and_does_not_hang() {
     assert!(err.contains("cannot upload"), "{err}");
     assert!(!p.root.join("tags/acme/other").exists());
 }
+
+/// `push --level` stores smaller chunks, and a pull of them installs the same files; a level
+/// outside zstd's 1..=19 is refused before anything is read.
+#[test]
+fn push_at_a_higher_level_stores_less_and_pulls_the_same_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let key = publisher(p, "base", 32, 5);
+    let fast = json(&ok(&forkd(p, &["push", "base", "acme/fast:1", "--json"])));
+    let small = json(&ok(&forkd(
+        p,
+        &["push", "base", "acme/small:1", "--level", "19", "--json"],
+    )));
+    let size = |v: &serde_json::Value| v["stored_size"].as_u64().unwrap();
+    assert!(
+        size(&small) < size(&fast),
+        "level 19 stored {} bytes, level 3 {}",
+        size(&small),
+        size(&fast)
+    );
+    let server = Faulty::start(&p.join("hub"), Mode::Normal);
+    let c = tempfile::tempdir().unwrap();
+    pull(c.path(), &server.url, &key, "acme/small:1");
+    assert_eq!(tag_hashes(c.path(), "small"), tag_hashes(p, "base"));
+
+    for bad in ["0", "20", "max"] {
+        let out = forkd(p, &["push", "base", "acme/bad:1", "--level", bad]);
+        assert_eq!(out.status.code(), Some(2), "--level {bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--level"), "--level {bad}: {err}");
+    }
+    fn names(dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            out.push(e.file_name().to_string_lossy().into_owned());
+            if e.file_type().unwrap().is_dir() {
+                names(&e.path(), out);
+            }
+        }
+    }
+    let mut all = Vec::new();
+    names(&p.join("hub"), &mut all);
+    assert!(all.iter().any(|n| n.contains("small")), "{all:?}");
+    assert!(
+        all.iter().all(|n| !n.contains("bad")),
+        "a refused push left {all:?} on the hub"
+    );
+}

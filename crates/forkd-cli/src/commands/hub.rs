@@ -27,7 +27,11 @@ pub enum Cmd {
         forkd key generate                                   # once\n  \
         forkd push tiny acme/tiny                            # to the embedded hub ($FORKD_HOME/hub)\n  \
         forkd push tiny:1 acme/tiny:1 --hub http://hub.lan:8080 --token-file ~/.hub-token\n  \
-        forkd push python-numpy acme/python-numpy --hub s3://bucket/forkd")]
+        forkd push python-numpy acme/python-numpy --hub s3://bucket/forkd\n  \
+        forkd push python-numpy acme/python-numpy --level 15 # smaller downloads, slower push\n\n\
+        Chunks are addressed by their compressed bytes, so images pushed at different --level\n\
+        values share no chunks on the hub or in a puller's chunk store: publish a family of\n\
+        images at one level.")]
     Push {
         /// Local image to push: TAG or NAME:VERSION
         #[arg(value_name = "IMAGE")]
@@ -48,6 +52,10 @@ pub enum Cmd {
         /// Chunks compressed and uploaded at once
         #[arg(long, short, default_value_t = 8)]
         jobs: usize,
+        /// zstd level of the chunks (1 = fastest, 19 = smallest). 15 stores about 12% less
+        /// than 3 (python-numpy) and compresses about 9x slower.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+        level: i32,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -229,6 +237,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
             unsigned,
             description,
             jobs,
+            level,
             json,
         } => {
             let store = ctx.store()?;
@@ -254,7 +263,7 @@ pub fn run(cmd: Cmd, ctx: &Ctx) -> Result<()> {
                 jobs,
                 key,
                 description,
-                zstd_level: 3,
+                zstd_level: level,
             };
             let progress = crate::commands::hub_progress::Bars::new(ctx);
             let out = runtime()?
