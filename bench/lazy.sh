@@ -9,7 +9,9 @@
 #                   `pull.first_child_ms` / `children_done_ms`), and the bytes downloaded by then.
 # Prints a table, and appends it to bench/RESULTS.md unless --no-record.
 #
-#   bench/lazy.sh [--n N] [--no-record] [IMAGE ...]     (default: python-numpy playwright-browser)
+#   bench/lazy.sh [--n N] [--level L] [--no-record] [IMAGE ...]
+#       default: python-numpy playwright-browser, pushed at `forkd push`'s default zstd level
+#       (--level: pushed at L; the table says which)
 #
 # Env: PUBLISHER_HOME  a store holding the images (built there with `forkd build recipes/IMAGE`
 #                      when missing: root and the Debian mirror, minutes the first time)
@@ -17,11 +19,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 N=100
+LEVEL=
 RECORD=1
 IMAGES=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --n) N="$2"; shift 2 ;;
+        --level) LEVEL="$2"; shift 2 ;;
         --no-record) RECORD=0; shift ;;
         -*) die "unknown option $1" ;;
         *) IMAGES+=("$1"); shift ;;
@@ -68,7 +72,9 @@ rows=()
 declare -A R
 for img in "${IMAGES[@]}"; do
     say "publishing $img"
-    pub -q push "$img" "bench/$img" --hub "$direct" --token-file "$W/token" >/dev/null
+    t_push=$(date +%s.%N)
+    pub -q push "$img" "bench/$img" --hub "$direct" --token-file "$W/token" ${LEVEL:+--level "$LEVEL"} >/dev/null
+    say "$img pushed${LEVEL:+ at level $LEVEL} in $(python3 -c "print(round($(date +%s.%N) - $t_push, 1))") s"
     case "$img" in
         python-numpy) work=(--run "int(np.dot(np.arange(100), np.arange(100)))") ;;
         *) work=(--exec true) ;;
@@ -136,6 +142,7 @@ if [ "$RECORD" = 1 ]; then
         echo
         echo "Machine: $machine. TCG. Hub: \`forkd hub serve\` behind bench/shape.py (100 Mbit/s, 20 ms RTT,"
         echo "one link shared by all connections). Fresh store for every run; same run for both columns."
+        echo "Chunks pushed at zstd level ${LEVEL:-3}."
         echo "\"First answer\" is from the command's start to the first child's finished work"
         echo "(numpy: \`--run\`, others: \`--exec true\`); pull + fork is the wall clock of both commands."
         echo "\"Read by the child\" is the stored size of the distinct chunks its reads (with the kernel's"

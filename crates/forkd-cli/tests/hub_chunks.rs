@@ -371,7 +371,7 @@ fn push_at_a_higher_level_stores_less_and_pulls_the_same_files() {
     assert_eq!(tag_hashes(c.path(), "small"), tag_hashes(p, "base"));
 
     for bad in ["0", "20", "max"] {
-        let out = forkd(p, &["push", "base", "acme/bad:1", "--level", bad]);
+        let out = forkd(p, &["push", "base", "acme/refused:1", "--level", bad]);
         assert_eq!(out.status.code(), Some(2), "--level {bad}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--level"), "--level {bad}: {err}");
@@ -388,7 +388,7 @@ fn push_at_a_higher_level_stores_less_and_pulls_the_same_files() {
     names(&p.join("hub"), &mut all);
     assert!(all.iter().any(|n| n.contains("small")), "{all:?}");
     assert!(
-        all.iter().all(|n| !n.contains("bad")),
+        all.iter().all(|n| !n.contains("refused")),
         "a refused push left {all:?} on the hub"
     );
 }

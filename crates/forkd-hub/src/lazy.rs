@@ -70,9 +70,25 @@ const QUIET_AFTER_DEMAND: Duration = Duration::from_secs(2);
 const BACKGROUND_WHILE_DEMANDED: usize = 1;
 
 /// Most stored bytes a demanded chunk brings along: the chunks right after it in the same
-/// pack that are not here yet. A guest that faults on a page reads on (the kernel's
-/// read-around asks for 1 MiB around it), so the next chunks are usually the next reads.
-const DEMAND_SPAN: u64 = 1 << 20;
+/// pack that are not here yet, about what the kernel's read-around of a fault covers (128 KiB
+/// raw). Measured with bench/lazy.sh (playwright-browser, whose faults are scattered): with
+/// 1 MiB, 65 MB were demanded before the first answer, mostly neighbours nobody read, each
+/// demand queued behind the others on the link; with 128 KiB, 26 MB. python-numpy did not
+/// change (2.13 s).
+const DEMAND_SPAN: u64 = 128 << 10;
+
+/// The working set is fetched by at most this many requests at once, of at most this many
+/// stored bytes each. A demanded chunk queues behind whatever is already on its way over the
+/// same link: 8 requests of 4 MiB put up to 32 MiB (2.7 s at 100 Mbit/s) ahead of it, 4 of
+/// 256 KiB 1 MiB (84 ms), and four such requests still fill a 100 Mbit/s, 20 ms link. Measured
+/// with bench/lazy.sh (three runs each, browser build C): the browser's first answer took
+/// 17.5-23.6 s with 37-45% of the image fetched by then, against 22.7-25.4 s and 44-53% at
+/// 8 x 4 MiB; two streams left the link idle (19.5 s, 32%), 128 KiB requests were slower
+/// (28.7 s); python-numpy was unchanged (2.13-2.15 s). The limit: a link with a larger
+/// bandwidth-delay product than 1 MiB (1 Gbit/s at 20 ms) is not filled by the working set;
+/// the rest of the image goes at full width once readers are quiet.
+const WORKING_SET_STREAMS: usize = 4;
+const WORKING_SET_SPAN: u64 = 256 << 10;
 
 enum Pick {
     /// Chunks to fetch together: neighbours in one blob, so one ranged GET.
@@ -194,8 +210,8 @@ impl LazyImage {
                 seen[i] = true;
                 order.push(i);
                 if k < first.len() {
-                    // Counted once each: a repeated index must not hold the background at
-                    // full width ahead of readers.
+                    // Counted once each: a repeated index must not keep the background in
+                    // its working-set mode longer than the working set lasts.
                     working_set += 1;
                 }
             }
@@ -435,7 +451,8 @@ impl LazyImage {
                 Pick::Wait
             };
         }
-        // The working set is fetched at full width: readers are about to need it.
+        // The working set is fetched beside readers (they are about to need it), by a few
+        // short requests (see WORKING_SET_STREAMS).
         let in_working_set = st.cursor < self.working_set;
         // Readers are active: one waits, or one asked recently (or the pull just started and
         // the first reads are on their way).
@@ -444,15 +461,20 @@ impl LazyImage {
         if !in_working_set && busy && st.bg_inflight >= BACKGROUND_WHILE_DEMANDED {
             return Pick::Wait;
         }
-
+        if in_working_set && st.bg_inflight >= WORKING_SET_STREAMS {
+            return Pick::Wait;
+        }
         while st.cursor < st.order.len() {
             let i = st.order[st.cursor];
             st.cursor += 1;
             if st.status[i] == Status::Missing {
                 let ws = self.in_working_set[i];
-                let batch = self.claim(&mut st, i, crate::chunks::MAX_SPAN, |j| {
-                    !ws || self.in_working_set[j]
-                });
+                let span = if ws {
+                    WORKING_SET_SPAN
+                } else {
+                    crate::chunks::MAX_SPAN
+                };
+                let batch = self.claim(&mut st, i, span, |j| !ws || self.in_working_set[j]);
                 st.bg_inflight += 1;
                 return Pick::Batch(batch, Kind::Background);
             }
