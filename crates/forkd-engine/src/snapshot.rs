@@ -232,7 +232,16 @@ pub fn take(
     let room = rustix::fs::statvfs(out)
         .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
         .unwrap_or(0);
-    if hello.has(forkd_agent::feature::ZERO_FREE) && room > ram + (ram >> 3) {
+    if !hello.has(forkd_agent::feature::ZERO_FREE) {
+        tracing::debug!("the agent cannot zero free memory: saved as it is");
+    } else if room <= ram + (ram >> 3) {
+        tracing::warn!(
+            "not zeroing free guest memory: {} MiB free for {} MiB of RAM in {}",
+            room >> 20,
+            ram >> 20,
+            out.display()
+        );
+    } else {
         let t = Instant::now();
         // Any failure stops the build: an agent that did not answer may still hold most of
         // the guest's memory, and every child would resume inside that.
@@ -246,13 +255,6 @@ pub fn take(
                 return Err(EngineError::Agent(format!("zero_free answered {other:?}")));
             }
         }
-    } else if hello.has(forkd_agent::feature::ZERO_FREE) {
-        tracing::warn!(
-            "not zeroing free guest memory: {} MiB free for {} MiB of RAM in {}",
-            room >> 20,
-            ram >> 20,
-            out.display()
-        );
     }
     if interrupt.is_set() {
         return Err(EngineError::Interrupted);
