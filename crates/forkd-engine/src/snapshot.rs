@@ -24,12 +24,15 @@ use std::time::{Duration, Instant};
 /// shares pages (python-numpy rebuilt: 58% of its memory pages found in the first build with
 /// randomisation, 78% without; its download 18% -> 11%, bench/RESULTS.md). Randomising a
 /// parent protects nothing: every child of an image shares its layout, and anyone who can
-/// pull the image can read it. Processes started later in a child are randomised again (see
+/// pull the image can read it. The price: the layout of the warm processes is the same in
+/// every build of a recipe and kernel, so a private image built from a public recipe does not
+/// hide it either. Programs exec'd later in a child are randomised again (see
 /// [`RANDOMIZE_AGAIN`]), from the entropy each child is given when it is forked.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1 no_timer_check nokaslr norandmaps";
 
 /// The kernel's default (full randomisation), set again in a parent booted with `norandmaps`
-/// before it is saved: its running processes keep their fixed layout, new ones do not.
+/// before it is saved: its running processes (and what they fork without exec) keep their
+/// fixed layout; programs exec'd later, in a child, are randomised.
 const RANDOMIZE_AGAIN: &str = "echo 2 > /proc/sys/kernel/randomize_va_space";
 
 #[derive(Debug, Clone)]
@@ -215,14 +218,22 @@ pub fn take(
             .get_or_insert_with(String::new)
             .push_str(&r.preload_output);
     }
-    // Sync the guest's page cache to its disk so the saved rootfs is complete on its own, and
-    // turn address randomisation back on for what children start if the build had it off.
-    let sync = if spec.cmdline.split_whitespace().any(|w| w == "norandmaps") {
-        format!("{RANDOMIZE_AGAIN}; sync")
-    } else {
-        "sync".to_string()
-    };
-    agent.shell(&sync, Duration::from_secs(120))?;
+    // Turn address randomisation back on for what children exec, if the build had it off. A
+    // guest that refuses fails the build: its children would run every new program at one
+    // fixed address, while the docs say they do not.
+    if spec.cmdline.split_whitespace().any(|w| w == "norandmaps") {
+        let r = agent.shell(RANDOMIZE_AGAIN, Duration::from_secs(60))?;
+        if r.exit_code != Some(0) {
+            return Err(EngineError::Agent(format!(
+                "cannot turn address randomisation back on in the parent ({RANDOMIZE_AGAIN}: \
+                 exit {:?}, {})",
+                r.exit_code,
+                r.stderr.trim()
+            )));
+        }
+    }
+    // Sync the guest's page cache to its disk so the saved rootfs is complete on its own.
+    agent.shell("sync", Duration::from_secs(120))?;
     // Zero what the guest freed (boot, warm-up), so the saved RAM holds only live bytes: the
     // rest are holes, never pushed or fetched, and two builds of a recipe differ less. An
     // agent without the op (an image built before it) is saved as it is, and so is a parent

@@ -408,7 +408,8 @@ fn one_connection_to_a_kept_child_carries_concurrent_streams_and_files() {
 }
 
 /// A parent boots without address randomisation (two builds then share more pages), but a
-/// process started in a child is randomised: two in a row get different stacks.
+/// program exec'd in a child is randomised: two in a row get different stacks, and so do the
+/// programs of two children (each child reseeds its RNG at fork).
 #[test]
 fn a_child_randomises_what_it_starts_though_its_parent_was_built_without() {
     let run = scratch().join("run-aslr");
@@ -416,7 +417,7 @@ fn a_child_randomises_what_it_starts_though_its_parent_was_built_without() {
         &tiny_snapshot(),
         &qemu(),
         &fork_options(
-            1,
+            2,
             Some(
                 "cat /proc/sys/kernel/randomize_va_space; cat /proc/cmdline; \
                  grep stack /proc/self/maps; grep stack /proc/self/maps",
@@ -425,31 +426,34 @@ fn a_child_randomises_what_it_starts_though_its_parent_was_built_without() {
         ),
     )
     .expect("fork");
-    let out = &report.children[0]
-        .exec
-        .as_ref()
-        .expect("exec result")
-        .stdout;
-    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(report.children.len(), 2, "{report:#?}");
+    let mut all_stacks = Vec::new();
+    for c in &report.children {
+        let out = &c.exec.as_ref().expect("exec result").stdout;
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines.first(),
+            Some(&"2"),
+            "randomize_va_space in a child: {out}"
+        );
+        let cmdline = lines.get(1).copied().unwrap_or_default();
+        assert!(
+            cmdline.contains("nokaslr") && cmdline.contains("norandmaps"),
+            "the parent booted with {cmdline:?}"
+        );
+        let stacks: Vec<String> = lines
+            .iter()
+            .filter(|l| l.contains("[stack]"))
+            .map(|l| l.to_string())
+            .collect();
+        assert_eq!(stacks.len(), 2, "{out}");
+        all_stacks.extend(stacks);
+    }
+    let distinct: std::collections::HashSet<&String> = all_stacks.iter().collect();
     assert_eq!(
-        lines.first(),
-        Some(&"2"),
-        "randomize_va_space in a child: {out}"
-    );
-    let cmdline = lines.get(1).copied().unwrap_or_default();
-    assert!(
-        cmdline.contains("nokaslr") && cmdline.contains("norandmaps"),
-        "the parent booted with {cmdline:?}"
-    );
-    let stacks: Vec<&str> = lines
-        .iter()
-        .copied()
-        .filter(|l| l.contains("[stack]"))
-        .collect();
-    assert_eq!(stacks.len(), 2, "{out}");
-    assert_ne!(
-        stacks[0], stacks[1],
-        "two processes got one stack address: {out}"
+        distinct.len(),
+        4,
+        "programs of two children got repeated stack addresses: {all_stacks:#?}"
     );
 }
 

@@ -69,9 +69,9 @@ pub enum LazyError {
 const QUIET_AFTER_DEMAND: Duration = Duration::from_secs(2);
 const BACKGROUND_WHILE_DEMANDED: usize = 1;
 
-/// Most stored bytes a demanded chunk brings along: the chunks right after it in the same
-/// pack that are not here yet, about what the kernel's read-around of a fault covers (128 KiB
-/// raw). Measured with bench/lazy.sh (playwright-browser, whose faults are scattered): with
+/// Most stored bytes a demand asks for, the demanded chunk included: it and the chunks right
+/// after it in the same pack that are not here yet, about what the kernel's read-around of a
+/// fault covers (128 KiB raw; compressed chunks make it 250-400 KiB raw). Measured with bench/lazy.sh (playwright-browser, whose faults are scattered): with
 /// 1 MiB, 65 MB were demanded before the first answer, mostly neighbours nobody read, each
 /// demand queued behind the others on the link; with 128 KiB, 26 MB. python-numpy did not
 /// change (2.13 s).
@@ -93,8 +93,9 @@ const WORKING_SET_SPAN: u64 = 256 << 10;
 enum Pick {
     /// Chunks to fetch together: neighbours in one blob, so one ranged GET.
     Batch(Vec<usize>, Kind),
-    /// Nothing to start now (readers are waiting and the background must give way, or a
-    /// demand worker has no demand).
+    /// Nothing to start now (readers are waiting and the background must give way, the
+    /// working set already has [`WORKING_SET_STREAMS`] requests out, or a demand worker has no
+    /// demand).
     Wait,
     Done,
 }
@@ -147,7 +148,8 @@ pub struct LazyImage {
     /// Stored bytes of the chunks fetched because a reader waited for them.
     demanded_bytes: AtomicU64,
     /// How long readers waited, in microseconds: for chunks they asked for, and for chunks
-    /// that were already on their way (a background download a reader caught up with).
+    /// that were already asked for by another read or on their way (a background download a
+    /// reader caught up with).
     waited_asking_us: AtomicU64,
     waited_behind_us: AtomicU64,
     /// How many entries at the front of the background order are the image's working set.
@@ -274,8 +276,9 @@ impl LazyImage {
         self.demanded_bytes.load(Ordering::Relaxed)
     }
 
-    /// How long readers have waited so far: (for chunks they asked for, for chunks already
-    /// being downloaded when they came). Summed over readers, so it can exceed the wall clock.
+    /// How long readers have waited so far, failed reads included: (for chunks they asked for,
+    /// for chunks another read had asked for or that were being downloaded when they came).
+    /// Summed over readers, so it can exceed the wall clock.
     pub fn waited(&self) -> (Duration, Duration) {
         let us = |a: &AtomicU64| Duration::from_micros(a.load(Ordering::Relaxed));
         (us(&self.waited_asking_us), us(&self.waited_behind_us))
@@ -331,24 +334,9 @@ impl LazyImage {
         }
         let t0 = Instant::now();
         let mut waited = false;
-        loop {
+        let result = loop {
             let Some(missing) = range.clone().find(|&i| st.status[i] != Status::Present) else {
-                if waited {
-                    let took = t0.elapsed();
-                    let sum = if asked {
-                        &self.waited_asking_us
-                    } else {
-                        &self.waited_behind_us
-                    };
-                    sum.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-                    tracing::debug!(
-                        "read of {} at {offset}+{len} waited {took:?} for chunks {range:?} \
-                         ({})",
-                        self.image.files[file].name,
-                        if asked { "asked" } else { "in flight" }
-                    );
-                }
-                return Ok(());
+                break Ok(());
             };
             waited = true;
             if let Some((at, why)) = &st.fatal {
@@ -358,7 +346,7 @@ impl LazyImage {
                 } else {
                     format!("the pull stopped: {why}")
                 };
-                return Err(LazyError::Failed {
+                break Err(LazyError::Failed {
                     digest,
                     file,
                     offset,
@@ -368,7 +356,7 @@ impl LazyImage {
             let now = Instant::now();
             if now >= deadline {
                 let (digest, file, offset) = self.describe(missing);
-                return Err(LazyError::Timeout {
+                break Err(LazyError::Timeout {
                     digest,
                     file,
                     offset,
@@ -380,7 +368,29 @@ impl LazyImage {
                 .wait_timeout(st, deadline - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+        };
+        drop(st);
+        if waited {
+            // Failed and timed-out reads count too: they are the longest waits.
+            let took = t0.elapsed();
+            let sum = if asked {
+                &self.waited_asking_us
+            } else {
+                &self.waited_behind_us
+            };
+            sum.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+            tracing::debug!(
+                "read of {} at {offset}+{len} waited {took:?} for chunks {range:?} ({}, {})",
+                self.image.files[file].name,
+                if asked {
+                    "asked"
+                } else {
+                    "already asked or on its way"
+                },
+                if result.is_ok() { "here" } else { "failed" }
+            );
         }
+        result
     }
 
     /// Read up to `len` bytes of file `file` at `offset`, once the chunks under them are here
@@ -466,9 +476,14 @@ impl LazyImage {
         }
         while st.cursor < st.order.len() {
             let i = st.order[st.cursor];
+            let ws = self.in_working_set[i];
+            // The working set may end here (its last chunks came by demand): past it, the
+            // rule for readers holds again.
+            if !ws && busy && st.bg_inflight >= BACKGROUND_WHILE_DEMANDED {
+                return Pick::Wait;
+            }
             st.cursor += 1;
             if st.status[i] == Status::Missing {
-                let ws = self.in_working_set[i];
                 let span = if ws {
                     WORKING_SET_SPAN
                 } else {

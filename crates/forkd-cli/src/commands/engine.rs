@@ -621,7 +621,7 @@ struct LazyClock {
     started: std::time::Instant,
     first_bytes: std::sync::atomic::AtomicU64,
     first_ms: std::sync::atomic::AtomicU64,
-    /// What the first child's reads had cost by its answer.
+    /// What every child's reads had cost by the first answer.
     first_reads: std::sync::Mutex<Option<serde_json::Value>>,
     forked_ms: std::sync::atomic::AtomicU64,
 }
