@@ -387,10 +387,13 @@ fn files_go_in_and_out_intact_and_a_full_disk_is_a_clear_error() {
         "{:?}",
         ran.events
     );
+    // 16 MiB: far more than the socket buffers hold, so the daemon must read on past the
+    // error for the client to get it (and not a reset while it is still sending).
+    let big: Vec<u8> = data.iter().copied().cycle().take(16 << 20).collect();
     let e = c
         .upload(
             &format!("/v1/sandboxes/{id}/files?path=%2Fsmall%2Fbig.bin"),
-            Box::new(std::io::Cursor::new(data.clone())),
+            Box::new(std::io::Cursor::new(big)),
         )
         .unwrap_err();
     let (status, code, msg, hint) = api_err(e);

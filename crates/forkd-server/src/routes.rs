@@ -661,9 +661,29 @@ pub async fn put_file(
     let reader = tokio_util::io::StreamReader::new(stream);
     let mut sync = tokio_util::io::SyncIoBridge::new(reader);
     let path = q.path.clone();
-    let size = blocking(move || sb.write_file(&path, mode, &mut sync)).await?;
+    let size = blocking(move || {
+        let written = sb.write_file(&path, mode, &mut sync);
+        if written.is_err() {
+            // Read on what the client is still sending (up to a cap) before answering: an
+            // answer sent mid-body closes the connection under a client that is still
+            // writing, and it then sees a reset instead of this error (a full guest disk
+            // was reported as "error writing a body to connection").
+            use std::io::Read as _;
+            let _ = std::io::copy(
+                &mut (&mut sync).take(DRAIN_AFTER_ERROR),
+                &mut std::io::sink(),
+            );
+        }
+        written
+    })
+    .await?;
     Ok(axum::Json(Written { path: q.path, size }))
 }
+
+/// Most bytes of a failed upload read and dropped so that its client gets the error: more
+/// than the uploads tests and SDKs send in one piece, little next to what a sandbox's disk
+/// holds. A client still sending past it sees the connection close.
+const DRAIN_AFTER_ERROR: u64 = 64 << 20;
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files", params(PathQuery),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
