@@ -61,8 +61,34 @@ pub fn make_snapshot_with(home: &Path, tag: &str, mem_mib: u64, seed: u64, machi
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("hello.txt"), format!("hello {seed}\n")).unwrap();
     std::fs::write(src.path().join("blob.bin"), noise(seed + 2, 1 << 20)).unwrap();
+    // mkfs -d copies the files' times into their inodes: fix them too.
+    let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    for p in [
+        src.path().join("hello.txt"),
+        src.path().join("blob.bin"),
+        src.path().to_path_buf(),
+    ] {
+        let f = std::fs::File::open(&p).unwrap();
+        f.set_times(
+            std::fs::FileTimes::new()
+                .set_accessed(when)
+                .set_modified(when),
+        )
+        .unwrap();
+    }
+    // A fixed UUID, hash seed and clock: the same seed makes the same image, so chunk-sharing
+    // figures do not move between runs (a random UUID moved them by a few percent).
     let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .args([
+            "-q",
+            "-F",
+            "-U",
+            "6f726b64-0000-4000-8000-000000000001",
+            "-E",
+            "root_owner=0:0,hash_seed=6f726b64-0000-4000-8000-000000000002",
+            "-d",
+        ])
+        .env("E2FSPROGS_FAKE_TIME", "1700000000")
         .arg(src.path())
         .arg(dir.join("rootfs.ext4"))
         .arg("8M")
