@@ -112,7 +112,7 @@ fn image_manifest(
 ) -> (String, serde_json::Value) {
     let tag = read_json(&root.join(layout::version_tag_key(owner, name, version)));
     let digest = tag["digest"].as_str().unwrap().to_string();
-    let im = read_json(&root.join(layout::blob_key(&digest)));
+    let im = hub_common::manifest_json(&root.join(layout::blob_key(&digest)));
     (digest, im)
 }
 

@@ -60,10 +60,7 @@ fn hub_manifest(root: &Path, owner: &str, name: &str, version: &str) -> serde_js
     .unwrap();
     let d = tag["digest"].as_str().unwrap();
     let hex = &d["sha256:".len()..];
-    serde_json::from_slice(
-        &std::fs::read(root.join(format!("blobs/sha256/{}/{hex}", &hex[..2]))).unwrap(),
-    )
-    .unwrap()
+    manifest_json(&root.join(format!("blobs/sha256/{}/{hex}", &hex[..2])))
 }
 
 fn chunks_of(im: &serde_json::Value) -> Vec<serde_json::Value> {
@@ -148,6 +145,21 @@ fn push_chunks_by_content_and_stores_only_what_the_hub_lacks() {
         chunks.iter().map(|c| c["len"].as_u64().unwrap()).collect();
     assert!(lens.len() > 10, "chunk sizes look fixed: {lens:?}");
     assert!(lens.iter().all(|&l| l <= 256 << 10), "{lens:?}");
+    // A disk is cut at 64 KiB on average (the image's `chunking`); guest memory and the small
+    // files at 32 KiB, which each file records, and no chunk of them is past 128 KiB.
+    assert_eq!(im["chunking"]["size"], 65536, "{}", im["chunking"]);
+    for f in im["files"].as_array().unwrap() {
+        let name = f["name"].as_str().unwrap();
+        let max = f["chunks"].as_array().unwrap().iter();
+        let max = max.map(|c| c["len"].as_u64().unwrap()).max().unwrap_or(0);
+        if name == "rootfs.ext4" {
+            assert!(f.get("chunking").is_none(), "{name}: {}", f["chunking"]);
+        } else {
+            assert_eq!(f["chunking"]["algorithm"], "fastcdc", "{name}");
+            assert_eq!(f["chunking"]["size"], 32768, "{name}: {}", f["chunking"]);
+            assert!(max <= 128 << 10, "{name} has a chunk of {max} bytes");
+        }
+    }
     assert!(
         chunks
             .iter()

@@ -183,7 +183,7 @@ fn tampered_tag_and_manifest_fail_the_signature() {
     let mblob = p
         .root
         .join(layout::blob_key(tag["digest"].as_str().unwrap()));
-    let text = std::fs::read_to_string(&mblob).unwrap();
+    let text = manifest_json(&mblob).to_string();
     let evil = text.replacen("synthetic test snapshot", "evil test snapshot!!", 1);
     assert_ne!(evil, text);
     let evil_digest = layout::sha256_digest(evil.as_bytes());
@@ -212,7 +212,7 @@ fn tampered_manifest_blob_is_corrupt() {
     let mblob = p
         .root
         .join(layout::blob_key(tag["digest"].as_str().unwrap()));
-    let text = std::fs::read_to_string(&mblob).unwrap();
+    let text = manifest_json(&mblob).to_string();
     std::fs::write(&mblob, text.replacen("\"size\":", "\"size\":1", 1)).unwrap();
     let c = consumer();
     pull_fails(

@@ -191,10 +191,8 @@ fn build_boots_warms_smokes_and_stores_and_a_failed_smoke_changes_nothing() {
         .as_str()
         .unwrap()
         .trim_start_matches("sha256:");
-    let im: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(home.join(format!("hub/blobs/sha256/{}/{hex}", &hex[..2]))).unwrap(),
-    )
-    .unwrap();
+    let body = std::fs::read(home.join(format!("hub/blobs/sha256/{}/{hex}", &hex[..2]))).unwrap();
+    let im = serde_json::to_value(forkd_hub::layout::decode_manifest(&body).unwrap()).unwrap();
     let set = im["working_set"]
         .as_array()
         .expect("working_set in the image manifest");

@@ -357,7 +357,7 @@ fn chunk_offset_overflow_is_refused() {
     let digest = tag["digest"].as_str().unwrap().to_string();
     let hex = digest.trim_start_matches("sha256:");
     let mpath = p.root.join(format!("blobs/sha256/{}/{hex}", &hex[..2]));
-    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    let mut m = manifest_json(&mpath);
     let chunk = &mut m["files"][0]["chunks"][0];
     chunk["offset"] = serde_json::json!(u64::MAX - 100);
     chunk["len"] = serde_json::json!(4096);

@@ -240,7 +240,7 @@ fn fresh_pull_refuses_files_that_do_not_match_the_manifest() {
     let tpath = tag_file(&root, "acme", "snap", "1");
     let mut tag = read_json(&tpath);
     let digest = tag["digest"].as_str().unwrap().to_string();
-    let mut im = read_json(&root.join(layout::blob_key(&digest)));
+    let mut im = manifest_json(&root.join(layout::blob_key(&digest)));
     // Replace the first chunk of memory.bin by other content of the same length.
     let file = im["files"]
         .as_array_mut()

@@ -17,6 +17,8 @@ pub const QEMU_ENV: &str = "FORKD_QEMU";
 pub struct Qemu {
     pub bin: PathBuf,
     pub version: (u32, u32, u32),
+    /// `-machine help`, once asked (shared by clones): [`Qemu::has_machine`].
+    machines: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 impl Qemu {
@@ -66,16 +68,28 @@ impl Qemu {
                 need: format!("{x}.{y}.{z}"),
             });
         }
-        Ok(Qemu { bin, version })
+        Ok(Qemu {
+            bin,
+            version,
+            machines: Default::default(),
+        })
     }
 
-    /// Whether this QEMU knows `machine` (e.g. a snapshot's pinned machine type).
+    /// Whether this QEMU knows `machine` (e.g. a snapshot's pinned machine type). QEMU is asked
+    /// once per `Qemu` (a QEMU start, about 100 ms under TCG); a caller that knows it will ask
+    /// can do so early, on another thread, with a clone.
     pub fn has_machine(&self, machine: &str) -> Result<bool> {
-        let out = Command::new(&self.bin)
-            .args(["-machine", "help"])
-            .output()
-            .map_err(|_| EngineError::QemuMissing(self.bin.clone()))?;
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = match self.machines.get() {
+            Some(t) => t,
+            None => {
+                let out = Command::new(&self.bin)
+                    .args(["-machine", "help"])
+                    .output()
+                    .map_err(|_| EngineError::QemuMissing(self.bin.clone()))?;
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                self.machines.get_or_init(|| text)
+            }
+        };
         Ok(text
             .lines()
             .any(|l| l.split_whitespace().next() == Some(machine)))

@@ -592,7 +592,7 @@ fn read_manifest(dir: &impl AsFd, name: &str) -> Option<ImageManifest> {
         .ok()?;
     let hex = name.strip_suffix(".json")?;
     (hex::encode(Sha256::digest(&body)) == hex)
-        .then(|| serde_json::from_slice(&body).ok())
+        .then(|| layout::decode_manifest(&body).ok())
         .flatten()
 }
 
@@ -681,6 +681,7 @@ mod tests {
                 name: "f".into(),
                 size: 1,
                 sha256: String::new(),
+                chunking: None,
                 chunks: vec![a.clone()],
             }],
             parent: None,

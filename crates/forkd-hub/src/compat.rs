@@ -1,7 +1,70 @@
 //! Can this host run a snapshot? Checked before any large download.
 
 use forkd_store::Manifest;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+/// What the local QEMU lists: (`-machine help`, `-cpu help`).
+type Lists = (String, String);
+
+/// The QEMU that `check` asked and its answers, kept for the process once it answered (an
+/// error is not kept: QEMU may be installed while a daemon runs). Held while QEMU is asked, so
+/// that a `check` during a [`prefetch`] waits for it instead of asking again.
+static LISTS: Mutex<Option<(String, Lists)>> = Mutex::new(None);
+
+/// Start asking the local QEMU for its machine types and CPU models, on a thread of its own, so
+/// that [`check`] finds them ready: a pull calls this before it reads the hub. Each answer is
+/// a QEMU start (about 100 ms here under TCG), which a lazy fork's first child waited for.
+pub fn prefetch() {
+    std::thread::spawn(|| drop(lists()));
+}
+
+/// The QEMU `check` asks (`$FORKD_QEMU`, else `qemu-system-<arch>`) and its lists, both asked
+/// at once.
+fn lists() -> (String, Result<Lists, String>) {
+    let host = std::env::consts::ARCH;
+    let qemu = std::env::var("FORKD_QEMU").unwrap_or_else(|_| format!("qemu-system-{host}"));
+    let mut kept = LISTS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((q, l)) = kept.as_ref()
+        && *q == qemu
+    {
+        return (qemu, Ok(l.clone()));
+    }
+    let lists = ask(&qemu);
+    if let Ok(l) = &lists {
+        *kept = Some((qemu.clone(), l.clone()));
+    }
+    (qemu, lists)
+}
+
+fn ask(qemu: &str) -> Result<Lists, String> {
+    let start = |what: &str| {
+        Command::new(qemu)
+            .args([what, "help"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "QEMU is not installed ({qemu}: {e}); install it with `apt-get install qemu-system-x86` (Debian/Ubuntu), then pull again"
+                )
+            })
+    };
+    let children = [start("-machine")?, start("-cpu")?];
+    let mut out = Vec::new();
+    for (what, child) in ["-machine", "-cpu"].into_iter().zip(children) {
+        let o = child
+            .wait_with_output()
+            .map_err(|e| format!("`{qemu} {what} help` failed: {e}"))?;
+        if !o.status.success() {
+            return Err(format!("`{qemu} {what} help` failed: {}", o.status));
+        }
+        out.push(String::from_utf8_lossy(&o.stdout).into_owned());
+    }
+    let cpus = out.pop().expect("two lists");
+    Ok((out.pop().expect("two lists"), cpus))
+}
 
 /// `Err(reason)` when the snapshot cannot run here.
 pub fn check(m: &Manifest) -> Result<(), String> {
@@ -18,19 +81,8 @@ pub fn check(m: &Manifest) -> Result<(), String> {
             m.engine.name
         ));
     }
-    let qemu = std::env::var("FORKD_QEMU").unwrap_or_else(|_| format!("qemu-system-{host}"));
-    let list = |what: &str| -> Result<String, String> {
-        let out = Command::new(&qemu).args([what, "help"]).output().map_err(|e| {
-            format!(
-                "QEMU is not installed ({qemu}: {e}); install it with `apt-get install qemu-system-x86` (Debian/Ubuntu), then pull again"
-            )
-        })?;
-        if !out.status.success() {
-            return Err(format!("`{qemu} {what} help` failed: {}", out.status));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let machines = list("-machine")?;
+    let (qemu, lists) = lists();
+    let (machines, cpus) = lists?;
     let known = machines
         .lines()
         .skip(1)
@@ -42,7 +94,6 @@ pub fn check(m: &Manifest) -> Result<(), String> {
             m.engine.machine_type
         ));
     }
-    let cpus = list("-cpu")?;
     let known = cpus
         .lines()
         .filter_map(|l| {

@@ -6,6 +6,10 @@ use sha2::{Digest as _, Sha256};
 
 /// The hub layout version this client reads and writes.
 pub const LAYOUT: u32 = 1;
+/// The `layout` of a tag file whose image manifest blob is one zstd frame of its JSON, which
+/// forkd pushes. A client that reads only plain manifests (tag layout 1) refuses such a tag
+/// with "upgrade forkd" rather than failing to parse the manifest; this one reads both.
+pub const TAG_LAYOUT: u32 = 2;
 /// Chunk size of `fixed` chunking, which layout 1 clients wrote (4 MiB). Still read.
 pub const CHUNK_SIZE: u64 = 4 << 20;
 /// Content-defined chunking of every file a push writes (`fastcdc`, FastCDC 2020): cuts where
@@ -17,6 +21,36 @@ pub const CHUNK_SIZE: u64 = 4 << 20;
 pub const CDC_MIN: u32 = 16 << 10;
 pub const CDC_AVG: u32 = 64 << 10;
 pub const CDC_MAX: u32 = 256 << 10;
+
+/// Every file but a disk is cut twice as fine: 8 KiB..128 KiB, 32 KiB on average. Guest memory
+/// differs from a rebuild's (or another recipe's) in pages scattered among equal ones (slab
+/// pointers, timestamps), so a large chunk is new as soon as one of its pages is. The kernel
+/// and initrd are cut alike because boot copies them into guest memory, where they stay: cut
+/// the same way, they are stored once. Measured on two builds of python-numpy (RESULTS.md,
+/// session 10), the rebuild brings this much that the first build lacks:
+///
+/// | memory, kernel, initrd cut at | new in the rebuild | image stored | numpy lazy first answer |
+/// |---|---|---|---|
+/// | 64 KiB (the disk's) | 10.5% | 113.5 MiB | 2.02-2.06 s |
+/// | 32 KiB | 8.9% | 115.1 MiB | 2.07-2.15 s |
+/// | 16 KiB | 7.4% | 115.7 MiB | 2.26-2.30 s (every chunk costs its own work) |
+/// | 16 KiB, memory only | 7.5% | 126.8 MiB | (the kernel no longer matched its copy) |
+///
+/// The disk keeps 64 KiB: files are larger than pages, and its sharing did not gain.
+pub const FINE_CDC_MIN: u32 = 8 << 10;
+pub const FINE_CDC_AVG: u32 = 32 << 10;
+pub const FINE_CDC_MAX: u32 = 128 << 10;
+
+/// The content-defined chunk sizes a push uses for an image file with this manifest `role`:
+/// (min, average, max). A disk is `rootfs` (a parent's rootfs.ext4, a branch's disk).
+pub fn cdc_sizes(role: Option<&str>) -> (u32, u32, u32) {
+    if role == Some("rootfs") {
+        (CDC_MIN, CDC_AVG, CDC_MAX)
+    } else {
+        (FINE_CDC_MIN, FINE_CDC_AVG, FINE_CDC_MAX)
+    }
+}
+
 /// A push packs new chunks into blobs of about this many stored bytes; readers fetch ranges of
 /// them, so a small chunk costs no round trip of its own.
 pub const PACK_TARGET: u64 = 16 << 20;
@@ -124,6 +158,10 @@ pub struct FileEntry {
     pub sha256: String,
     /// Data chunks in offset order; byte ranges not covered are zeros (holes).
     pub chunks: Vec<Chunk>,
+    /// How this file was cut, when not as the image's `chunking` says (forkd cuts all but the
+    /// disk finer: [`cdc_sizes`]). A record, like `chunking`: readers use offsets and lengths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunking: Option<Chunking>,
 }
 
 impl FileEntry {
@@ -137,7 +175,7 @@ impl FileEntry {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunking {
     /// `fixed` (cut every `size` bytes) or `fastcdc` (content-defined: FastCDC 2020 with
     /// `min`, average `size` and `max`). Other values are refused until a client knows them.
@@ -151,15 +189,57 @@ pub struct Chunking {
 }
 
 impl Chunking {
-    /// The chunking this client pushes with.
+    /// The chunking this client pushes with, as the image records it (a disk's).
     pub fn fastcdc() -> Chunking {
+        Chunking::fastcdc_of((CDC_MIN, CDC_AVG, CDC_MAX))
+    }
+
+    /// FastCDC with these (min, average, max) sizes.
+    pub fn fastcdc_of((min, avg, max): (u32, u32, u32)) -> Chunking {
         Chunking {
             algorithm: "fastcdc".into(),
-            size: CDC_AVG.into(),
-            min: Some(CDC_MIN.into()),
-            max: Some(CDC_MAX.into()),
+            size: avg.into(),
+            min: Some(min.into()),
+            max: Some(max.into()),
         }
     }
+}
+
+/// The first bytes of a zstd frame; a JSON document starts with `{`.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+/// Largest zstd window a manifest frame may ask for (16 MiB): a hostile frame cannot make a
+/// reader allocate the format's 2 GiB, and forkd's own frames use far less.
+const MANIFEST_WINDOW_LOG_MAX: u32 = 24;
+/// zstd level of a pushed manifest: 4.5x smaller than its JSON (python-numpy's 1.4 MB to
+/// 0.3 MB, 90 ms less before a lazy fork's first child at 100 Mbit/s), in some 30 ms.
+const MANIFEST_LEVEL: i32 = 9;
+
+/// The image manifest blob a push stores: its compact JSON, as one zstd frame.
+pub fn encode_manifest(m: &ImageManifest) -> Vec<u8> {
+    let json = serde_json::to_vec(m).expect("serialisable");
+    zstd::bulk::compress(&json, MANIFEST_LEVEL).expect("compressing to memory does not fail")
+}
+
+/// Parse an image manifest blob (untrusted): one zstd frame of the JSON, or the JSON itself
+/// (what forkd pushed before), decompressed to at most [`MAX_MANIFEST_BYTES`].
+pub fn decode_manifest(body: &[u8]) -> Result<ImageManifest, String> {
+    use std::io::Read as _;
+    if !body.starts_with(&ZSTD_MAGIC) {
+        return serde_json::from_slice(body).map_err(|e| format!("not an image manifest: {e}"));
+    }
+    let bad = |e: std::io::Error| format!("not a zstd frame: {e}");
+    let mut d = zstd::stream::read::Decoder::new(body).map_err(bad)?;
+    d.window_log_max(MANIFEST_WINDOW_LOG_MAX).map_err(bad)?;
+    let mut json = Vec::new();
+    d.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut json)
+        .map_err(bad)?;
+    if json.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(format!(
+            "it decompresses to more than {MAX_MANIFEST_BYTES} bytes"
+        ));
+    }
+    serde_json::from_slice(&json).map_err(|e| format!("not an image manifest: {e}"))
 }
 
 /// The image manifest blob.
@@ -188,6 +268,14 @@ pub struct ImageManifest {
 pub const MAX_WORKING_SET: usize = 1 << 16;
 
 impl ImageManifest {
+    /// The first chunking algorithm (the image's, then each file's) this client cannot read.
+    pub fn unknown_chunking(&self) -> Option<&str> {
+        std::iter::once(&self.chunking)
+            .chain(self.files.iter().filter_map(|f| f.chunking.as_ref()))
+            .map(|c| c.algorithm.as_str())
+            .find(|a| !matches!(*a, "fixed" | "fastcdc"))
+    }
+
     /// The chunks (flat indices) covering each range of `ws`, first touched first, each once;
     /// ranges of files the image does not have are skipped.
     pub fn working_set_of(&self, ws: &forkd_store::workingset::WorkingSet) -> Vec<u32> {
@@ -545,6 +633,68 @@ mod tests {
   "chunking": {{"algorithm": "fixed", "size": 4194304}}, "compression": "zstd",
   "manifest_toml": "", "files": []{parent}}}"#
         )
+    }
+
+    #[test]
+    fn a_manifest_is_read_compressed_or_plain_and_a_bomb_is_refused() {
+        let im: ImageManifest = serde_json::from_str(&image_manifest_json(None)).unwrap();
+        let packed = encode_manifest(&im);
+        assert!(packed.starts_with(&ZSTD_MAGIC));
+        let json = serde_json::to_vec(&im).unwrap();
+        for body in [packed.as_slice(), json.as_slice()] {
+            let back = decode_manifest(body).unwrap();
+            assert_eq!(serde_json::to_vec(&back).unwrap(), json);
+        }
+        // Garbage after the magic, a cut frame, and a frame of more than the cap.
+        let mut junk = ZSTD_MAGIC.to_vec();
+        junk.extend_from_slice(b"not zstd at all");
+        assert!(decode_manifest(&junk).unwrap_err().contains("zstd"));
+        assert!(decode_manifest(&packed[..packed.len() - 3]).is_err());
+        let zeros = vec![b' '; MAX_MANIFEST_BYTES as usize + 10];
+        let bomb = zstd::bulk::compress(&zeros, 1).unwrap();
+        assert!(bomb.len() < 1 << 20);
+        let e = decode_manifest(&bomb).unwrap_err();
+        assert!(e.contains("more than"), "{e}");
+        assert!(
+            decode_manifest(b"[1, 2]")
+                .unwrap_err()
+                .contains("not an image manifest")
+        );
+    }
+
+    #[test]
+    fn a_file_may_say_how_it_was_cut_and_an_unknown_way_is_found() {
+        let file = |chunking: &str| {
+            format!(
+                r#"{{"layout": 1, "media_type": "{MEDIA_TYPE}",
+  "chunking": {{"algorithm": "fastcdc", "size": 65536, "min": 16384, "max": 262144}},
+  "compression": "zstd", "manifest_toml": "",
+  "files": [{{"name": "memory.bin", "size": 0, "sha256": "", "chunks": []{chunking}}}]}}"#
+            )
+        };
+        let plain: ImageManifest = serde_json::from_str(&file("")).unwrap();
+        assert_eq!(plain.files[0].chunking, None);
+        assert_eq!(plain.unknown_chunking(), None);
+        let text = serde_json::to_string(&plain).unwrap();
+        assert!(!text.contains(r#""chunking":{"algorithm":"fastcdc","size":32768"#));
+
+        let fine =
+            r#", "chunking": {"algorithm": "fastcdc", "size": 32768, "min": 8192, "max": 131072}"#;
+        let im: ImageManifest = serde_json::from_str(&file(fine)).unwrap();
+        assert_eq!(
+            im.files[0].chunking,
+            Some(Chunking::fastcdc_of(cdc_sizes(None)))
+        );
+        assert_eq!(im.unknown_chunking(), None);
+
+        let odd = r#", "chunking": {"algorithm": "rabin", "size": 32768}"#;
+        let im: ImageManifest = serde_json::from_str(&file(odd)).unwrap();
+        assert_eq!(im.unknown_chunking(), Some("rabin"));
+        assert_eq!(cdc_sizes(Some("rootfs")), (CDC_MIN, CDC_AVG, CDC_MAX));
+        assert_eq!(
+            cdc_sizes(Some("memory")),
+            (FINE_CDC_MIN, FINE_CDC_AVG, FINE_CDC_MAX)
+        );
     }
 
     #[test]

@@ -684,6 +684,7 @@ mod tests {
                 name: "memory.bin".into(),
                 size,
                 sha256: String::new(),
+                chunking: None,
                 chunks: chunks
                     .iter()
                     .map(|&(offset, len)| Chunk {

@@ -139,6 +139,10 @@ async fn pull_unbounded(
     progress: &dyn Progress,
     lazy: Option<LazyOptions>,
 ) -> Result<PullOutcome> {
+    if !opts.skip_compat_check {
+        // Ask QEMU while the hub answers: `compat` below needs its lists.
+        crate::compat::prefetch();
+    }
     let r = crate::resolve::resolve(hub.as_ref(), reference, &opts.trusted, opts.insecure).await?;
     warn_unverified(&r, reference, progress);
     let origin = origin_of(hub.as_ref(), reference, &r, None);

@@ -30,21 +30,25 @@ pub async fn resolve(
     trusted: &[TrustedKey],
     insecure: bool,
 ) -> Result<Resolved> {
-    check_layout(hub, false).await?;
     let key = layout::tag_key(reference);
     let not_found = |hub: &dyn Transport| HubError::NotFound {
         reference: reference.to_string(),
         hub: hub.describe(),
     };
-    let tag: TagFile = match get_retry(
-        hub,
-        &key,
-        layout::MAX_TAG_BYTES,
-        DOCUMENT_ATTEMPTS,
-        &crate::Silent,
-    )
-    .await
-    {
+    // forkd-hub.json and the tag file at once (one round trip, not two); the layout is judged
+    // first, so a hub of a newer layout says so whatever its tag file holds.
+    let (layout_ok, tag_body) = tokio::join!(
+        check_layout(hub, false),
+        get_retry(
+            hub,
+            &key,
+            layout::MAX_TAG_BYTES,
+            DOCUMENT_ATTEMPTS,
+            &crate::Silent,
+        )
+    );
+    layout_ok?;
+    let tag: TagFile = match tag_body {
         Ok(d) => parse_json(hub, &key, &d)?,
         Err(TransportError::NotFound { .. }) => return Err(not_found(hub)),
         Err(e) => {
@@ -54,7 +58,7 @@ pub async fn resolve(
             )(e));
         }
     };
-    if tag.layout > layout::LAYOUT {
+    if tag.layout > layout::TAG_LAYOUT {
         return Err(HubError::LayoutTooNew {
             hub: hub.describe(),
             found: tag.layout,
@@ -121,7 +125,12 @@ pub async fn resolve(
                 });
             }
         };
-    let image: ImageManifest = parse_json(hub, &mkey, &body)?;
+    let image: ImageManifest =
+        layout::decode_manifest(&body).map_err(|msg| HubError::BadDocument {
+            what: mkey.clone(),
+            hub: hub.describe(),
+            msg,
+        })?;
     let manifest = validate(&image).map_err(|msg| HubError::BadDocument {
         what: format!("image manifest {}", tag.digest),
         hub: hub.describe(),
@@ -146,10 +155,12 @@ fn validate(im: &ImageManifest) -> Result<Manifest, String> {
             layout::LAYOUT
         ));
     }
-    if !matches!(im.chunking.algorithm.as_str(), "fixed" | "fastcdc") || im.compression != "zstd" {
+    let unknown = im.unknown_chunking();
+    if unknown.is_some() || im.compression != "zstd" {
         return Err(format!(
             "unknown chunking {:?} or compression {:?}; upgrade forkd",
-            im.chunking.algorithm, im.compression
+            unknown.unwrap_or(&im.chunking.algorithm),
+            im.compression
         ));
     }
     let m = Manifest::parse(&im.manifest_toml).map_err(|e| e.to_string())?;

@@ -3,7 +3,7 @@
 use forkd_engine::qemu::AccelChoice;
 use std::path::PathBuf;
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct VmArgs {
     /// Accelerator: kvm, tcg, or auto (kvm when the CPU has vmx/svm and /dev/kvm opens)
     #[arg(long, default_value = "auto", env = "FORKD_ACCEL")]

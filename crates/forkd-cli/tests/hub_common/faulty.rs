@@ -128,7 +128,11 @@ fn handle(
             return Ok(());
         }
     };
-    let is_data_blob = rel.starts_with("blobs/") && !data.starts_with(b"{");
+    // Image manifests (plain JSON, or the zstd frame of it that forkd pushes) are documents;
+    // every other blob (packs of chunks, chunks of their own) is data.
+    let is_data_blob = rel.starts_with("blobs/")
+        && !data.starts_with(b"{")
+        && forkd_hub::layout::decode_manifest(&data).is_err();
     // One byte range, `bytes=A-B` (what forkd asks for packs of chunks): 206 with the slice.
     let range = text.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;

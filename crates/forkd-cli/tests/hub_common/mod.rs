@@ -107,7 +107,8 @@ pub fn make_snapshot_with(home: &Path, tag: &str, mem_mib: u64, seed: u64, machi
     commit_files(staging, tag, m, &["memory.bin", "vmstate", "rootfs.ext4"]);
 }
 
-/// List `files` of the staging directory (size and sha256) in `m`, and install it as `tag`.
+/// List `files` of the staging directory (size, sha256, and the role a built image gives a
+/// file of that name) in `m`, and install it as `tag`.
 pub fn commit_files(
     staging: forkd_store::Staging,
     tag: &str,
@@ -121,7 +122,12 @@ pub fn commit_files(
             FileEntry {
                 size: std::fs::metadata(&p).unwrap().len(),
                 sha256: sha256_file(&p),
-                role: None,
+                role: match *name {
+                    "memory.bin" => Some("memory".into()),
+                    "rootfs.ext4" => Some("rootfs".into()),
+                    "vmstate" => Some("vmstate".into()),
+                    _ => None,
+                },
             },
         );
     }
@@ -295,8 +301,8 @@ pub fn data_blobs(hub_root: &Path) -> Vec<PathBuf> {
         for b in std::fs::read_dir(a.unwrap().path()).unwrap() {
             let p = b.unwrap().path();
             let len = std::fs::metadata(&p).unwrap().len();
-            let head = std::fs::read(&p).unwrap();
-            if !head.starts_with(b"{") {
+            let body = std::fs::read(&p).unwrap();
+            if !body.starts_with(b"{") && forkd_hub::layout::decode_manifest(&body).is_err() {
                 v.push((len, p));
             }
         }
@@ -330,4 +336,12 @@ impl Published {
     pub fn url(&self) -> String {
         format!("file://{}", self.root.display())
     }
+}
+
+/// The JSON of the image manifest blob at `path` (one zstd frame, as forkd pushes it, or plain).
+pub fn manifest_json(path: &Path) -> serde_json::Value {
+    let body = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let im = forkd_hub::layout::decode_manifest(&body)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::to_value(im).unwrap()
 }
