@@ -24,8 +24,8 @@ RECORD=1
 IMAGES=()
 while [ $# -gt 0 ]; do
     case "$1" in
-        --n) N="$2"; shift 2 ;;
-        --level) LEVEL="$2"; shift 2 ;;
+        --n) [ $# -ge 2 ] || die "--n needs a number"; N="$2"; shift 2 ;;
+        --level) [ $# -ge 2 ] || die "--level needs a zstd level (1..19)"; LEVEL="$2"; shift 2 ;;
         --no-record) RECORD=0; shift ;;
         -*) die "unknown option $1" ;;
         *) IMAGES+=("$1"); shift ;;

@@ -213,7 +213,9 @@ fn tampered_manifest_blob_is_corrupt() {
         .root
         .join(layout::blob_key(tag["digest"].as_str().unwrap()));
     let text = manifest_json(&mblob).to_string();
-    std::fs::write(&mblob, text.replacen("\"size\":", "\"size\":1", 1)).unwrap();
+    let evil = text.replacen("\"size\":", "\"size\":1", 1);
+    assert_ne!(evil, text);
+    std::fs::write(&mblob, evil).unwrap();
     let c = consumer();
     pull_fails(
         c.path(),

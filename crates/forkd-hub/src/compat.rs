@@ -3,14 +3,17 @@
 use forkd_store::Manifest;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// What the local QEMU lists: (`-machine help`, `-cpu help`).
 type Lists = (String, String);
 
-/// The QEMU that `check` asked and its answers, kept for the process once it answered (an
-/// error is not kept: QEMU may be installed while a daemon runs). Held while QEMU is asked, so
-/// that a `check` during a [`prefetch`] waits for it instead of asking again.
-static LISTS: Mutex<Option<(String, Lists)>> = Mutex::new(None);
+/// The QEMU that `check` asked, when, and its answers: kept for [`KEEP`] once it answered (an
+/// error is not kept), since QEMU may be installed or upgraded while a daemon runs. Held while
+/// QEMU is asked, so that a `check` during a [`prefetch`] waits for it instead of asking again.
+static LISTS: Mutex<Option<(String, Instant, Lists)>> = Mutex::new(None);
+/// How long an answer is used: long enough to join a pull's [`prefetch`] with its `check`.
+const KEEP: Duration = Duration::from_secs(60);
 
 /// Start asking the local QEMU for its machine types and CPU models, on a thread of its own, so
 /// that [`check`] finds them ready: a pull calls this before it reads the hub. Each answer is
@@ -25,14 +28,15 @@ fn lists() -> (String, Result<Lists, String>) {
     let host = std::env::consts::ARCH;
     let qemu = std::env::var("FORKD_QEMU").unwrap_or_else(|_| format!("qemu-system-{host}"));
     let mut kept = LISTS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((q, l)) = kept.as_ref()
+    if let Some((q, at, l)) = kept.as_ref()
         && *q == qemu
+        && at.elapsed() < KEEP
     {
         return (qemu, Ok(l.clone()));
     }
     let lists = ask(&qemu);
     if let Ok(l) = &lists {
-        *kept = Some((qemu.clone(), l.clone()));
+        *kept = Some((qemu.clone(), Instant::now(), l.clone()));
     }
     (qemu, lists)
 }
@@ -51,12 +55,20 @@ fn ask(qemu: &str) -> Result<Lists, String> {
                 )
             })
     };
-    let children = [start("-machine")?, start("-cpu")?];
+    let machine = start("-machine")?;
+    let cpu = match start("-cpu") {
+        Ok(c) => c,
+        Err(e) => {
+            // Not left a zombie: reaped before the error goes up.
+            let _ = machine.wait_with_output();
+            return Err(e);
+        }
+    };
+    // Both waited for before either is judged, so neither is left a zombie.
+    let outputs = [machine.wait_with_output(), cpu.wait_with_output()];
     let mut out = Vec::new();
-    for (what, child) in ["-machine", "-cpu"].into_iter().zip(children) {
-        let o = child
-            .wait_with_output()
-            .map_err(|e| format!("`{qemu} {what} help` failed: {e}"))?;
+    for (what, o) in ["-machine", "-cpu"].into_iter().zip(outputs) {
+        let o = o.map_err(|e| format!("`{qemu} {what} help` failed: {e}"))?;
         if !o.status.success() {
             return Err(format!("`{qemu} {what} help` failed: {}", o.status));
         }

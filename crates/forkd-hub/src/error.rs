@@ -20,11 +20,8 @@ pub enum HubError {
     NotFound { reference: String, hub: String },
     #[error("{hub} is not a forkd hub (no forkd-hub.json)")]
     NotAHub { hub: String },
-    #[error(
-        "{hub} uses hub layout {found}; this forkd understands layout {} — upgrade forkd",
-        crate::layout::LAYOUT
-    )]
-    LayoutTooNew { hub: String, found: u32 },
+    #[error("{hub} uses hub layout {found}; this forkd understands layout {knows} — upgrade forkd")]
+    LayoutTooNew { hub: String, found: u32, knows: u32 },
     #[error("{what} on {hub} is not valid: {msg}")]
     BadDocument {
         what: String,

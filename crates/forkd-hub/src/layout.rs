@@ -12,7 +12,7 @@ pub const LAYOUT: u32 = 1;
 pub const TAG_LAYOUT: u32 = 2;
 /// Chunk size of `fixed` chunking, which layout 1 clients wrote (4 MiB). Still read.
 pub const CHUNK_SIZE: u64 = 4 << 20;
-/// Content-defined chunking of every file a push writes (`fastcdc`, FastCDC 2020): cuts where
+/// Content-defined chunking of a disk image (`fastcdc`, FastCDC 2020; other files below): cuts where
 /// the content says, so equal data at different offsets of two ext4 images, or of two builds,
 /// makes equal chunks. The sizes come from bench/chunks.py on images built here (RESULTS.md,
 /// "chunks"): 64 KiB on average shares 56% of python-numpy's rootfs with another recipe's,
@@ -65,8 +65,8 @@ pub const MAX_HUB_INFO_BYTES: u64 = 64 << 10;
 pub const MAX_TAG_BYTES: u64 = 64 << 10;
 /// Largest catalogue a client reads or `hub serve` stores (tens of thousands of versions).
 pub const MAX_CATALOG_BYTES: u64 = 16 << 20;
-/// Largest image manifest blob a client reads: about a million chunks of about 240 bytes of
-/// JSON each, i.e. some 60 GiB of non-zero data at 64 KiB chunks (more than 1 TiB at 4 MiB).
+/// Largest image manifest a client reads, stored or decompressed: about a million chunks of
+/// about 240 bytes of JSON each, i.e. some 30-60 GiB of non-zero data at 32-64 KiB chunks.
 pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
 /// Largest pack offset a reader follows: `pack_offset + stored_size` must be within it. forkd
 /// writes packs of about 16 MiB; this bounds what a ranged GET can ask for (and what a server
@@ -221,23 +221,42 @@ pub fn encode_manifest(m: &ImageManifest) -> Vec<u8> {
 }
 
 /// Parse an image manifest blob (untrusted): one zstd frame of the JSON, or the JSON itself
-/// (what forkd pushed before), decompressed to at most [`MAX_MANIFEST_BYTES`].
+/// (what forkd pushed before), decompressed to at most [`MAX_MANIFEST_BYTES`] and to at most
+/// [`MANIFEST_MAX_RATIO`] times its stored size.
 pub fn decode_manifest(body: &[u8]) -> Result<ImageManifest, String> {
+    decode_manifest_within(body, MAX_MANIFEST_BYTES)
+}
+
+/// How much larger than its stored bytes a manifest's JSON may be (plus 1 MiB). Digests do not
+/// compress, so forkd's manifests are 4-5x; a frame that claims more is a bomb: without this, a
+/// frame of some kilobytes could make a reader hold and parse 256 MiB.
+pub const MANIFEST_MAX_RATIO: u64 = 32;
+
+fn decode_manifest_within(body: &[u8], max: u64) -> Result<ImageManifest, String> {
     use std::io::Read as _;
     if !body.starts_with(&ZSTD_MAGIC) {
         return serde_json::from_slice(body).map_err(|e| format!("not an image manifest: {e}"));
     }
     let bad = |e: std::io::Error| format!("not a zstd frame: {e}");
-    let mut d = zstd::stream::read::Decoder::new(body).map_err(bad)?;
+    let mut d = zstd::stream::read::Decoder::new(body)
+        .map_err(bad)?
+        .single_frame();
     d.window_log_max(MANIFEST_WINDOW_LOG_MAX).map_err(bad)?;
+    let cap = max.min((body.len() as u64).saturating_mul(MANIFEST_MAX_RATIO) + (1 << 20));
     let mut json = Vec::new();
-    d.take(MAX_MANIFEST_BYTES + 1)
+    d.by_ref()
+        .take(cap + 1)
         .read_to_end(&mut json)
         .map_err(bad)?;
-    if json.len() as u64 > MAX_MANIFEST_BYTES {
+    if json.len() as u64 > cap {
         return Err(format!(
-            "it decompresses to more than {MAX_MANIFEST_BYTES} bytes"
+            "it decompresses to more than {cap} bytes ({MANIFEST_MAX_RATIO}x its {} stored bytes + 1 MiB, at most {max})",
+            body.len()
         ));
+    }
+    let rest = d.finish();
+    if !rest.buffer().is_empty() || !rest.get_ref().is_empty() {
+        return Err("it has bytes after its zstd frame".into());
     }
     serde_json::from_slice(&json).map_err(|e| format!("not an image manifest: {e}"))
 }
@@ -645,16 +664,29 @@ mod tests {
             let back = decode_manifest(body).unwrap();
             assert_eq!(serde_json::to_vec(&back).unwrap(), json);
         }
-        // Garbage after the magic, a cut frame, and a frame of more than the cap.
+        // Garbage after the magic, a cut frame, a frame of more than the cap, a frame that
+        // expands more than its ratio, and a frame that asks for a larger window.
         let mut junk = ZSTD_MAGIC.to_vec();
         junk.extend_from_slice(b"not zstd at all");
         assert!(decode_manifest(&junk).unwrap_err().contains("zstd"));
         assert!(decode_manifest(&packed[..packed.len() - 3]).is_err());
-        let zeros = vec![b' '; MAX_MANIFEST_BYTES as usize + 10];
-        let bomb = zstd::bulk::compress(&zeros, 1).unwrap();
-        assert!(bomb.len() < 1 << 20);
-        let e = decode_manifest(&bomb).unwrap_err();
+        let e = decode_manifest_within(&packed, json.len() as u64 - 1).unwrap_err();
         assert!(e.contains("more than"), "{e}");
+        let spaces = vec![b' '; (4 << 20) + 10];
+        let bomb = zstd::bulk::compress(&spaces, 19).unwrap();
+        assert!(bomb.len() < 4096, "{}", bomb.len());
+        let e = decode_manifest(&bomb).unwrap_err();
+        assert!(e.contains("32x"), "{e}");
+        let mut wide = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        wide.window_log(MANIFEST_WINDOW_LOG_MAX + 2).unwrap();
+        std::io::Write::write_all(&mut wide, &json).unwrap();
+        let wide = wide.finish().unwrap();
+        let e = decode_manifest(&wide).unwrap_err();
+        assert!(e.contains("zstd"), "{e}");
+        // Two frames: the format is one.
+        let two = [packed.clone(), packed.clone()].concat();
+        let e = decode_manifest(&two).unwrap_err();
+        assert!(e.contains("after its zstd frame"), "{e}");
         assert!(
             decode_manifest(b"[1, 2]")
                 .unwrap_err()
@@ -675,8 +707,8 @@ mod tests {
         let plain: ImageManifest = serde_json::from_str(&file("")).unwrap();
         assert_eq!(plain.files[0].chunking, None);
         assert_eq!(plain.unknown_chunking(), None);
-        let text = serde_json::to_string(&plain).unwrap();
-        assert!(!text.contains(r#""chunking":{"algorithm":"fastcdc","size":32768"#));
+        let v = serde_json::to_value(&plain).unwrap();
+        assert!(v["files"][0].get("chunking").is_none(), "{v}");
 
         let fine =
             r#", "chunking": {"algorithm": "fastcdc", "size": 32768, "min": 8192, "max": 131072}"#;

@@ -96,6 +96,7 @@ pub async fn check_layout(hub: &dyn Transport, create: bool) -> Result<()> {
                 return Err(HubError::LayoutTooNew {
                     hub: hub.describe(),
                     found: info.layout,
+                    knows: LAYOUT,
                 });
             }
             Ok(())
@@ -146,6 +147,7 @@ pub async fn fetch_catalog_checked(hub: &dyn Transport) -> Result<(Catalog, Vec<
                 return Err(HubError::LayoutTooNew {
                     hub: hub.describe(),
                     found: c.layout,
+                    knows: LAYOUT,
                 });
             }
             Ok((c, skipped))

@@ -62,6 +62,7 @@ pub async fn resolve(
         return Err(HubError::LayoutTooNew {
             hub: hub.describe(),
             found: tag.layout,
+            knows: layout::TAG_LAYOUT,
         });
     }
     let bad = |msg: String| HubError::BadDocument {

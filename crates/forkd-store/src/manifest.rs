@@ -82,7 +82,8 @@ pub struct FileEntry {
     pub size: u64,
     /// sha256 of the logical content, lowercase hex.
     pub sha256: String,
-    /// "memory", "rootfs", "vmstate", ... (informative).
+    /// "memory", "rootfs", "vmstate", ... Informative, except that `forkd push` cuts a
+    /// `rootfs` into larger chunks than other files (forkd-hub `layout::cdc_sizes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
 }

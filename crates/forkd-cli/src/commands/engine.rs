@@ -431,14 +431,15 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
     }
     // Find QEMU and ask it for its machine types while the hub is read (a lazy fork's first
     // child waited some 150 ms for those QEMU starts); joined where the fork needs QEMU.
-    let early_qemu = {
+    // Not with --keep, which may hand the children to a daemon.
+    let early_qemu = (!a.keep).then(|| {
         let vm = a.vm.clone();
         std::thread::spawn(move || {
             let q = locate_qemu(&vm)?;
             let _ = q.has_machine("");
             Ok::<_, anyhow::Error>(q)
         })
-    };
+    });
     // OWNER/NAME[:VERSION]: the local NAME, or pulled (lazily, unless --keep or --no-lazy).
     let mut lazy = None;
     let name = if a.tag.contains('/') {
@@ -517,9 +518,10 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
             None => find_image(ctx, &name)?,
         };
         let tag = snap.tag.clone();
-        let qemu = early_qemu
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+        let qemu = match early_qemu {
+            Some(t) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?,
+            None => locate_qemu(&a.vm)?,
+        };
         forkd_engine::image::check_consistent(&snap)?;
         let progress = ctx.show_progress().then(|| {
             let pb = indicatif::ProgressBar::new(a.n as u64);

@@ -130,9 +130,7 @@ fn handle(
     };
     // Image manifests (plain JSON, or the zstd frame of it that forkd pushes) are documents;
     // every other blob (packs of chunks, chunks of their own) is data.
-    let is_data_blob = rel.starts_with("blobs/")
-        && !data.starts_with(b"{")
-        && forkd_hub::layout::decode_manifest(&data).is_err();
+    let is_data_blob = rel.starts_with("blobs/") && !super::is_manifest(&data);
     // One byte range, `bytes=A-B` (what forkd asks for packs of chunks): 206 with the slice.
     let range = text.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;

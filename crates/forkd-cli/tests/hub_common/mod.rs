@@ -302,7 +302,7 @@ pub fn data_blobs(hub_root: &Path) -> Vec<PathBuf> {
             let p = b.unwrap().path();
             let len = std::fs::metadata(&p).unwrap().len();
             let body = std::fs::read(&p).unwrap();
-            if !body.starts_with(b"{") && forkd_hub::layout::decode_manifest(&body).is_err() {
+            if !is_manifest(&body) {
                 v.push((len, p));
             }
         }
@@ -344,4 +344,18 @@ pub fn manifest_json(path: &Path) -> serde_json::Value {
     let im = forkd_hub::layout::decode_manifest(&body)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::to_value(im).unwrap()
+}
+
+/// Whether a blob is an image manifest: its JSON, or a zstd frame of it (what forkd pushes),
+/// told from a pack of chunks by the first bytes it decompresses to.
+pub fn is_manifest(body: &[u8]) -> bool {
+    use std::io::Read as _;
+    if body.starts_with(b"{") {
+        return true;
+    }
+    let mut head = [0u8; 9];
+    zstd::stream::read::Decoder::new(body)
+        .and_then(|mut d| d.read_exact(&mut head))
+        .is_ok()
+        && &head == b"{\"layout\""
 }
