@@ -17,7 +17,7 @@ pub const QEMU_ENV: &str = "FORKD_QEMU";
 pub struct Qemu {
     pub bin: PathBuf,
     pub version: (u32, u32, u32),
-    /// `-machine help`, once asked (shared by clones): [`Qemu::has_machine`].
+    /// `-machine help`, once asked (shared by clones): [`Qemu::machines`].
     machines: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
@@ -75,21 +75,24 @@ impl Qemu {
         })
     }
 
-    /// Whether this QEMU knows `machine` (e.g. a snapshot's pinned machine type). QEMU is asked
-    /// once per `Qemu` (a QEMU start, about 100 ms under TCG); a caller that knows it will ask
-    /// can do so early, on another thread, with a clone.
+    /// What `-machine help` lists. QEMU is asked once per `Qemu` (a QEMU start, about 100 ms
+    /// under TCG) and the answer is shared by its clones, so a caller that will need it can ask
+    /// early, on another thread, with a clone.
+    pub fn machines(&self) -> Result<&str> {
+        if let Some(t) = self.machines.get() {
+            return Ok(t);
+        }
+        let out = Command::new(&self.bin)
+            .args(["-machine", "help"])
+            .output()
+            .map_err(|_| EngineError::QemuMissing(self.bin.clone()))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(self.machines.get_or_init(|| text))
+    }
+
+    /// Whether this QEMU knows `machine` (e.g. a snapshot's pinned machine type).
     pub fn has_machine(&self, machine: &str) -> Result<bool> {
-        let text = match self.machines.get() {
-            Some(t) => t,
-            None => {
-                let out = Command::new(&self.bin)
-                    .args(["-machine", "help"])
-                    .output()
-                    .map_err(|_| EngineError::QemuMissing(self.bin.clone()))?;
-                let text = String::from_utf8_lossy(&out.stdout).into_owned();
-                self.machines.get_or_init(|| text)
-            }
-        };
+        let text = self.machines()?;
         Ok(text
             .lines()
             .any(|l| l.split_whitespace().next() == Some(machine)))

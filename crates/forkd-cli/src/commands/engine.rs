@@ -436,7 +436,8 @@ fn fork(ctx: &Ctx, a: ForkArgs) -> anyhow::Result<()> {
         let vm = a.vm.clone();
         std::thread::spawn(move || {
             let q = locate_qemu(&vm)?;
-            let _ = q.has_machine("");
+            // An error here is met again, and reported, where the fork checks its machine.
+            let _ = q.machines();
             Ok::<_, anyhow::Error>(q)
         })
     });
